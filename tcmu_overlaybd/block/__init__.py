@@ -1,0 +1,1 @@
+"""Byte sources and the merged layer stack: one virtual disk, read(offset, length)."""

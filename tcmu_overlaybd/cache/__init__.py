@@ -1,0 +1,1 @@
+"""The on-disk block cache shared by all mounts."""

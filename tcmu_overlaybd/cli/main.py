@@ -1,0 +1,73 @@
+"""Entry point of the ``obd`` command: the click group and the error boundary.
+
+Command groups live in their own modules (``userspace``, ``cache_cmd``,
+``kernel``, ``convert_cmd``); each exposes ``register(group)``.  Every
+``ObdError`` becomes one line on stderr and the error's exit code; a traceback
+means a bug in obd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import ObdError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="obd")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """obd: run containers from overlaybd and FastOCI images without downloading them first."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register_all() -> None:
+    from . import cache_cmd, convert_cmd, kernel, userspace
+
+    for mod in (userspace, cache_cmd, kernel, convert_cmd):
+        mod.register(cli)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="obd", standalone_mode=False)
+    except ObdError as e:
+        click.echo(f"obd: {e}", err=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("obd: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("obd: interrupted", err=True)
+        return 130
+    except click.exceptions.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except BrokenPipeError:
+        # `obd cat ... | head`: the reader went away; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry: exit with main()'s status."""
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""obd convert: OCI image -> overlaybd (full) and FastOCI (index-only) images."""

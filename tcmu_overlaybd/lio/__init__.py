@@ -1,0 +1,1 @@
+"""LIO configuration through rtslib-fb: user backstores, tcm_loop LUNs, /dev/sdX discovery."""

@@ -1,0 +1,1 @@
+"""The TCMU userspace handler: uio ring, SCSI emulation, command completion."""
