@@ -114,3 +114,14 @@ def test_readme_documents_every_key():
     readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     for k in config.KEYS:
         assert f"`{k.name}`" in readme and f"`{k.env}`" in readme
+
+
+def test_open_options_take_config_defaults_and_flags_win():
+    from tcmu_overlaybd.image.options import OpenOptions
+
+    cfg = config.load(environ={"OBD_CONFIG": "", "OBD_REGISTRY_RETRIES": "9", "OBD_CACHE_SIZE_GB": "0.5",
+                               "OBD_CACHE_DIR": "/env/cache"})
+    opts = OpenOptions.from_config(cfg, cache_dir="/flag/cache", platform=None)
+    assert opts.retries == 9
+    assert opts.cache_size == 512 << 20
+    assert opts.cache_dir == "/flag/cache"

@@ -6,6 +6,7 @@ import functools
 
 import click
 
+from .. import config
 from ..image.options import OpenOptions
 
 
@@ -37,7 +38,8 @@ def image_options(func):
             username, sep, password = user.partition(":")
             if not sep:
                 password = click.prompt(f"Password for {username}", hide_input=True, err=True)
-        opts = OpenOptions(
+        opts = OpenOptions.from_config(
+            config.load(),
             platform=platform, quiet=quiet, username=username, password=password,
             authfile=authfile, tls_ca_cert=tlscacert, client_cert=tlscert, client_key=tlskey,
             skip_verify=skip_verify, plain_http=plain_http, cache_dir=cache_dir,

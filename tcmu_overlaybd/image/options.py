@@ -26,6 +26,31 @@ class OpenOptions:
     # the on-disk block cache shared by all mounts
     cache_dir: str | None = None
     cache_size: int | None = None
+    # decompressed-data cache of gzip layers (FastOCI), like overlaybd's gzipCacheConfig
+    gzip_cache_enable: bool = True
+    gzip_cache_dir: str | None = None
+    gzip_cache_size: int | None = None
+    # seconds a device read may wait for the registry before failing with EIO
+    io_timeout: float = 120.0
     # look for an accelerated (overlaybd / FastOCI) counterpart of a plain OCI image
     discover_accelerated: bool = True
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "OpenOptions":
+        """Defaults taken from a resolved ``config.Config``; ``overrides`` win when not None."""
+        gib = 1 << 30
+        base = dict(
+            connect_timeout=cfg["registry.connectTimeout"],
+            read_timeout=cfg["registry.readTimeout"],
+            retries=cfg["registry.retries"],
+            authfile=cfg["registry.authfile"] or None,
+            cache_dir=cfg["cache.dir"],
+            cache_size=int(cfg["cache.sizeGB"] * gib),
+            gzip_cache_enable=cfg["gzipCache.enable"],
+            gzip_cache_dir=cfg["gzipCache.cacheDir"],
+            gzip_cache_size=int(cfg["gzipCache.cacheSizeGB"] * gib),
+            io_timeout=cfg["io.timeout"],
+        )
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
