@@ -16,6 +16,7 @@ import click
 
 from .. import __version__
 from ..errors import ObdError
+from ..logs import setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +25,7 @@ from ..errors import ObdError
 def cli(verbose: int) -> None:
     """obd: run containers from overlaybd and FastOCI images without downloading them first."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level)
 
 
 def _register_all() -> None:
