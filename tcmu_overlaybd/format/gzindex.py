@@ -1,0 +1,633 @@
+"""Gzip index (``gzip.meta``, magic ``ddgzidx``): random access into a gzip layer (spec §4.4).
+
+A TurboOCI layer maps file data onto the *uncompressed* tar stream of the
+original, unmodified OCI layer.  When that layer is gzip, the index lists
+checkpoints: a deflate block boundary (``en_pos`` compressed, ``de_pos``
+uncompressed, ``bits`` unused bits of the byte before ``en_pos``) plus the
+32 KiB of output preceding it.  A read restarts a raw inflater at the last
+checkpoint at or before the wanted offset.
+
+Layout (all little-endian, packed)::
+
+    header   333 bytes at 0     (``HEADER``; CRC = crc32c_raw(header[0:329]))
+    windows  one per checkpoint, consecutive from 333 (raw 32 KiB or one zlib stream)
+    entries  ``index_num`` x 29 bytes at ``index_start`` (raw or one zlib stream)
+
+Python's ``zlib`` module exposes neither ``inflate(Z_BLOCK)``/``data_type``
+(needed to find block boundaries) nor ``inflatePrime`` (needed to resume
+mid-byte), so both the writer and the reader drive ``libz.so.1`` through
+``ctypes``.  ctypes releases the GIL around each call, so handler threads
+inflate in parallel.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..block.source import ByteSource, BytesSource, read_exact
+from ..crc32c import crc32c_raw
+from ..errors import CorruptDataError, UsageError
+
+# --- layout (spec §4.4) ---------------------------------------------------------------
+
+MAGIC = b"ddgzidx\0"
+WINSIZE = 32768
+#: upstream refuses spans smaller than the largest uncompressed deflate block it assumes
+MIN_SPAN = 65536
+DICT_RAW = 0
+DICT_ZLIB = 1
+
+#: magic, major, minor, dict_algo, dict_level, flag, span, window, index_size, index_num,
+#: gzip_file_size, index_file_size, uncompress_file_size, reserve[256], index_start,
+#: index_area_len, crc
+HEADER = struct.Struct("<8sBBBbBiiiqqqq256sqqI")
+HEADER_CRC_OFFSET = 329
+#: de_pos, en_pos, win_pos, bits, win_len
+ENTRY = struct.Struct("<qqqBI")
+assert HEADER.size == 333 and ENTRY.size == 29
+
+
+@dataclass(frozen=True)
+class GzipIndexHeader:
+    """The 333-byte ``ddgzidx`` header."""
+
+    span: int
+    index_num: int
+    gzip_file_size: int
+    index_file_size: int
+    uncompress_file_size: int
+    index_start: int
+    index_area_len: int
+    dict_compress_algo: int = DICT_ZLIB
+    dict_compress_level: int = 6
+    major_version: int = 1
+    minor_version: int = 0
+    flag: int = 0
+    window: int = WINSIZE
+    index_size: int = ENTRY.size
+    crc: int = 0
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "gzip.meta") -> "GzipIndexHeader":
+        """Parse and check magic, CRC, version and entry size."""
+        if len(data) < HEADER.size:
+            raise CorruptDataError(
+                f"gzip index header needs {HEADER.size} bytes, file has {len(data)}", blob=name, offset=0
+            )
+        (magic, major, minor, algo, level, flag, span, window, index_size, index_num, gz_size,
+         idx_size, unc_size, _reserve, index_start, area_len, crc) = HEADER.unpack_from(data)
+        if magic[:7] != MAGIC[:7]:
+            raise CorruptDataError(f"bad gzip index magic {magic[:7]!r}", blob=name, offset=0)
+        actual = crc32c_raw(data[:HEADER_CRC_OFFSET])
+        if actual != crc:
+            raise CorruptDataError(
+                f"gzip index header CRC 0x{crc:08x} != computed 0x{actual:08x}", blob=name, offset=HEADER_CRC_OFFSET
+            )
+        if major != 1:
+            raise CorruptDataError(f"gzip index major version {major}, only 1 is known", blob=name, offset=8)
+        if index_size != ENTRY.size:
+            raise CorruptDataError(f"gzip index entry size {index_size} != {ENTRY.size}", blob=name, offset=21)
+        if algo not in (DICT_RAW, DICT_ZLIB):
+            raise CorruptDataError(f"unknown window compression {algo}", blob=name, offset=10)
+        if window != WINSIZE:
+            raise CorruptDataError(f"window size {window} != {WINSIZE}", blob=name, offset=17)
+        return cls(
+            span=span, index_num=index_num, gzip_file_size=gz_size, index_file_size=idx_size,
+            uncompress_file_size=unc_size, index_start=index_start, index_area_len=area_len,
+            dict_compress_algo=algo, dict_compress_level=level, major_version=major,
+            minor_version=minor, flag=flag, window=window, index_size=index_size, crc=crc,
+        )
+
+    def to_bytes(self) -> bytes:
+        """Pack, computing the CRC (the ``crc`` field is ignored)."""
+        body = HEADER.pack(
+            MAGIC, self.major_version, self.minor_version, self.dict_compress_algo,
+            self.dict_compress_level, self.flag, self.span, self.window, self.index_size,
+            self.index_num, self.gzip_file_size, self.index_file_size, self.uncompress_file_size,
+            bytes(256), self.index_start, self.index_area_len, 0,
+        )[:HEADER_CRC_OFFSET]
+        return body + struct.pack("<I", crc32c_raw(body))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One 29-byte entry: where a raw inflater can start."""
+
+    de_pos: int  # uncompressed offset
+    en_pos: int  # compressed offset (bytes consumed, gzip header included)
+    win_pos: int  # offset of the window in the index file
+    bits: int  # unused bits of the byte at en_pos - 1 (0..7)
+    win_len: int  # stored window length
+
+    def to_bytes(self) -> bytes:
+        return ENTRY.pack(self.de_pos, self.en_pos, self.win_pos, self.bits, self.win_len)
+
+
+# --- libz through ctypes ---------------------------------------------------------------
+
+Z_OK, Z_STREAM_END, Z_NEED_DICT, Z_BUF_ERROR = 0, 1, 2, -5
+Z_NO_FLUSH, Z_FINISH, Z_BLOCK = 0, 4, 5
+#: inflate(Z_BLOCK) sets these in data_type: stopped at a block boundary / end of header,
+#: and "currently in the last block"
+_DT_BOUNDARY, _DT_LAST_BLOCK = 128, 64
+
+
+class _ZStream(ctypes.Structure):
+    """``struct z_stream_s`` from zlib.h (ctypes computes the x86-64/arm64 padding)."""
+
+    _fields_ = [
+        ("next_in", ctypes.c_void_p),
+        ("avail_in", ctypes.c_uint),
+        ("total_in", ctypes.c_ulong),
+        ("next_out", ctypes.c_void_p),
+        ("avail_out", ctypes.c_uint),
+        ("total_out", ctypes.c_ulong),
+        ("msg", ctypes.c_char_p),
+        ("state", ctypes.c_void_p),
+        ("zalloc", ctypes.c_void_p),
+        ("zfree", ctypes.c_void_p),
+        ("opaque", ctypes.c_void_p),
+        ("data_type", ctypes.c_int),
+        ("adler", ctypes.c_ulong),
+        ("reserved", ctypes.c_ulong),
+    ]
+
+
+def _load_libz():
+    lib = ctypes.CDLL("libz.so.1")
+    p = ctypes.POINTER(_ZStream)
+    lib.zlibVersion.restype = ctypes.c_char_p
+    for fn, args in (
+        ("inflateInit2_", [p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
+        ("inflate", [p, ctypes.c_int]),
+        ("inflateEnd", [p]),
+        ("inflatePrime", [p, ctypes.c_int, ctypes.c_int]),
+        ("inflateSetDictionary", [p, ctypes.c_char_p, ctypes.c_uint]),
+        ("deflateInit_", [p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
+        ("deflate", [p, ctypes.c_int]),
+        ("deflateEnd", [p]),
+    ):
+        getattr(lib, fn).argtypes = args
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib, lib.zlibVersion()
+
+
+_LIBZ, _LIBZ_VERSION = _load_libz()
+_ZSTREAM_SIZE = ctypes.sizeof(_ZStream)
+
+
+def _zlib_deflate_once(data: bytes, level: int) -> bytes:
+    """``deflateInit(level)`` + one ``deflate(Z_FINISH)``, exactly as upstream compresses windows."""
+    strm = _ZStream()
+    if _LIBZ.deflateInit_(ctypes.byref(strm), level, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
+        raise UsageError(f"invalid zlib compression level {level}")
+    try:
+        inbuf = ctypes.create_string_buffer(data, len(data))
+        cap = len(data) * 2 + 4096
+        out = ctypes.create_string_buffer(cap)
+        strm.next_in = ctypes.addressof(inbuf)
+        strm.avail_in = len(data)
+        strm.next_out = ctypes.addressof(out)
+        strm.avail_out = cap
+        if _LIBZ.deflate(ctypes.byref(strm), Z_FINISH) != Z_STREAM_END:
+            raise AssertionError("deflate(Z_FINISH) with a 2x buffer must finish")
+        return out.raw[: cap - strm.avail_out]
+    finally:
+        _LIBZ.deflateEnd(ctypes.byref(strm))
+
+
+# --- reader ----------------------------------------------------------------------------
+
+
+class GzipIndex:
+    """A parsed, validated gzip index; windows are read lazily from ``source``."""
+
+    #: decompressed windows kept in memory (32 KiB each)
+    WINDOW_CACHE = 32
+
+    def __init__(self, header: GzipIndexHeader, checkpoints: list[Checkpoint], source: ByteSource):
+        self.header = header
+        self.checkpoints = checkpoints
+        self.source = source
+        self.name = source.name
+        self._de_positions = [c.de_pos for c in checkpoints]
+        self._windows: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def uncompressed_size(self) -> int:
+        return self.header.uncompress_file_size
+
+    @property
+    def gzip_size(self) -> int:
+        return self.header.gzip_file_size
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "gzip.meta") -> "GzipIndex":
+        return cls.from_source(BytesSource(data, name))
+
+    @classmethod
+    def from_source(cls, source: ByteSource) -> "GzipIndex":
+        """Parse the header and entry table of ``source`` and check them against each other."""
+        name = source.name
+        h = GzipIndexHeader.from_bytes(read_exact(source, 0, min(HEADER.size, source.size), "gzip index header"), name)
+        if h.index_file_size != source.size:
+            raise CorruptDataError(
+                f"gzip index says its size is {h.index_file_size}, file has {source.size}", blob=name, offset=41
+            )
+        if h.index_start < HEADER.size or h.index_area_len < 0 or h.index_start + h.index_area_len != source.size:
+            raise CorruptDataError(
+                f"entry table [{h.index_start}, +{h.index_area_len}) does not end the {source.size}-byte file",
+                blob=name, offset=313,
+            )
+        if h.index_num < 1 or h.index_num * ENTRY.size > 1 << 31:
+            raise CorruptDataError(f"implausible checkpoint count {h.index_num}", blob=name, offset=25)
+        if h.gzip_file_size <= 0 or h.uncompress_file_size < 0:
+            raise CorruptDataError("gzip index has no gzip or uncompressed size", blob=name, offset=33)
+        area = read_exact(source, h.index_start, h.index_area_len, "gzip index entry table")
+        want = h.index_num * ENTRY.size
+        if h.dict_compress_algo == DICT_ZLIB:
+            table = _inflate_exact(area, want, name, h.index_start, "entry table")
+        else:
+            table = area
+        if len(table) != want:
+            raise CorruptDataError(
+                f"entry table holds {len(table)} bytes, {h.index_num} entries need {want}",
+                blob=name, offset=h.index_start,
+            )
+        checkpoints = [Checkpoint(*e) for e in ENTRY.iter_unpack(table)]
+        _check_checkpoints(checkpoints, h, name)
+        return cls(h, checkpoints, source)
+
+    def checkpoint_for(self, offset: int) -> Checkpoint:
+        """The last checkpoint with ``de_pos <= offset`` (upstream: upper_bound - 1)."""
+        i = bisect.bisect_right(self._de_positions, offset)
+        return self.checkpoints[max(i - 1, 0)]
+
+    def window(self, cp: Checkpoint) -> bytes:
+        """The 32 KiB preceding ``cp.de_pos``, decompressed and cached."""
+        with self._lock:
+            win = self._windows.get(cp.win_pos)
+            if win is not None:
+                self._windows.move_to_end(cp.win_pos)
+                return win
+        stored = read_exact(self.source, cp.win_pos, cp.win_len, "gzip index window")
+        if self.header.dict_compress_algo == DICT_ZLIB:
+            win = _inflate_exact(stored, WINSIZE, self.name, cp.win_pos, "window")
+        else:
+            win = stored
+        if len(win) != WINSIZE:
+            raise CorruptDataError(f"window is {len(win)} bytes, not {WINSIZE}", blob=self.name, offset=cp.win_pos)
+        with self._lock:
+            self._windows[cp.win_pos] = win
+            while len(self._windows) > self.WINDOW_CACHE:
+                self._windows.popitem(last=False)
+        return win
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _inflate_exact(data: bytes, want: int, name: str, offset: int, what: str) -> bytes:
+    """Inflate one complete zlib stream that must produce exactly ``want`` bytes."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, want + 1)
+    except zlib.error as e:
+        raise CorruptDataError(f"{what} does not inflate: {e}", blob=name, offset=offset) from None
+    if not d.eof:
+        raise CorruptDataError(f"{what} zlib stream is incomplete or too long", blob=name, offset=offset)
+    if len(out) != want:
+        raise CorruptDataError(f"{what} inflates to {len(out)} bytes, expected {want}", blob=name, offset=offset)
+    return out
+
+
+def _check_checkpoints(cps: list[Checkpoint], h: GzipIndexHeader, name: str) -> None:
+    prev = None
+    for i, c in enumerate(cps):
+        at = h.index_start if h.dict_compress_algo == DICT_ZLIB else h.index_start + i * ENTRY.size
+        problem = None
+        if not 0 <= c.bits <= 7:
+            problem = f"bits {c.bits} not in 0..7"
+        elif not 0 <= c.de_pos <= h.uncompress_file_size:
+            problem = f"uncompressed offset {c.de_pos} beyond size {h.uncompress_file_size}"
+        elif not 0 < c.en_pos <= h.gzip_file_size:
+            problem = f"compressed offset {c.en_pos} beyond gzip size {h.gzip_file_size}"
+        elif c.win_pos < HEADER.size or c.win_len <= 0 or c.win_pos + c.win_len > h.index_start:
+            problem = f"window [{c.win_pos}, +{c.win_len}) outside the window area"
+        elif prev is not None and (c.de_pos < prev.de_pos or c.en_pos < prev.en_pos):
+            problem = "checkpoints are not in stream order"
+        if problem:
+            raise CorruptDataError(f"checkpoint {i}: {problem}", blob=name, offset=at)
+        prev = c
+
+
+class _RawInflater:
+    """A raw (``wbits=-15``) libz inflater positioned at uncompressed offset ``pos``."""
+
+    IN_CHUNK = 65536
+
+    def __init__(self, gz: ByteSource, cp: Checkpoint, window: bytes):
+        self.gz = gz
+        self.strm = _ZStream()
+        self._ref = ctypes.byref(self.strm)
+        if _LIBZ.inflateInit2_(self._ref, -15, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
+            raise MemoryError("inflateInit2 failed")
+        self._inbuf = ctypes.create_string_buffer(self.IN_CHUNK)
+        self.in_pos = cp.en_pos
+        if cp.bits:
+            byte = read_exact(gz, cp.en_pos - 1, 1, "gzip checkpoint byte")[0]
+            _LIBZ.inflatePrime(self._ref, cp.bits, byte >> (8 - cp.bits))
+        _LIBZ.inflateSetDictionary(self._ref, window, WINSIZE)
+        self.pos = cp.de_pos
+        self.ended = False
+
+    def _feed(self) -> None:
+        data = self.gz.read(self.in_pos, self.IN_CHUNK)
+        if not data:
+            raise CorruptDataError(
+                f"gzip stream truncated: no input left at uncompressed offset {self.pos}",
+                blob=self.gz.name, offset=self.in_pos,
+            )
+        ctypes.memmove(self._inbuf, data, len(data))
+        self.strm.next_in = ctypes.addressof(self._inbuf)
+        self.strm.avail_in = len(data)
+        self.in_pos += len(data)
+
+    def inflate_into(self, buf, start: int, length: int) -> int:
+        """Inflate up to ``length`` bytes into ``buf[start:]``; returns bytes produced (short only at end)."""
+        strm = self.strm
+        strm.next_out = ctypes.addressof(buf) + start
+        strm.avail_out = length
+        while strm.avail_out and not self.ended:
+            if strm.avail_in == 0:
+                self._feed()
+            ret = _LIBZ.inflate(self._ref, Z_NO_FLUSH)
+            if ret == Z_STREAM_END:
+                self.ended = True
+            elif ret not in (Z_OK, Z_BUF_ERROR):
+                msg = strm.msg.decode(errors="replace") if strm.msg else f"zlib error {ret}"
+                raise CorruptDataError(
+                    f"gzip data does not inflate: {msg}", blob=self.gz.name, offset=self.in_pos - strm.avail_in
+                )
+        produced = length - strm.avail_out
+        self.pos += produced
+        return produced
+
+    def close(self) -> None:
+        if self._ref is not None:
+            _LIBZ.inflateEnd(self._ref)
+            self._ref = None
+
+    def __del__(self):
+        self.close()
+
+
+class GzipIndexedSource:
+    """The uncompressed stream of a gzip blob as a ByteSource, through its index.
+
+    Reads start from the nearest checkpoint, or continue an inflater parked by an
+    earlier read when that is closer (sequential reads then cost only their own
+    length).  With ``cache`` (a ``cache.gzipcache.GzipCache``) reads go through the
+    decompressed-data cache keyed by ``cache_key`` (default: ``gz_source.name``,
+    normally the layer digest).
+    """
+
+    #: inflaters kept for continuation (each holds ~40 KiB of zlib state)
+    PARKED = 4
+    _SKIP = 1 << 16
+
+    def __init__(self, gz_source: ByteSource, index: GzipIndex, *, cache=None, cache_key: str | None = None):
+        if index.gzip_size != gz_source.size:
+            raise CorruptDataError(
+                f"gzip blob is {gz_source.size} bytes but its index {index.name} expects {index.gzip_size}",
+                blob=gz_source.name, offset=min(gz_source.size, index.gzip_size),
+            )
+        self.gz = gz_source
+        self.index = index
+        self.name = gz_source.name
+        self.size = index.uncompressed_size
+        self._parked: list[_RawInflater] = []
+        self._lock = threading.Lock()
+        self._cached = cache.open(cache_key or gz_source.name, _UncachedView(self)) if cache is not None else None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._cached is not None:
+            return self._cached.read(offset, length)
+        return self.read_uncached(offset, length)
+
+    def read_uncached(self, offset: int, length: int) -> bytes:
+        """Inflate ``[offset, offset+length)`` (clamped to the stream) without the cache."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        inf = self._take_inflater(offset)
+        try:
+            gap = offset - inf.pos
+            if gap:
+                scratch = ctypes.create_string_buffer(min(gap, self._SKIP))
+                while gap:
+                    n = inf.inflate_into(scratch, 0, min(gap, self._SKIP))
+                    if n == 0:
+                        break
+                    gap -= n
+            out = ctypes.create_string_buffer(length)
+            got = inf.inflate_into(out, 0, length) if not gap else 0
+            if got != length:
+                raise CorruptDataError(
+                    f"gzip stream ends at uncompressed offset {inf.pos}, its index says {self.size}",
+                    blob=self.name, offset=inf.in_pos - inf.strm.avail_in,
+                )
+        except BaseException:
+            inf.close()
+            raise
+        self._park(inf)
+        return out.raw
+
+    def _take_inflater(self, offset: int) -> _RawInflater:
+        """A parked inflater between the checkpoint and ``offset`` (the closest), else a fresh one."""
+        cp = self.index.checkpoint_for(offset)
+        with self._lock:
+            usable = [inf for inf in self._parked if cp.de_pos <= inf.pos <= offset]
+            if usable:
+                best = max(usable, key=lambda inf: inf.pos)
+                self._parked.remove(best)
+                return best
+        return _RawInflater(self.gz, cp, self.index.window(cp))
+
+    def _park(self, inf: _RawInflater) -> None:
+        if inf.ended:
+            inf.close()
+            return
+        with self._lock:
+            self._parked.append(inf)
+            if len(self._parked) > self.PARKED:
+                self._parked.pop(0).close()
+
+    def close(self) -> None:
+        with self._lock:
+            for inf in self._parked:
+                inf.close()
+            self._parked.clear()
+        self.gz.close()
+        self.index.close()
+
+
+class _UncachedView:
+    """The inflating path of a GzipIndexedSource, as the cache's backing source."""
+
+    def __init__(self, src: GzipIndexedSource):
+        self.name = src.name
+        self.size = src.size
+        self.read = src.read_uncached
+
+    def close(self) -> None:
+        pass
+
+
+# --- writer ----------------------------------------------------------------------------
+
+
+class _CheckpointFilter:
+    """Upstream's checkpoint selection: about one per ``span``, on a block boundary (§4.4)."""
+
+    def __init__(self, span: int, algo: int, level: int):
+        self.span = span
+        self.algo = algo
+        self.level = level
+        self.expected = 0
+        self.last: tuple[int, int, int, bytes] | None = None
+        self.checkpoints: list[tuple[int, int, int, bytes]] = []  # (bits, en, de, stored window)
+
+    def offer(self, bits: int, en_pos: int, de_pos: int, left: int, window) -> None:
+        if de_pos < self.expected:
+            self.last = (bits, en_pos, de_pos, _history(window, left))
+            return
+        if de_pos > self.expected:
+            if self.last is not None:
+                self._add(*self.last)
+                self.last = None
+            self.last = (bits, en_pos, de_pos, _history(window, left))
+            while self.expected < de_pos:
+                self.expected += self.span
+        if de_pos == self.expected:
+            self.last = None
+            self._add(bits, en_pos, de_pos, _history(window, left))
+            self.expected += self.span
+
+    def _add(self, bits: int, en_pos: int, de_pos: int, history: bytes) -> None:
+        stored = _zlib_deflate_once(history, self.level) if self.algo == DICT_ZLIB else history
+        self.checkpoints.append((bits, en_pos, de_pos, stored))
+
+
+def _history(window, left: int) -> bytes:
+    """The 32 KiB before the current output position out of the circular ``window``."""
+    raw = window.raw
+    cut = WINSIZE - left
+    return raw[cut:] + raw[:cut]
+
+
+def build_gzip_index(
+    gz: ByteSource | BinaryIO, span: int = 1 << 20, dict_algo: int = DICT_ZLIB, dict_level: int = 6
+) -> bytes:
+    """Build ``gzip.meta`` for a gzip blob, byte-identical to upstream ``create_gz_index``.
+
+    ``gz`` is a ByteSource or a binary file object read sequentially.  Only the first
+    gzip member is indexed (as upstream).
+    """
+    if dict_algo not in (DICT_RAW, DICT_ZLIB):
+        raise UsageError(f"gzip index window compression must be 0 (raw) or 1 (zlib), not {dict_algo}")
+    if dict_algo == DICT_ZLIB and not -1 <= dict_level <= 9:
+        raise UsageError(f"gzip index compression level must be in -1..9, not {dict_level}")
+    if span < MIN_SPAN or span >= 1 << 31:
+        raise UsageError(f"gzip index span must be at least {MIN_SPAN} bytes (and fit 31 bits), not {span}")
+    reader = _SequentialInput(gz)
+    filt = _CheckpointFilter(span, dict_algo, dict_level)
+
+    strm = _ZStream()
+    ref = ctypes.byref(strm)
+    if _LIBZ.inflateInit2_(ref, 47, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
+        raise MemoryError("inflateInit2 failed")
+    inbuf = ctypes.create_string_buffer(WINSIZE)
+    window = ctypes.create_string_buffer(WINSIZE)
+    try:
+        strm.avail_out = 0
+        ret = Z_OK
+        while ret != Z_STREAM_END:
+            n = reader.readinto(inbuf)
+            if n == 0:
+                raise CorruptDataError(
+                    f"gzip stream truncated after {strm.total_out} uncompressed bytes",
+                    blob=reader.name, offset=strm.total_in,
+                )
+            strm.next_in = ctypes.addressof(inbuf)
+            strm.avail_in = n
+            while True:
+                if strm.avail_out == 0:
+                    strm.avail_out = WINSIZE
+                    strm.next_out = ctypes.addressof(window)
+                ret = _LIBZ.inflate(ref, Z_BLOCK)
+                if ret == Z_STREAM_END:
+                    break
+                if ret not in (Z_OK, Z_BUF_ERROR):
+                    msg = strm.msg.decode(errors="replace") if strm.msg else f"zlib error {ret}"
+                    raise CorruptDataError(f"not a valid gzip stream: {msg}", blob=reader.name, offset=strm.total_in)
+                dt = strm.data_type
+                if dt & _DT_BOUNDARY and not dt & _DT_LAST_BLOCK:
+                    filt.offer(dt & 7, strm.total_in, strm.total_out, strm.avail_out, window)
+                if strm.avail_in == 0:
+                    break
+        uncompressed = strm.total_out
+    finally:
+        _LIBZ.inflateEnd(ref)
+    gzip_size = reader.total_size()
+
+    windows = bytearray()
+    entries = []
+    pos = HEADER.size
+    for bits, en_pos, de_pos, stored in filt.checkpoints:
+        entries.append(Checkpoint(de_pos, en_pos, pos, bits, len(stored)).to_bytes())
+        windows += stored
+        pos += len(stored)
+    table = b"".join(entries)
+    area = _zlib_deflate_once(table, dict_level) if dict_algo == DICT_ZLIB else table
+    header = GzipIndexHeader(
+        span=span, index_num=len(entries), gzip_file_size=gzip_size,
+        index_file_size=pos + len(area), uncompress_file_size=uncompressed, index_start=pos,
+        index_area_len=len(area), dict_compress_algo=dict_algo, dict_compress_level=dict_level,
+    )
+    return header.to_bytes() + bytes(windows) + area
+
+
+class _SequentialInput:
+    """Reads a ByteSource or a binary file object front to back."""
+
+    def __init__(self, gz):
+        self.gz = gz
+        self.is_source = isinstance(gz, ByteSource)
+        self.pos = 0
+        name = getattr(gz, "name", None)
+        self.name = name if isinstance(name, str) else "<gzip stream>"
+
+    def readinto(self, buf) -> int:
+        data = self.gz.read(self.pos, len(buf)) if self.is_source else self.gz.read(len(buf))
+        ctypes.memmove(buf, data, len(data))
+        self.pos += len(data)
+        return len(data)
+
+    def total_size(self) -> int:
+        """Size of the whole blob (upstream stats the file, so trailing members count)."""
+        if self.is_source:
+            return self.gz.size
+        while chunk := self.gz.read(1 << 20):
+            self.pos += len(chunk)
+        return self.pos
