@@ -416,11 +416,12 @@ class GzipIndexedSource:
         self.size = index.uncompressed_size
         self._parked: list[_RawInflater] = []
         self._lock = threading.Lock()
-        self._cached = cache.open(cache_key or gz_source.name, _UncachedView(self)) if cache is not None else None
+        #: the ``cache.gzipcache.CachedView`` reads go through (its counters show hits and refills)
+        self.cached_view = cache.open(cache_key or gz_source.name, _UncachedView(self)) if cache is not None else None
 
     def read(self, offset: int, length: int) -> bytes:
-        if self._cached is not None:
-            return self._cached.read(offset, length)
+        if self.cached_view is not None:
+            return self.cached_view.read(offset, length)
         return self.read_uncached(offset, length)
 
     def read_uncached(self, offset: int, length: int) -> bytes:
@@ -474,6 +475,8 @@ class GzipIndexedSource:
                 self._parked.pop(0).close()
 
     def close(self) -> None:
+        if self.cached_view is not None:
+            self.cached_view.close()
         with self._lock:
             for inf in self._parked:
                 inf.close()

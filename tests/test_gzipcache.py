@@ -1,0 +1,162 @@
+"""Gzip cache (spec §4.5): refill units, hits vs source bytes, cap + LRU, crash safety, privacy."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import stat
+
+import pytest
+
+from tcmu_overlaybd.block.source import BytesSource, CountingSource, FileSource
+from tcmu_overlaybd.cache.gzipcache import PAGE, PAGE_ENTRY, SIDECAR_SUFFIX, GzipCache
+from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource
+
+LAYER0 = "571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1"
+MiB = 1 << 20
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+DIGEST_C = "sha256:" + "c" * 64
+
+
+def _data(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_refill_unit_then_hits(tmp_path):
+    data = _data(5 * MiB + 1234, 1)
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    view = GzipCache(tmp_path / "gz").open(DIGEST_A, src)
+    assert view.read(100, 4096) == data[100:4196]
+    assert src.bytes_read == MiB  # one aligned refill unit
+    for off in range(0, MiB - 5000, 70001):  # the rest of that MiB is served from disk
+        assert view.read(off, 5000) == data[off : off + 5000]
+    assert src.bytes_read == MiB
+    assert view.bytes_from_source == MiB and view.bytes_from_cache == 15 * 5000  # the first read was a miss
+    # a read across a unit boundary fetches just the missing unit; the tail unit is short
+    assert view.read(MiB - 10, 20) == data[MiB - 10 : MiB + 10]
+    assert view.read(len(data) - 100, 1000) == data[-100:]
+    assert src.bytes_read == 2 * MiB + 1234
+    # the cache file sits at tar offsets, named by the digest
+    with open(tmp_path / "gz" / DIGEST_A, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read() == data[5 * MiB :]
+
+
+def test_survives_reopen_and_serves_from_disk(tmp_path):
+    data = _data(3 * MiB, 2)
+    first = GzipCache(tmp_path / "gz").open(DIGEST_A, BytesSource(data, DIGEST_A))
+    first.read(0, 3 * MiB)
+    first.close()
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    again = GzipCache(tmp_path / "gz").open(DIGEST_A, src)
+    assert again.read(12345, 2 * MiB) == data[12345 : 12345 + 2 * MiB]
+    assert src.bytes_read == 0 and again.bytes_from_cache == 2 * MiB
+
+
+def _damage(path, offset, new: bytes):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, new, offset)
+    finally:
+        os.close(fd)
+
+
+def test_a_damaged_or_unwritten_page_is_never_served(tmp_path):
+    data = _data(2 * MiB, 3)
+    pool = GzipCache(tmp_path / "gz")
+    pool.open(DIGEST_A, BytesSource(data, DIGEST_A)).read(0, 2 * MiB)
+    path = str(tmp_path / "gz" / DIGEST_A)
+    # 1) torn/garbled data page (entry says present, bytes differ)
+    _damage(path, 3 * PAGE + 17, b"\xff\xfe")
+    # 2) a crash after the data write but before the entry: entry missing
+    _damage(path + SIDECAR_SUFFIX, 300 * PAGE_ENTRY.size, bytes(PAGE_ENTRY.size))
+    # 3) an entry that outlived its data (data file truncated under it)
+    os.truncate(path, MiB + 5 * PAGE)
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    view = pool.open(DIGEST_A, src)
+    assert view.read(3 * PAGE, 100) == data[3 * PAGE : 3 * PAGE + 100]
+    assert view.read(300 * PAGE, 10) == data[300 * PAGE : 300 * PAGE + 10]
+    assert view.read(MiB + 6 * PAGE, PAGE) == data[MiB + 6 * PAGE : MiB + 7 * PAGE]
+    assert src.bytes_read == 2 * MiB  # each bad page refetched its unit
+    assert view.read(0, 2 * MiB) == data  # and now everything is whole again
+    assert src.bytes_read == 2 * MiB
+
+
+def test_cap_is_respected_with_lru_eviction(tmp_path):
+    cap = 5 * MiB
+    pool = GzipCache(tmp_path / "gz", capacity_gb=cap / (1 << 30))
+    layers = {d: _data(3 * MiB, i) for i, d in enumerate((DIGEST_A, DIGEST_B, DIGEST_C))}
+    a = pool.open(DIGEST_A, BytesSource(layers[DIGEST_A], DIGEST_A))
+    a.read(0, 2 * MiB)
+    os.utime(a.path, (1_000_000, 1_000_000))  # A used long ago
+    b = pool.open(DIGEST_B, BytesSource(layers[DIGEST_B], DIGEST_B))
+    b.read(0, 2 * MiB)
+    os.utime(b.path, (2_000_000, 2_000_000))
+    assert pool.usage() > 4 * MiB
+    c = pool.open(DIGEST_C, BytesSource(layers[DIGEST_C], DIGEST_C))
+    c.read(0, 2 * MiB)  # 6 MiB > 5 MiB cap: the least recently used file (A) goes
+    usage = {name: used for name, used, _ in pool.files()}
+    assert pool.usage() <= cap
+    assert usage[DIGEST_A] == 0 and usage[DIGEST_B] > 2 * MiB and usage[DIGEST_C] > 2 * MiB
+    # A still reads correctly: its pages are simply fetched again
+    src = CountingSource(BytesSource(layers[DIGEST_A], DIGEST_A))
+    a2 = pool.open(DIGEST_A, src)
+    assert a2.read(MiB, 10) == layers[DIGEST_A][MiB : MiB + 10] and src.bytes_read == MiB
+    assert pool.usage() <= cap
+
+
+def test_a_layer_larger_than_the_cap_still_reads_correctly(tmp_path):
+    data = _data(6 * MiB, 9)
+    pool = GzipCache(tmp_path / "gz", capacity_gb=2 * MiB / (1 << 30))
+    view = pool.open(DIGEST_A, BytesSource(data, DIGEST_A))
+    for off in range(0, 6 * MiB, 512 * 1024):
+        assert view.read(off, 1000) == data[off : off + 1000]
+        assert pool.usage() <= 2 * MiB
+
+
+def test_files_are_private(tmp_path):
+    old = os.umask(0)
+    try:
+        pool = GzipCache(tmp_path / "gz")
+        view = pool.open("/some/local/path.tar.gz", BytesSource(b"x" * 10000, "p"))
+        view.read(0, 10)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "gz").st_mode) == 0o700
+    for name in os.listdir(tmp_path / "gz"):
+        assert stat.S_IMODE(os.stat(tmp_path / "gz" / name).st_mode) == 0o600
+    assert os.path.basename(view.path).startswith("key-")  # non-digest keys are hashed
+
+
+def test_clear_frees_everything(tmp_path):
+    pool = GzipCache(tmp_path / "gz")
+    pool.open(DIGEST_A, BytesSource(_data(MiB, 4), DIGEST_A)).read(0, 10)
+    assert pool.usage() >= MiB
+    assert pool.clear() >= MiB
+    assert pool.usage() == 0 and os.listdir(tmp_path / "gz") == []
+
+
+def test_through_the_gzip_index(tmp_path, vectors):
+    root = vectors / "upstream-small"
+    blob = root / "original" / "blobs" / "sha256" / LAYER0
+    tar = gzip.decompress(blob.read_bytes())
+    idx = GzipIndex.from_bytes((root / "turbooci" / "layer0" / "gzip.meta").read_bytes())
+    gz = CountingSource(FileSource(blob, name="sha256:" + LAYER0))
+    pool = GzipCache(tmp_path / "gz")
+    src = GzipIndexedSource(gz, idx, cache=pool)
+    rnd = random.Random(5)
+    offsets = [rnd.randrange(len(tar) - 4096) for _ in range(300)]
+    for off in offsets:
+        assert src.read(off, 4096) == tar[off : off + 4096]
+    view = src.cached_view
+    # every refill unit was inflated once, then all further reads were hits
+    assert view.bytes_from_source == len(tar) and gz.bytes_read < 2 * len(blob.read_bytes())
+    gz_before, hits_before = gz.bytes_read, view.bytes_from_cache
+    for off in offsets:
+        assert src.read(off, 4096) == tar[off : off + 4096]
+    assert gz.bytes_read == gz_before  # not one compressed byte more
+    assert view.bytes_from_cache - hits_before == 300 * 4096
+    assert os.path.exists(tmp_path / "gz" / ("sha256:" + LAYER0))
+    src.close()
