@@ -1,0 +1,139 @@
+"""Random 4 KiB reads into a gzip layer through its index: cold, sequential, and via the gzip cache.
+
+Baseline (measured in the same run): plain gunzip of the whole layer, in MB/s of
+uncompressed output.  Reported per layer:
+
+* ``build_index``: ``build_gzip_index`` throughput (one inflate pass + window deflates);
+* ``random_cold``: random 4 KiB reads, no cache (each restarts at a checkpoint);
+* ``sequential``: consecutive 4 KiB reads, no cache (parked inflaters continue);
+* ``random_cache_fill`` / ``random_cache_warm``: the same random reads through the
+  gzip cache, first pass (refills) and second pass (pages from disk).
+
+Throughputs are bytes handed to the caller per second; ``x_gunzip`` is the ratio
+to the gunzip baseline.  Writes ``benchmarks/results/gzindex.json``.
+
+Usage: .venv/bin/python benchmarks/bench_gzindex.py [--reads N] [--synthetic-mib M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import random
+import sys
+import tempfile
+import time
+import zlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tcmu_overlaybd.block.source import BytesSource, FileSource  # noqa: E402
+from tcmu_overlaybd.cache.gzipcache import GzipCache  # noqa: E402
+from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource, build_gzip_index  # noqa: E402
+
+VECTOR_LAYER0 = "upstream-small/original/blobs/sha256/571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1"
+READ = 4096
+
+
+def _synthetic_layer(path: pathlib.Path, mib: int) -> None:
+    """A tar-like gzip stream: text-ish files (compress ~3x) with some random blobs."""
+    rnd = random.Random(42)
+    words = [bytes(rnd.choices(b"abcdefghijklmnopqrstuvwxyz_ ", k=rnd.randint(3, 10))) for _ in range(4000)]
+    comp = zlib.compressobj(6, zlib.DEFLATED, 31)
+    with open(path, "wb") as f:
+        written = 0
+        while written < mib << 20:
+            if rnd.random() < 0.1:
+                chunk = rnd.randbytes(64 << 10)
+            else:
+                chunk = b" ".join(rnd.choices(words, k=12000))[: 256 << 10]
+            f.write(comp.compress(chunk))
+            written += len(chunk)
+        f.write(comp.flush())
+
+
+def _rate(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6 if seconds > 0 else float("inf")
+
+
+def bench_layer(name: str, blob_path: pathlib.Path, reads: int, workdir: pathlib.Path) -> dict:
+    blob = blob_path.read_bytes()
+    t = time.perf_counter()
+    plain_size = len(zlib.decompress(blob, 47))
+    gunzip = _rate(plain_size, time.perf_counter() - t)
+
+    t = time.perf_counter()
+    meta = build_gzip_index(FileSource(blob_path))
+    build = _rate(plain_size, time.perf_counter() - t)
+    index = GzipIndex.from_bytes(meta)
+
+    rnd = random.Random(7)
+    offsets = [rnd.randrange(0, plain_size - READ) for _ in range(reads)]
+    results = {"compressed_bytes": len(blob), "uncompressed_bytes": plain_size,
+               "checkpoints": len(index.checkpoints), "reads": reads}
+
+    def timed(src, offs) -> float:
+        t0 = time.perf_counter()
+        for off in offs:
+            src.read(off, READ)
+        return _rate(len(offs) * READ, time.perf_counter() - t0)
+
+    results["gunzip_MBps"] = round(gunzip, 1)
+    results["build_index_MBps"] = round(build, 1)
+    cold = GzipIndexedSource(FileSource(blob_path), index)
+    results["random_cold_MBps"] = round(timed(cold, offsets), 2)
+    seq_start = plain_size // 3
+    seq = GzipIndexedSource(FileSource(blob_path), index)
+    results["sequential_MBps"] = round(timed(seq, [seq_start + i * READ for i in range(reads)]), 1)
+    pool = GzipCache(workdir / f"cache-{name}")
+    cached = GzipIndexedSource(FileSource(blob_path, name="sha256:" + "0" * 64), index, cache=pool)
+    results["random_cache_fill_MBps"] = round(timed(cached, offsets), 2)
+    results["random_cache_warm_MBps"] = round(timed(cached, offsets), 1)
+    for key in ("random_cold", "sequential", "random_cache_fill", "random_cache_warm", "build_index"):
+        results[f"{key}_x_gunzip"] = round(results[f"{key}_MBps"] / gunzip, 3)
+    for src in (cold, seq, cached):
+        src.close()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reads", type=int, default=400)
+    ap.add_argument("--synthetic-mib", type=int, default=64)
+    ap.add_argument("--vectors", default=os.environ.get("OBD_SHARED", str(ROOT.parent / "shared")) + "/spec/vectors")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gzindex.json"))
+    args = ap.parse_args()
+
+    layers = {}
+    with tempfile.TemporaryDirectory(prefix="bench-gzindex-") as tmp:
+        work = pathlib.Path(tmp)
+        vector = pathlib.Path(args.vectors) / VECTOR_LAYER0
+        if vector.exists():
+            layers["upstream_small_layer0"] = bench_layer("vector", vector, args.reads, work)
+        synth = work / "synthetic.tar.gz"
+        _synthetic_layer(synth, args.synthetic_mib)
+        layers[f"synthetic_{args.synthetic_mib}MiB"] = bench_layer("synthetic", synth, args.reads, work)
+
+    report = {
+        "benchmark": "gzindex",
+        "read_size": READ,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "layers": layers,
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in layers.items():
+        print(f"{name}: gunzip {r['gunzip_MBps']} MB/s | index build {r['build_index_MBps']} MB/s | "
+              f"random 4K cold {r['random_cold_MBps']} MB/s ({r['random_cold_x_gunzip']}x) | "
+              f"sequential {r['sequential_MBps']} MB/s | cache fill {r['random_cache_fill_MBps']} MB/s | "
+              f"cache warm {r['random_cache_warm_MBps']} MB/s ({r['random_cache_warm_x_gunzip']}x)")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
