@@ -1,0 +1,77 @@
+"""ext4 directory entries (``struct ext4_dir_entry_2``) and their parsing.
+
+Directory blocks are read linearly.  Hashed (htree) directories keep their
+index in blocks that look like one empty entry spanning the block (and in the
+root block, behind a ``..`` entry whose ``rec_len`` covers the rest), so a
+linear scan of every block returns exactly the leaf entries.  The checksum
+tail of metadata_csum filesystems is an entry with inode 0 and is skipped too.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import CorruptDataError
+
+# struct ext4_dir_entry_2: inode u32, rec_len u16, name_len u8, file_type u8, name
+_ENTRY = struct.Struct("<IHBB")
+_ENTRY_OLD = struct.Struct("<IHH")  # without the filetype feature: 16-bit name_len
+ENTRY_HEADER = 8
+
+# file_type values (EXT4_FT_*) -> the type letters used by ``ls -l``
+FILE_TYPES = {0: "?", 1: "-", 2: "d", 3: "c", 4: "b", 5: "p", 6: "s", 7: "l"}
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    """One name in a directory; ``type`` is a letter: - d l c b p s (``?`` if unknown)."""
+
+    name: str
+    ino: int
+    type: str
+    #: the raw name bytes (names are not required to be UTF-8)
+    raw_name: bytes
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def parse_entries(data: bytes, base_offset: int, block_size: int, has_filetype: bool, blob: str,
+                  dir_ino: int) -> list[DirEntry]:
+    """Entries in ``data`` (whole directory blocks, or an inline-data area), skipping empty slots."""
+    out: list[DirEntry] = []
+    pos = 0
+    end = len(data)
+    while pos + ENTRY_HEADER <= end:
+        if has_filetype:
+            ino, rec_len, name_len, ftype = _ENTRY.unpack_from(data, pos)
+        else:
+            ino, rec_len, name_len = _ENTRY_OLD.unpack_from(data, pos)
+            ftype = 0
+        if block_size == 65536 and rec_len in (0, 65535):
+            rec_len = 65536
+        block_end = (pos // block_size + 1) * block_size
+        if rec_len < ENTRY_HEADER or rec_len & 3 or pos + rec_len > min(end, block_end) \
+                or ENTRY_HEADER + name_len > rec_len:
+            raise CorruptDataError(
+                f"directory inode {dir_ino}: bad entry (rec_len {rec_len}, name_len {name_len})",
+                blob=blob, offset=base_offset + pos)
+        if ino:
+            raw = bytes(data[pos + ENTRY_HEADER: pos + ENTRY_HEADER + name_len])
+            out.append(DirEntry(_decode(raw), ino, FILE_TYPES.get(ftype, "?"), raw))
+        pos += rec_len
+    return out
+
+
+def parse_inline_dir(iblock: bytes, iblock_offset: int, extra: bytes, extra_offset: int,
+                     has_filetype: bool, blob: str, dir_ino: int) -> list[DirEntry]:
+    """An inline directory: the 60-byte i_block holds the parent inode number then entries,
+    continued (entries never straddle) in the ``system.data`` xattr value ``extra``."""
+    parent = struct.unpack_from("<I", iblock, 0)[0]
+    entries = [DirEntry(".", dir_ino, "d", b"."), DirEntry("..", parent, "d", b"..")]
+    for area, where in ((iblock[4:], iblock_offset + 4), (extra, extra_offset)):
+        if area:
+            entries += parse_entries(area, where, len(area), has_filetype, blob, dir_ino)
+    return entries

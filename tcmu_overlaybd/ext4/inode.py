@@ -1,0 +1,166 @@
+"""ext4 inodes (kernel ``struct ext4_inode``): mode, size, times, links, block pointers.
+
+Timestamps are returned in nanoseconds since the epoch: the 32-bit seconds
+field is signed and extended by the two "epoch" bits of the ``*_extra``
+field, whose upper 30 bits are the nanoseconds (only present when the inode's
+``i_extra_isize`` covers them).
+"""
+
+from __future__ import annotations
+
+import stat as _stat
+import struct
+from dataclasses import dataclass
+
+# struct ext4_inode, first 128 bytes ("good old" inode)
+_BASE = struct.Struct(
+    "<H"    # 0x00 i_mode
+    "H"     # 0x02 i_uid (low 16)
+    "I"     # 0x04 i_size_lo
+    "I"     # 0x08 i_atime
+    "I"     # 0x0C i_ctime
+    "I"     # 0x10 i_mtime
+    "I"     # 0x14 i_dtime
+    "H"     # 0x18 i_gid (low 16)
+    "H"     # 0x1A i_links_count
+    "I"     # 0x1C i_blocks_lo
+    "I"     # 0x20 i_flags
+    "4x"    # 0x24 osd1
+    "60s"   # 0x28 i_block[15]
+    "I"     # 0x64 i_generation
+    "I"     # 0x68 i_file_acl_lo
+    "I"     # 0x6C i_size_high
+    "4x"    # 0x70 i_obso_faddr
+    "H"     # 0x74 l_i_blocks_high
+    "H"     # 0x76 l_i_file_acl_high
+    "H"     # 0x78 l_i_uid_high
+    "H"     # 0x7A l_i_gid_high
+    "4x"    # 0x7C checksum_lo, reserved
+)
+GOOD_OLD_INODE_SIZE = 128
+_EXTRA_ISIZE = struct.Struct("<H")  # @0x80
+# (field offset of *_extra, offset of the seconds field) -- only valid if extra_isize covers it
+_EXTRA_TIMES = {"ctime": (0x84, 0x0C), "mtime": (0x88, 0x10), "atime": (0x8C, 0x08)}
+_CRTIME = struct.Struct("<II")  # @0x90 i_crtime, i_crtime_extra
+
+# i_flags
+FL_INDEX = 0x1000          # hashed (htree) directory
+FL_HUGE_FILE = 0x40000     # i_blocks counts file-system blocks
+FL_EXTENTS = 0x80000
+FL_EA_INODE = 0x200000
+FL_INLINE_DATA = 0x10000000
+
+ROOT_INO = 2
+
+
+def _time_ns(seconds: int, extra: int | None) -> int:
+    secs = seconds - (1 << 32) if seconds & 0x80000000 else seconds
+    if extra is None:
+        return secs * 1_000_000_000
+    return (secs + ((extra & 3) << 32)) * 1_000_000_000 + (extra >> 2)
+
+
+@dataclass
+class Inode:
+    """One decoded inode; ``offset`` is its byte position on the disk (for error messages)."""
+
+    ino: int
+    offset: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    links: int
+    flags: int
+    block: bytes  # the raw 60-byte i_block area (extent root, block map, inline data or symlink)
+    file_acl: int
+    blocks_512: int  # allocated space in 512-byte units
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    crtime_ns: int | None
+    generation: int
+    #: the in-inode extended attribute area (after i_extra_isize), may be empty
+    xattr_area: bytes
+    #: byte offset on disk of ``xattr_area``
+    xattr_area_offset: int
+
+    @classmethod
+    def from_bytes(cls, ino: int, raw: bytes, offset: int, block_size: int, huge_file: bool) -> "Inode":
+        (mode, uid, size_lo, atime, ctime, mtime, _dtime, gid, links, blocks_lo, flags, block,
+         generation, acl_lo, size_hi, blocks_hi, acl_hi, uid_hi, gid_hi) = _BASE.unpack_from(raw, 0)
+        extra_isize = _EXTRA_ISIZE.unpack_from(raw, 0x80)[0] if len(raw) > GOOD_OLD_INODE_SIZE else 0
+        if extra_isize & 3 or GOOD_OLD_INODE_SIZE + extra_isize > len(raw):
+            extra_isize = 0  # garbage: act as if there were no extra fields
+        end_extra = GOOD_OLD_INODE_SIZE + extra_isize
+
+        def extra_at(off: int) -> int | None:
+            return struct.unpack_from("<I", raw, off)[0] if off + 4 <= end_extra else None
+
+        times = {}
+        for name, (xoff, soff) in _EXTRA_TIMES.items():
+            times[name] = _time_ns(struct.unpack_from("<I", raw, soff)[0], extra_at(xoff))
+        crtime_ns = None
+        if 0x98 <= end_extra:
+            cr, cr_extra = _CRTIME.unpack_from(raw, 0x90)
+            crtime_ns = _time_ns(cr, cr_extra)
+        blocks = blocks_lo | (blocks_hi << 32)
+        if huge_file and flags & FL_HUGE_FILE:
+            blocks *= block_size // 512
+        return cls(
+            ino=ino,
+            offset=offset,
+            mode=mode,
+            uid=uid | (uid_hi << 16),
+            gid=gid | (gid_hi << 16),
+            size=size_lo | (size_hi << 32),
+            links=links,
+            flags=flags,
+            block=block,
+            file_acl=acl_lo | (acl_hi << 32),
+            blocks_512=blocks,
+            atime_ns=times["atime"],
+            mtime_ns=times["mtime"],
+            ctime_ns=times["ctime"],
+            crtime_ns=crtime_ns,
+            generation=generation,
+            xattr_area=bytes(raw[end_extra:]),
+            xattr_area_offset=offset + end_extra,
+        )
+
+    # -- types ----------------------------------------------------------------------------
+
+    @property
+    def is_dir(self) -> bool:
+        return _stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return _stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return _stat.S_ISLNK(self.mode)
+
+    @property
+    def is_device(self) -> bool:
+        return _stat.S_ISCHR(self.mode) or _stat.S_ISBLK(self.mode)
+
+    @property
+    def has_extents(self) -> bool:
+        return bool(self.flags & FL_EXTENTS)
+
+    @property
+    def has_inline_data(self) -> bool:
+        return bool(self.flags & FL_INLINE_DATA)
+
+    def data_blocks_512(self, block_size: int) -> int:
+        """Allocated 512-byte units excluding the external xattr block."""
+        return self.blocks_512 - (block_size // 512 if self.file_acl else 0)
+
+    def device_numbers(self) -> tuple[int, int]:
+        """(major, minor) of a character or block device (old or new encoding in i_block)."""
+        old, new = struct.unpack_from("<II", self.block, 0)
+        if old:
+            return (old >> 8) & 0xFF, old & 0xFF
+        return (new >> 8) & 0xFFF, (new & 0xFF) | ((new >> 12) & 0xFFF00)
