@@ -1,0 +1,541 @@
+"""A small ctypes binding of Debian's ``libext2fs.so.2`` (e2fsprogs 1.47).
+
+Only what the converter needs: open/close an ext4 image file in userspace
+(``unix_io_manager``, no root, no kernel mount), look names up, create and
+remove inodes (files, directories, symlinks, devices, FIFOs, hard links),
+write file data, ``fallocate`` initialised extents (FastOCI mapping, spec
+§4.2), xattrs, and list a file's physical extents.
+
+Inodes are handled as raw 256-byte ``ext2_inode_large`` buffers (:class:`Inode`)
+whose fields are declared once below (ext4 on-disk layout, as in
+``/usr/include/ext2fs/ext2_fs.h``).  Every libext2fs failure becomes an
+:class:`Ext2fsError` naming the image and the operation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import ObdError
+
+# --------------------------------------------------------------------------------------------
+# Library loading and prototypes
+
+_c = ctypes
+_P = _c.c_void_p
+_errcode = _c.c_long
+_ino = _c.c_uint32
+_blk64 = _c.c_uint64
+
+try:
+    _lib = _c.CDLL("libext2fs.so.2", use_errno=True)
+    _com_err = _c.CDLL("libcom_err.so.2")
+except OSError as e:  # pragma: no cover - depends on the host
+    raise ImportError(f"libext2fs.so.2 is needed for conversion (apt install libext2fs2): {e}")
+
+_com_err.error_message.restype = _c.c_char_p
+_com_err.error_message.argtypes = [_errcode]
+_lib.initialize_ext2_error_table.restype = None
+_lib.initialize_ext2_error_table()
+
+#: (name, restype, argtypes) of every libext2fs function used here
+_PROTOTYPES = [
+    ("ext2fs_open2", _errcode, [_c.c_char_p, _c.c_char_p, _c.c_int, _c.c_int, _c.c_uint, _P, _c.POINTER(_P)]),
+    ("ext2fs_close2", _errcode, [_P, _c.c_int]),
+    ("ext2fs_free", None, [_P]),
+    ("ext2fs_flush", _errcode, [_P]),
+    ("ext2fs_read_bitmaps", _errcode, [_P]),
+    ("ext2fs_lookup", _errcode, [_P, _ino, _c.c_char_p, _c.c_int, _P, _c.POINTER(_ino)]),
+    ("ext2fs_new_inode", _errcode, [_P, _ino, _c.c_int, _P, _c.POINTER(_ino)]),
+    ("ext2fs_inode_alloc_stats2", None, [_P, _ino, _c.c_int, _c.c_int]),
+    ("ext2fs_read_inode_full", _errcode, [_P, _ino, _c.c_char_p, _c.c_int]),
+    ("ext2fs_write_inode_full", _errcode, [_P, _ino, _c.c_char_p, _c.c_int]),
+    ("ext2fs_link", _errcode, [_P, _ino, _c.c_char_p, _ino, _c.c_int]),
+    ("ext2fs_unlink", _errcode, [_P, _ino, _c.c_char_p, _ino, _c.c_int]),
+    ("ext2fs_expand_dir", _errcode, [_P, _ino]),
+    ("ext2fs_mkdir", _errcode, [_P, _ino, _ino, _c.c_char_p]),
+    ("ext2fs_symlink", _errcode, [_P, _ino, _ino, _c.c_char_p, _c.c_char_p]),
+    ("ext2fs_punch", _errcode, [_P, _ino, _c.c_char_p, _c.c_char_p, _blk64, _blk64]),
+    ("ext2fs_free_ext_attr", _errcode, [_P, _ino, _c.c_char_p]),
+    ("ext2fs_inode_has_valid_blocks2", _c.c_int, [_P, _c.c_char_p]),
+    ("ext2fs_fallocate", _errcode, [_P, _c.c_int, _ino, _c.c_char_p, _blk64, _blk64, _blk64]),
+    ("ext2fs_file_open", _errcode, [_P, _ino, _c.c_int, _c.POINTER(_P)]),
+    ("ext2fs_file_llseek", _errcode, [_P, _c.c_uint64, _c.c_int, _c.POINTER(_c.c_uint64)]),
+    ("ext2fs_file_write", _errcode, [_P, _c.c_char_p, _c.c_uint, _c.POINTER(_c.c_uint)]),
+    ("ext2fs_file_set_size2", _errcode, [_P, _c.c_uint64]),
+    ("ext2fs_file_close", _errcode, [_P]),
+    ("ext2fs_xattrs_open", _errcode, [_P, _ino, _c.POINTER(_P)]),
+    ("ext2fs_xattrs_read", _errcode, [_P]),
+    ("ext2fs_xattr_set", _errcode, [_P, _c.c_char_p, _c.c_char_p, _c.c_size_t]),
+    ("ext2fs_xattrs_close", _errcode, [_c.POINTER(_P)]),
+    ("ext2fs_extent_open2", _errcode, [_P, _ino, _c.c_char_p, _c.POINTER(_P)]),
+    ("ext2fs_extent_get", _errcode, [_P, _c.c_int, _P]),
+    ("ext2fs_extent_free", None, [_P]),
+    ("ext2fs_dir_iterate2", _errcode, [_P, _ino, _c.c_int, _P, _P, _P]),
+]
+for _name, _res, _args in _PROTOTYPES:
+    _fn = getattr(_lib, _name)
+    _fn.restype = _res
+    _fn.argtypes = _args
+
+_UNIX_IO_MANAGER = _P.in_dll(_lib, "unix_io_manager")
+
+# Constants from ext2fs.h / ext2_fs.h / ext2_err.h (e2fsprogs 1.47)
+EXT2_FLAG_RW = 0x01
+EXT2_FLAG_64BITS = 0x20000
+EXT2_FLAG_DIRTY = 0x04
+EXT2_FLAG_CHANGED = 0x02
+EXT2_FILE_WRITE = 0x0001
+EXT2_FALLOCATE_FORCE_INIT = 0x2
+EXT2_ET_FILE_NOT_FOUND = 2133571404
+EXT2_ET_DIR_NO_SPACE = 2133571366
+EXT2_ET_EXTENT_NO_NEXT = 2133571452
+EXT2_ET_NO_CURRENT_NODE = 2133571456
+EXT2_EXTENT_ROOT = 0x0001
+EXT2_EXTENT_NEXT = 0x0009
+EXT2_EXTENT_FLAGS_LEAF = 0x0001
+EXT2_EXTENT_FLAGS_UNINIT = 0x0002
+EXT2_EXTENT_FLAGS_SECOND_VISIT = 0x0004
+DIRENT_OTHER_FILE = 3
+EXT4_EXTENTS_FL = 0x00080000
+ROOT_INO = 2
+
+#: dirent file types (ext2_fs.h EXT2_FT_*) by the S_IFMT of the inode
+FILE_TYPES = {
+    stat.S_IFREG: 1,
+    stat.S_IFDIR: 2,
+    stat.S_IFCHR: 3,
+    stat.S_IFBLK: 4,
+    stat.S_IFIFO: 5,
+    stat.S_IFSOCK: 6,
+    stat.S_IFLNK: 7,
+}
+
+
+class Ext2fsError(ObdError):
+    """A libext2fs call failed; ``code`` is the com_err error code."""
+
+    def __init__(self, image: str, what: str, code: int):
+        self.code = code
+        text = _com_err.error_message(code).decode("utf-8", "replace")
+        super().__init__(f"{image}: {what}: {text}")
+
+
+# --------------------------------------------------------------------------------------------
+# struct ext2_inode_large (ext2_fs.h); offsets in bytes, little-endian
+
+INODE_SIZE = 256  # spec §6.2: 256-byte inodes
+#: EXT2_GOOD_OLD_INODE_SIZE + i_extra_isize == sizeof(struct ext2_inode_large) in 1.47
+EXTRA_ISIZE = 32
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+_FIELDS = {  # name: (offset, struct)
+    "i_mode": (0x00, _U16),
+    "i_uid": (0x02, _U16),
+    "i_size_lo": (0x04, _U32),
+    "i_atime": (0x08, _U32),
+    "i_ctime": (0x0C, _U32),
+    "i_mtime": (0x10, _U32),
+    "i_dtime": (0x14, _U32),
+    "i_gid": (0x18, _U16),
+    "i_links_count": (0x1A, _U16),
+    "i_blocks_lo": (0x1C, _U32),
+    "i_flags": (0x20, _U32),
+    "i_block0": (0x28, _U32),
+    "i_block1": (0x2C, _U32),
+    "i_file_acl_lo": (0x68, _U32),
+    "i_size_high": (0x6C, _U32),
+    "i_uid_high": (0x78, _U16),
+    "i_gid_high": (0x7A, _U16),
+    "i_extra_isize": (0x80, _U16),
+    "i_ctime_extra": (0x84, _U32),
+    "i_mtime_extra": (0x88, _U32),
+    "i_atime_extra": (0x8C, _U32),
+    "i_crtime": (0x90, _U32),
+    "i_crtime_extra": (0x94, _U32),
+}
+_I_BLOCK = slice(0x28, 0x28 + 60)
+#: empty extent tree root in i_block: magic 0xF30A, 0 entries, max 4, depth 0, generation 0
+_EMPTY_EXTENT_ROOT = struct.pack("<HHHHI", 0xF30A, 0, 4, 0, 0)
+
+
+def _split_time(seconds: int, nsec: int) -> tuple[int, int]:
+    """ext4 timestamp encoding: low 32 bits signed + (epoch bits | nsec << 2) in *_extra."""
+    lo = seconds & 0xFFFFFFFF
+    signed_lo = lo - (1 << 32) if lo & 0x80000000 else lo
+    epoch = ((seconds - signed_lo) >> 32) & 3
+    return lo, epoch | (nsec << 2)
+
+
+def _encode_rdev(major: int, minor: int) -> tuple[int, int]:
+    """Device number in i_block[0] (old 8:8 format) or i_block[1] (new format), like Linux."""
+    if major < 256 and minor < 256:
+        return (major << 8) | minor, 0
+    return 0, (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+def decode_rdev(block0: int, block1: int) -> tuple[int, int]:
+    """Inverse of the device number encoding (major, minor)."""
+    if block0:
+        return (block0 >> 8) & 0xFF, block0 & 0xFF
+    return (block1 & 0xFFF00) >> 8, (block1 & 0xFF) | ((block1 >> 12) & 0xFFF00)
+
+
+class Inode:
+    """One raw inode buffer with named field access."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: bytes | bytearray | None = None):
+        self.buf = bytearray(buf) if buf is not None else bytearray(INODE_SIZE)
+
+    def get(self, name: str) -> int:
+        off, st = _FIELDS[name]
+        return st.unpack_from(self.buf, off)[0]
+
+    def set(self, name: str, value: int) -> None:
+        off, st = _FIELDS[name]
+        st.pack_into(self.buf, off, value)
+
+    @property
+    def mode(self) -> int:
+        return self.get("i_mode")
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def links(self) -> int:
+        return self.get("i_links_count")
+
+    @property
+    def size(self) -> int:
+        return self.get("i_size_lo") | (self.get("i_size_high") << 32)
+
+    def set_size(self, size: int) -> None:
+        self.set("i_size_lo", size & 0xFFFFFFFF)
+        self.set("i_size_high", size >> 32)
+
+    def set_owner(self, uid: int, gid: int) -> None:
+        self.set("i_uid", uid & 0xFFFF)
+        self.set("i_uid_high", uid >> 16)
+        self.set("i_gid", gid & 0xFFFF)
+        self.set("i_gid_high", gid >> 16)
+
+    def set_times(self, seconds: int, nsec: int = 0) -> None:
+        """atime = mtime = ctime = crtime = the given time (like upstream's utimes)."""
+        lo, extra = _split_time(seconds, nsec)
+        for base in ("i_atime", "i_mtime", "i_ctime", "i_crtime"):
+            self.set(base, lo)
+            self.set(base + "_extra", extra)
+
+    def set_rdev(self, major: int, minor: int) -> None:
+        b0, b1 = _encode_rdev(major, minor)
+        self.set("i_block0", b0)
+        self.set("i_block1", b1)
+
+    def init_extents(self) -> None:
+        """Mark the inode extent-mapped with an empty tree (regular files)."""
+        self.buf[_I_BLOCK] = _EMPTY_EXTENT_ROOT.ljust(60, b"\0")
+        self.set("i_flags", self.get("i_flags") | EXT4_EXTENTS_FL)
+
+    @classmethod
+    def new(cls, mode: int, uid: int, gid: int, seconds: int, nsec: int) -> "Inode":
+        ino = cls()
+        ino.set("i_mode", mode)
+        ino.set("i_links_count", 1)
+        ino.set("i_extra_isize", EXTRA_ISIZE)
+        ino.set_owner(uid, gid)
+        ino.set_times(seconds, nsec)
+        return ino
+
+
+@dataclass(frozen=True)
+class PhysicalExtent:
+    """A run of a file's blocks: logical block, physical block, block count."""
+
+    logical: int
+    physical: int
+    count: int
+    uninit: bool
+
+
+class _Extent(ctypes.Structure):  # struct ext2fs_extent
+    _fields_ = [("e_pblk", _c.c_uint64), ("e_lblk", _c.c_uint64), ("e_len", _c.c_uint32), ("e_flags", _c.c_uint32)]
+
+
+class _FilsysHead(ctypes.Structure):
+    """The leading members of struct struct_ext2_filsys (ext2fs.h) that we touch."""
+
+    _fields_ = [
+        ("magic", _c.c_long),
+        ("io", _P),
+        ("flags", _c.c_int),
+        ("device_name", _c.c_char_p),
+        ("super", _P),
+        ("blocksize", _c.c_uint),
+        ("fragsize", _c.c_int),
+        ("group_desc_count", _c.c_uint32),
+        ("desc_blocks", _c.c_ulong),
+        ("group_desc", _P),
+        ("inode_blocks_per_group", _c.c_uint),
+        ("inode_map", _P),
+        ("block_map", _P),
+        ("get_blocks", _P),
+        ("check_directory", _P),
+        ("write_bitmaps", _P),
+        ("read_inode", _P),
+        ("write_inode", _P),
+        ("badblocks", _P),
+        ("dblist", _P),
+        ("stride", _c.c_uint32),
+        ("orig_super", _P),
+        ("image_header", _P),
+        ("umask", _c.c_uint32),
+        ("now", _c.c_int64),
+    ]
+
+
+_DIR_CALLBACK = _c.CFUNCTYPE(_c.c_int, _ino, _c.c_int, _P, _c.c_int, _c.c_int, _P, _P)
+
+
+class Filesystem:
+    """An ext4 image file opened read-write through libext2fs.
+
+    Names are ``bytes`` (ext4 stores bytes); callers encode with
+    ``os.fsencode``.  All inode numbers are plain ints.
+    """
+
+    def __init__(self, path: str, writable: bool = True, now: int = 1):
+        """Open ``path``; ``now`` is the clock libext2fs stamps into new inodes and the
+        superblock's write time (fixed so conversions are reproducible, spec §3.6)."""
+        self.path = path
+        self._fs = _P()
+        flags = EXT2_FLAG_64BITS | (EXT2_FLAG_RW if writable else 0)
+        err = _lib.ext2fs_open2(path.encode(), None, flags, 0, 0, _UNIX_IO_MANAGER, _c.byref(self._fs))
+        if err:
+            raise Ext2fsError(path, "open", err)
+        self._head = _FilsysHead.from_address(self._fs.value)
+        self.block_size = self._head.blocksize
+        self._head.now = now
+        self._check(_lib.ext2fs_read_bitmaps(self._fs), "read bitmaps")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _check(self, err: int, what: str) -> None:
+        if err:
+            raise Ext2fsError(self.path, what, err)
+
+    def close(self) -> None:
+        """Write back bitmaps, group descriptors and superblocks; release the handle."""
+        if self._fs:
+            fs, self._fs = self._fs, _P()
+            err = _lib.ext2fs_close2(fs, 0)
+            if err:
+                _lib.ext2fs_free(fs)
+                raise Ext2fsError(self.path, "close", err)
+
+    def __enter__(self) -> "Filesystem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def patch_super(self, offset: int, data: bytes) -> None:
+        """Overwrite bytes of the in-memory superblock; written back (all copies) on close."""
+        _c.memmove(self._head.super + offset, data, len(data))
+        self._head.flags |= EXT2_FLAG_DIRTY | EXT2_FLAG_CHANGED
+
+    # -- inodes -----------------------------------------------------------------------------
+    def read_inode(self, ino: int) -> Inode:
+        buf = _c.create_string_buffer(INODE_SIZE)
+        self._check(_lib.ext2fs_read_inode_full(self._fs, ino, buf, INODE_SIZE), f"read inode {ino}")
+        return Inode(buf.raw)
+
+    def write_inode(self, ino: int, inode: Inode) -> None:
+        self._check(
+            _lib.ext2fs_write_inode_full(self._fs, ino, bytes(inode.buf), INODE_SIZE), f"write inode {ino}"
+        )
+
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        """Inode number of ``name`` in directory ``dir_ino``, or None."""
+        out = _ino()
+        err = _lib.ext2fs_lookup(self._fs, dir_ino, name, len(name), None, _c.byref(out))
+        if err == EXT2_ET_FILE_NOT_FOUND:
+            return None
+        self._check(err, f"lookup {name!r} in inode {dir_ino}")
+        return out.value
+
+    def list_dir(self, dir_ino: int) -> list[tuple[bytes, int]]:
+        """(name, inode) of every entry of a directory except ``.`` and ``..``."""
+        found: list[tuple[bytes, int]] = []
+
+        def visit(_dir, entry, dirent, _off, _bs, _buf, _priv):
+            if entry == DIRENT_OTHER_FILE:
+                ino, _rec, name_len = struct.unpack_from("<IHH", _c.string_at(dirent, 8))
+                name = _c.string_at(dirent + 8, name_len & 0xFF)
+                if ino:
+                    found.append((name, ino))
+            return 0
+
+        cb = _DIR_CALLBACK(visit)
+        self._check(_lib.ext2fs_dir_iterate2(self._fs, dir_ino, 0, None, cb, None), f"list inode {dir_ino}")
+        return found
+
+    def _new_inode_number(self, dir_ino: int, mode: int) -> int:
+        out = _ino()
+        self._check(_lib.ext2fs_new_inode(self._fs, dir_ino, mode, None, _c.byref(out)), "allocate inode")
+        return out.value
+
+    def _with_dir_space(self, dir_ino: int, what: str, call) -> None:
+        """Run ``call()``; when the directory block is full, grow the directory and retry."""
+        err = call()
+        while err == EXT2_ET_DIR_NO_SPACE:
+            self._check(_lib.ext2fs_expand_dir(self._fs, dir_ino), f"expand directory inode {dir_ino}")
+            err = call()
+        self._check(err, what)
+
+    def link(self, dir_ino: int, name: bytes, ino: int, mode: int) -> None:
+        """Add the entry ``name -> ino`` to a directory (does not touch link counts)."""
+        ftype = FILE_TYPES[stat.S_IFMT(mode)]
+        self._with_dir_space(
+            dir_ino, f"link {name!r}", lambda: _lib.ext2fs_link(self._fs, dir_ino, name, ino, ftype)
+        )
+
+    def create(self, dir_ino: int, name: bytes, inode: Inode) -> int:
+        """Allocate an inode, write ``inode`` to it and link it as ``name``."""
+        ino = self._new_inode_number(dir_ino, inode.mode)
+        self.write_inode(ino, inode)
+        self.link(dir_ino, name, ino, inode.mode)
+        _lib.ext2fs_inode_alloc_stats2(self._fs, ino, 1, int(inode.is_dir))
+        return ino
+
+    def mkdir(self, dir_ino: int, name: bytes) -> int:
+        """Create an empty directory (mode 0755, root-owned; callers set the rest)."""
+        ino = self._new_inode_number(dir_ino, stat.S_IFDIR | 0o755)
+        self._with_dir_space(dir_ino, f"mkdir {name!r}", lambda: _lib.ext2fs_mkdir(self._fs, dir_ino, ino, name))
+        return ino
+
+    def symlink(self, dir_ino: int, name: bytes, target: bytes) -> int:
+        """Create a symbolic link (fast when the target is < 60 bytes)."""
+        if len(target) >= self.block_size:
+            raise ObdError(f"{self.path}: symlink {name!r}: target longer than {self.block_size - 1} bytes")
+        ino = self._new_inode_number(dir_ino, stat.S_IFLNK | 0o777)
+        self._with_dir_space(
+            dir_ino, f"symlink {name!r}", lambda: _lib.ext2fs_symlink(self._fs, dir_ino, ino, name, target)
+        )
+        return ino
+
+    def hardlink(self, dir_ino: int, name: bytes, ino: int) -> None:
+        """Add another name for an existing non-directory inode."""
+        inode = self.read_inode(ino)
+        self.link(dir_ino, name, ino, inode.mode)
+        inode.set("i_links_count", inode.links + 1)
+        self.write_inode(ino, inode)
+
+    def unlink(self, dir_ino: int, name: bytes, ino: int) -> None:
+        """Remove one directory entry and drop the inode when its last link goes.
+
+        Directories must be empty (the caller removes children first).
+        """
+        inode = self.read_inode(ino)
+        self._check(_lib.ext2fs_unlink(self._fs, dir_ino, name, ino, 0), f"unlink {name!r}")
+        if inode.is_dir:
+            parent = self.read_inode(dir_ino)
+            if parent.links > 2:  # the child's ".." no longer points at the parent
+                parent.set("i_links_count", parent.links - 1)
+                self.write_inode(dir_ino, parent)
+            remaining = 0
+        else:
+            remaining = inode.links - 1
+        if remaining > 0:
+            inode.set("i_links_count", remaining)
+            self.write_inode(ino, inode)
+            return
+        self._release(ino, inode)
+
+    def _release(self, ino: int, inode: Inode) -> None:
+        """Free an unlinked inode's xattr block, data blocks and the inode itself."""
+        buf = _c.create_string_buffer(bytes(inode.buf), INODE_SIZE)
+        self._check(_lib.ext2fs_free_ext_attr(self._fs, ino, buf), f"free xattrs of inode {ino}")
+        if _lib.ext2fs_inode_has_valid_blocks2(self._fs, buf):
+            self._check(_lib.ext2fs_punch(self._fs, ino, buf, None, 0, 0xFFFFFFFFFFFFFFFF), f"free inode {ino}")
+        freed = Inode(buf.raw)
+        freed.set("i_links_count", 0)
+        freed.set("i_dtime", max(freed.get("i_mtime"), 1))
+        self.write_inode(ino, freed)
+        _lib.ext2fs_inode_alloc_stats2(self._fs, ino, -1, int(freed.is_dir))
+
+    # -- data -------------------------------------------------------------------------------
+    def write_file(self, ino: int, chunks: Iterator[tuple[int, bytes]], size: int) -> None:
+        """Write ``(offset, data)`` pieces into a regular file and set its size."""
+        fh = _P()
+        self._check(_lib.ext2fs_file_open(self._fs, ino, EXT2_FILE_WRITE, _c.byref(fh)), f"open inode {ino}")
+        try:
+            pos = _c.c_uint64()
+            written = _c.c_uint()
+            for offset, data in chunks:
+                self._check(_lib.ext2fs_file_llseek(fh, offset, 0, _c.byref(pos)), f"seek inode {ino}")
+                view = memoryview(data)
+                while view:
+                    self._check(
+                        _lib.ext2fs_file_write(fh, bytes(view), len(view), _c.byref(written)),
+                        f"write inode {ino}",
+                    )
+                    view = view[written.value :]
+            self._check(_lib.ext2fs_file_set_size2(fh, size), f"set size of inode {ino}")
+        finally:
+            err = _lib.ext2fs_file_close(fh)
+        self._check(err, f"close inode {ino}")
+
+    def fallocate(self, ino: int, first_block: int, count: int) -> None:
+        """Allocate initialised extents for blocks [first_block, first_block+count), no data written."""
+        self._check(
+            _lib.ext2fs_fallocate(self._fs, EXT2_FALLOCATE_FORCE_INIT, ino, None, 0xFFFFFFFFFFFFFFFF, first_block, count),
+            f"fallocate inode {ino}",
+        )
+
+    def extents(self, ino: int) -> list[PhysicalExtent]:
+        """The leaf extents of an extent-mapped inode, in logical order."""
+        handle = _P()
+        self._check(_lib.ext2fs_extent_open2(self._fs, ino, None, _c.byref(handle)), f"extents of inode {ino}")
+        out: list[PhysicalExtent] = []
+        ext = _Extent()
+        try:
+            op = EXT2_EXTENT_ROOT
+            while True:
+                err = _lib.ext2fs_extent_get(handle, op, _c.byref(ext))
+                op = EXT2_EXTENT_NEXT
+                if err in (EXT2_ET_EXTENT_NO_NEXT, EXT2_ET_NO_CURRENT_NODE):
+                    break
+                self._check(err, f"extents of inode {ino}")
+                if ext.e_flags & EXT2_EXTENT_FLAGS_LEAF and not ext.e_flags & EXT2_EXTENT_FLAGS_SECOND_VISIT:
+                    out.append(
+                        PhysicalExtent(ext.e_lblk, ext.e_pblk, ext.e_len, bool(ext.e_flags & EXT2_EXTENT_FLAGS_UNINIT))
+                    )
+        finally:
+            _lib.ext2fs_extent_free(handle)
+        return out
+
+    # -- xattrs -----------------------------------------------------------------------------
+    def set_xattrs(self, ino: int, xattrs: dict[str, bytes]) -> None:
+        """Set extended attributes (full names such as ``user.x``, ``security.capability``)."""
+        if not xattrs:
+            return
+        handle = _P()
+        self._check(_lib.ext2fs_xattrs_open(self._fs, ino, _c.byref(handle)), f"xattrs of inode {ino}")
+        try:
+            self._check(_lib.ext2fs_xattrs_read(handle), f"read xattrs of inode {ino}")
+            for key, value in xattrs.items():
+                self._check(
+                    _lib.ext2fs_xattr_set(handle, key.encode("utf-8", "surrogateescape"), value, len(value)),
+                    f"set xattr {key} on inode {ino}",
+                )
+        finally:
+            err = _lib.ext2fs_xattrs_close(_c.byref(handle))
+        self._check(err, f"write xattrs of inode {ino}")
+
