@@ -1,0 +1,463 @@
+"""The on-disk block cache shared by every mount and process (issue 3, spec §8.2).
+
+Layer blobs are content-addressed and immutable, so the cache stores fixed-size,
+aligned blocks of a blob keyed by its digest; a block never changes once written.
+
+On-disk layout (one directory per cache, dirs 0700, files 0600)::
+
+    <dir>/.lock                          flock: serialises inserts and evictions
+    <dir>/.usage                         decimal byte count of all block files
+    <dir>/tmp/<pid>.<n>                  blocks being written (never read)
+    <dir>/v1-<block_size>/<algo>/<hex>/<index>   block ``index`` of blob ``algo:hex``
+
+Crash safety: a block is written to ``tmp/`` and renamed into place, so a reader
+sees a complete file or none; a reader also checks the file length against the
+length the block must have (``block_size`` or the blob's tail), so a block
+truncated by a power cut reads as a miss and is fetched again.  Temp files of
+dead writers are removed by the next eviction scan.
+
+Size cap: every insert takes the lock and charges the block to ``.usage``; when
+the insert would exceed the cap, the cache scans its block files (the bytes it
+owns, nothing else in the file system), deletes least recently used blocks down
+to ``LOW_WATER`` of the cap and rewrites ``.usage`` from the scan.  Recency is
+the block file's mtime, refreshed on hits (at most once per ``TOUCH_INTERVAL``
+per block and process).  Readers in other processes that lose a block to
+eviction see a miss, or keep reading the same bytes from an fd they hold.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ..block.source import ByteSource
+from ..errors import CorruptDataError, StateError, UsageError
+
+DEFAULT_DIR = "/var/cache/obd/blocks"
+DEFAULT_BLOCK_SIZE = 256 * 1024  # overlaybd's refillSize (spec §8.2)
+#: an eviction frees blocks until usage is at most this fraction of the cap
+LOW_WATER = 0.9
+#: seconds between two mtime refreshes of the same block by one process
+TOUCH_INTERVAL = 30.0
+#: open block files kept per cache object (fd reuse makes warm reads cheap)
+FD_CACHE_SIZE = 256
+FORMAT_PREFIX = "v1-"
+
+
+@dataclass
+class CacheStats:
+    """Counters of one process's use of a cache (``obd stats`` reads them)."""
+
+    hits: int = 0  # blocks served from disk
+    misses: int = 0  # blocks fetched from the base source
+    bytes_fetched: int = 0  # bytes read from base sources (registries)
+    fetch_requests: int = 0  # calls to a base source (merged ranges count once)
+    bytes_served: int = 0  # bytes returned to readers
+    evicted_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One block file as seen by a scan."""
+
+    path: str
+    digest: str
+    index: int
+    size: int
+    mtime: float
+
+
+def _split_digest(key: str) -> tuple[str, str]:
+    algo, sep, hexpart = key.partition(":")
+    if not sep or not algo.isalnum() or not hexpart or not all(c.isalnum() for c in hexpart):
+        raise UsageError(f"cache key must be a digest algo:hex, got {key!r}")
+    return algo, hexpart
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BlockCache:
+    """Fixed-size aligned blocks of immutable blobs on disk, under a hard byte cap."""
+
+    def __init__(self, dir: str | os.PathLike | None, capacity_bytes: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        if block_size < 4096 or block_size & (block_size - 1):
+            raise UsageError(f"cache block size must be a power of two >= 4096, got {block_size}")
+        if capacity_bytes < block_size:
+            raise UsageError(f"cache capacity {capacity_bytes} is smaller than one block ({block_size})")
+        self.dir = os.path.abspath(os.fspath(dir or DEFAULT_DIR))
+        self.capacity = int(capacity_bytes)
+        self.block_size = block_size
+        self.stats = CacheStats()
+        self._blocks_dir = os.path.join(self.dir, f"{FORMAT_PREFIX}{block_size}")
+        self._tmp_dir = os.path.join(self.dir, "tmp")
+        self._seq = itertools.count()
+        self._lock = threading.Lock()  # in-process: fd cache, touch map, stats
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._touched: dict[str, float] = {}
+        for d in (self.dir, self._blocks_dir, self._tmp_dir):
+            self._mkdir(d)
+        self._lock_path = os.path.join(self.dir, ".lock")
+        self._usage_path = os.path.join(self.dir, ".usage")
+        with self._exclusive():
+            if not os.path.exists(self._usage_path):
+                self._write_usage(self._scan_total())
+
+    # ---- paths and small helpers -------------------------------------------------
+    def _mkdir(self, path: str) -> None:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"cache directory {path}: {e.strerror}") from None
+
+    def block_path(self, key: str, index: int) -> str:
+        algo, hexpart = _split_digest(key)
+        return os.path.join(self._blocks_dir, algo, hexpart, str(index))
+
+    def _exclusive(self):
+        return _FileLock(self._lock_path)
+
+    def _read_usage(self) -> int:
+        try:
+            with open(self._usage_path, "rb") as f:
+                return int(f.read().strip() or b"0")
+        except (FileNotFoundError, ValueError):
+            return self._scan_total()
+
+    def _write_usage(self, n: int) -> None:
+        tmp = self._tmp_name()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, str(max(0, n)).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._usage_path)
+
+    def _tmp_name(self) -> str:
+        return os.path.join(self._tmp_dir, f"{os.getpid()}.{threading.get_ident()}.{next(self._seq)}")
+
+    # ---- reads ----------------------------------------------------------------
+    def get(self, key: str, index: int, expected_len: int, offset: int = 0,
+            length: int | None = None) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of a cached block, or None on a miss.
+
+        A block whose file length is not ``expected_len`` (torn by a crash) is a miss
+        and is removed.
+        """
+        path = self.block_path(key, index)
+        if length is None:
+            length = expected_len - offset
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                self._fds.move_to_end(path)
+                data = os.pread(fd, length, offset)
+                self._note_hit(path, len(data))
+                return data
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_size != expected_len:
+            os.close(fd)
+            self._discard_torn(path, expected_len)
+            return None
+        with self._lock:
+            data = os.pread(fd, length, offset)
+            if path in self._fds:
+                os.close(fd)
+            else:
+                self._fds[path] = fd
+                while len(self._fds) > FD_CACHE_SIZE:
+                    _, old = self._fds.popitem(last=False)
+                    os.close(old)
+            self._note_hit(path, len(data))
+        return data
+
+    def _note_hit(self, path: str, n: int) -> None:
+        """Count a hit and refresh the block's LRU time now and then (lock held)."""
+        self.stats.hits += 1
+        self.stats.bytes_served += n
+        now = time.monotonic()
+        if now - self._touched.get(path, -TOUCH_INTERVAL) >= TOUCH_INTERVAL:
+            self._touched[path] = now
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+            if len(self._touched) > 4 * FD_CACHE_SIZE:
+                self._touched.clear()
+
+    def _discard_torn(self, path: str, expected_len: int) -> None:
+        with self._exclusive():
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return
+            if st.st_size != expected_len:
+                os.unlink(path)
+                self._write_usage(self._read_usage() - st.st_size)
+
+    def contains(self, key: str, index: int) -> bool:
+        return os.path.exists(self.block_path(key, index))
+
+    # ---- writes and eviction ---------------------------------------------------------
+    def put(self, key: str, index: int, data: bytes | memoryview) -> None:
+        """Store one complete block (write to tmp, then rename under the lock)."""
+        n = len(data)
+        if n > self.block_size:
+            raise ValueError(f"block of {n} bytes > block size {self.block_size}")
+        path = self.block_path(key, index)
+        tmp = self._tmp_name()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            os.close(fd)
+            os.unlink(tmp)
+            if e.errno == errno.ENOSPC:
+                return  # a full disk makes the cache useless, not the read wrong
+            raise
+        os.close(fd)
+        with self._exclusive():
+            if os.path.exists(path):
+                os.unlink(tmp)
+                return
+            usage = self._read_usage()
+            if usage + n > self.capacity:
+                usage = self._evict_locked(self.capacity - n)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.rename(tmp, path)
+            self._write_usage(usage + n)
+
+    def scan(self) -> list[BlockEntry]:
+        """Every block file of every block size, with size and last-use time."""
+        out = []
+        try:
+            formats = [e for e in os.scandir(self.dir) if e.is_dir() and e.name.startswith(FORMAT_PREFIX)]
+        except FileNotFoundError:
+            return out
+        for fmt in formats:
+            for algo in os.scandir(fmt.path):
+                for blob in os.scandir(algo.path):
+                    digest = f"{algo.name}:{blob.name}"
+                    try:
+                        entries = list(os.scandir(blob.path))
+                    except FileNotFoundError:
+                        continue
+                    for e in entries:
+                        try:
+                            st = e.stat()
+                            idx = int(e.name)
+                        except (FileNotFoundError, ValueError):
+                            continue
+                        out.append(BlockEntry(e.path, digest, idx, st.st_size, st.st_mtime))
+        return out
+
+    def _scan_total(self) -> int:
+        return sum(e.size for e in self.scan())
+
+    def _evict_locked(self, target: int) -> int:
+        """Delete LRU blocks until usage <= min(target, LOW_WATER*cap); returns new usage."""
+        self._clean_tmp()
+        entries = self.scan()
+        total = sum(e.size for e in entries)
+        goal = min(target, int(self.capacity * LOW_WATER))
+        if total <= goal:
+            return total
+        for e in sorted(entries, key=lambda e: e.mtime):
+            if total <= goal:
+                break
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:
+                pass
+            total -= e.size
+            self.stats.evicted_bytes += e.size
+            try:
+                os.rmdir(os.path.dirname(e.path))
+            except OSError:
+                pass
+        return total
+
+    def _clean_tmp(self) -> None:
+        for e in os.scandir(self._tmp_dir):
+            pid = e.name.split(".", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                try:
+                    os.unlink(e.path)
+                except FileNotFoundError:
+                    pass
+
+    def usage(self) -> int:
+        """Bytes of block files, as charged (exact unless a writer crashed mid-insert)."""
+        return self._read_usage()
+
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Evict down to ``max_bytes`` (default: the cap); returns bytes freed."""
+        with self._exclusive():
+            before = self._scan_total()
+            limit = self.capacity if max_bytes is None else max_bytes
+            after = before if before <= limit else self._evict_locked(limit)
+            self._clean_tmp()
+            self._write_usage(after)
+        return before - after
+
+    def clear(self, digest: str | None = None) -> int:
+        """Remove every block (or those of one digest); returns bytes freed."""
+        freed = 0
+        with self._exclusive():
+            for e in self.scan():
+                if digest is None or e.digest == digest:
+                    try:
+                        os.unlink(e.path)
+                        freed += e.size
+                    except FileNotFoundError:
+                        pass
+            for root, dirs, _files in os.walk(self.dir, topdown=False):
+                for d in dirs:
+                    try:
+                        os.rmdir(os.path.join(root, d))
+                    except OSError:
+                        pass
+            for d in (self._blocks_dir, self._tmp_dir):
+                self._mkdir(d)
+            self._clean_tmp()
+            self._write_usage(self._scan_total())
+        self.close_fds()
+        return freed
+
+    def close_fds(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class _FileLock:
+    """An exclusive ``flock`` on a lock file, for the duration of a ``with`` block."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing drops the flock
+        self.fd = -1
+
+
+class CachedSource:
+    """A ByteSource reading ``base`` through a BlockCache, fetching only missing blocks.
+
+    Consecutive missing blocks of one read become one ``base.read`` (one Range GET
+    for a registry blob).  ``key`` is the blob's digest: the cache trusts that the
+    same key always names the same bytes.
+    """
+
+    def __init__(self, base: ByteSource, cache: BlockCache, key: str):
+        self.base = base
+        self.cache = cache
+        self.key = key
+        self.name = base.name
+        self.size = base.size
+        _split_digest(key)
+
+    def _block_len(self, index: int) -> int:
+        bs = self.cache.block_size
+        return min(bs, self.size - index * bs)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = self.cache.block_size
+        first, last = offset // bs, (end - 1) // bs
+        parts: list[bytes | None] = []
+        missing: list[int] = []
+        for idx in range(first, last + 1):
+            lo = max(offset, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            data = self.cache.get(self.key, idx, self._block_len(idx), lo, hi - lo)
+            parts.append(data)
+            if data is None:
+                missing.append(idx)
+        if missing:
+            self._fill(missing, offset, end, first, parts)
+        return b"".join(parts) if len(parts) > 1 else parts[0]
+
+    def _fill(self, missing: list[int], offset: int, end: int, first: int, parts: list) -> None:
+        """Fetch runs of adjacent missing blocks, store them, and fill ``parts``."""
+        bs = self.cache.block_size
+        runs: list[list[int]] = []
+        for idx in missing:
+            if runs and runs[-1][-1] == idx - 1:
+                runs[-1].append(idx)
+            else:
+                runs.append([idx])
+        stats = self.cache.stats
+        for run in runs:
+            start = run[0] * bs
+            want = sum(self._block_len(i) for i in run)
+            data = self.base.read(start, want)
+            if len(data) != want:
+                raise CorruptDataError(
+                    f"source returned {len(data)} bytes for a {want}-byte range", blob=self.name, offset=start
+                )
+            with self.cache._lock:
+                stats.misses += len(run)
+                stats.bytes_fetched += want
+                stats.fetch_requests += 1
+            view = memoryview(data)
+            for idx in run:
+                rel = idx * bs - start
+                block = view[rel : rel + self._block_len(idx)]
+                self.cache.put(self.key, idx, block)
+                lo = max(offset, idx * bs) - idx * bs
+                hi = min(end, (idx + 1) * bs) - idx * bs
+                parts[idx - first] = bytes(block[lo:hi])
+                with self.cache._lock:
+                    stats.bytes_served += hi - lo
+
+    def close(self) -> None:
+        self.base.close()
+
+
+_shared: dict[tuple[str, int], BlockCache] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_cache(dir: str | None, capacity_bytes: int | None, block_size: int = DEFAULT_BLOCK_SIZE) -> BlockCache:
+    """The process-wide BlockCache for ``dir`` (one object per directory and block size)."""
+    path = os.path.abspath(dir or DEFAULT_DIR)
+    with _shared_lock:
+        cache = _shared.get((path, block_size))
+        if cache is None:
+            cap = capacity_bytes if capacity_bytes else 4 << 30
+            cache = _shared[(path, block_size)] = BlockCache(path, cap, block_size)
+        return cache

@@ -1,0 +1,443 @@
+"""OCI distribution client and the registry BlobStore (issue 3).
+
+``RegistryClient`` speaks HTTP to one registry host over one ``requests.Session``
+(connection reuse keeps small Range GETs cheap): TLS options, split connect/read
+timeouts, the 401 challenge flow of ``auth.Authenticator``, and bounded retries
+with exponential backoff on connection errors, timeouts, 5xx, 429 and truncated
+bodies.  Once retries are spent it raises one ``NetworkError`` naming the
+registry, what was being fetched and the cause.  401/403 become ``AuthError`` and
+404 ``NotFoundError``.
+
+``RegistryStore`` is the ``BlobStore`` of one repository: manifests by tag or
+digest (OCI and Docker media types), small blobs verified against their digest,
+and layer blobs opened lazily as byte sources that read through the shared
+block cache with Range GETs.  ``referrers`` uses the OCI 1.1 referrers API and
+falls back to the ``sha256-<hex>`` tag schema when the registry answers 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+
+from ..block.source import ByteSource
+from ..cache.blockcache import CachedSource, shared_cache
+from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, ObdError, UsageError
+from ..progress import progress_bar
+from .auth import Authenticator
+from .options import OpenOptions
+from .reference import Reference
+from .store import BlobStore, Descriptor, verify_digest
+
+log = logging.getLogger(__name__)
+
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_ACCEPT = ", ".join((MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, MT_DOCKER_LIST))
+#: manifests larger than this are refused (the distribution spec suggests 4 MiB)
+MAX_MANIFEST_SIZE = 4 << 20
+USER_AGENT = "obd/0.1 (tcmu-overlaybd)"
+#: retryable HTTP statuses
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: first backoff pause, doubled on every retry and capped at MAX_BACKOFF
+BACKOFF_BASE = 0.25
+MAX_BACKOFF = 8.0
+
+
+class _Retry(Exception):
+    """A failure worth another attempt; ``cause`` is what the user reads if none is left."""
+
+    def __init__(self, cause: str, retry_after: float | None = None):
+        super().__init__(cause)
+        self.cause = cause
+        self.retry_after = retry_after
+
+
+def repo_scope(repo: str, actions: str = "pull") -> str:
+    return f"repository:{repo}:{actions}"
+
+
+class RegistryClient:
+    """HTTP access to one registry host (auth, TLS, timeouts, retries)."""
+
+    def __init__(self, host: str, opts: OpenOptions):
+        self.host = host
+        self.scheme = "http" if opts.plain_http else "https"
+        self.base_url = f"{self.scheme}://{host}"
+        self.timeout = (opts.connect_timeout, opts.read_timeout)
+        self.retries = max(0, int(opts.retries))
+        self.backoff_base = float(opts.extra.get("backoff_base", BACKOFF_BASE))
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        if opts.skip_verify:
+            self.session.verify = False
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif opts.tls_ca_cert:
+            self.session.verify = opts.tls_ca_cert
+        if opts.client_cert:
+            self.session.cert = (opts.client_cert, opts.client_key) if opts.client_key else opts.client_cert
+        elif opts.client_key:
+            raise UsageError("--tlskey needs --tlscert")
+        self.auth = Authenticator(host, opts.username, opts.password, opts.authfile)
+        self._lock = threading.Lock()
+        self.bytes_received = 0
+        self.requests_sent = 0
+
+    def url(self, path: str) -> str:
+        return urljoin(self.base_url + "/", path.lstrip("/")) if not path.startswith("http") else path
+
+    # ---- the one request loop --------------------------------------------------------
+    def call(self, method: str, path: str, *, what: str, scope: str, headers: dict | None = None,
+             data=None, ok: tuple[int, ...] = (200,), read=None, not_found_ok: bool = False):
+        """Send a request until it succeeds, retrying what is retryable.
+
+        ``read(response)`` consumes the body inside the retry loop (so a truncated
+        body is retried) and its result is returned; without it the response is
+        returned with its body read.  ``data`` may be bytes or a zero-argument
+        callable returning a fresh body per attempt.  ``not_found_ok`` returns None
+        on 404 instead of raising.
+        """
+        url = self.url(path)
+        attempts = self.retries + 1
+        auth_rounds = 0
+        attempt = 0
+        last = ""
+        while attempt < attempts:
+            hdrs = dict(headers or {})
+            sent_auth = self.auth.header(scope)
+            if sent_auth:
+                hdrs["Authorization"] = sent_auth
+            body = data() if callable(data) else data
+            try:
+                resp = self.session.request(method, url, headers=hdrs, data=body, timeout=self.timeout,
+                                            stream=True, allow_redirects=True)
+            except requests.exceptions.SSLError as e:
+                raise NetworkError(f"registry {self.host}: {what}: TLS error: {_short(e)} "
+                                   "(use --tlscacert, -k or --plain-http)") from None
+            except requests.RequestException as e:
+                last = f"{type(e).__name__}: {_short(e)}"
+                attempt += 1
+                self._pause(attempt, attempts, None)
+                continue
+            with self._lock:
+                self.requests_sent += 1
+            try:
+                status = resp.status_code
+                if status == 401 and auth_rounds < 2:
+                    auth_rounds += 1
+                    challenge = resp.headers.get("WWW-Authenticate")
+                    resp.close()
+                    self.auth.challenge(challenge, scope, sent_auth, self.session, self.timeout)
+                    continue
+                if status in (401, 403):
+                    who = self.auth.credentials
+                    user = f"user {who.username!r}" if who else "anonymous access"
+                    raise AuthError(f"registry {self.host}: {what}: access denied for {user} (HTTP {status})")
+                if status == 404:
+                    if not_found_ok:
+                        return None
+                    raise NotFoundError(f"registry {self.host}: {what}: not found")
+                if status in RETRY_STATUSES:
+                    raise _Retry(f"HTTP {status} {resp.reason}", _retry_after(resp))
+                if status not in ok:
+                    raise ObdError(f"registry {self.host}: {what}: unexpected HTTP {status} {resp.reason}"
+                                   f"{_error_detail(resp)}")
+                self.auth.mark_used(scope)
+                if read is not None:
+                    return read(resp)
+                resp.content  # noqa: B018 - read the body inside the retry loop
+                return resp
+            except _Retry as r:
+                last = r.cause
+                attempt += 1
+                self._pause(attempt, attempts, r.retry_after)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as e:
+                last = f"connection lost while reading the body ({type(e).__name__})"
+                attempt += 1
+                self._pause(attempt, attempts, None)
+            finally:
+                resp.close()
+        raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempts} attempts)")
+
+    def _pause(self, attempt: int, attempts: int, retry_after: float | None) -> None:
+        if attempt >= attempts:
+            return
+        delay = min(MAX_BACKOFF, self.backoff_base * (2 ** (attempt - 1)))
+        if retry_after is not None:
+            delay = min(MAX_BACKOFF, max(delay, retry_after))
+        time.sleep(delay)
+
+    def count_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_received += n
+
+    # ---- blobs ------------------------------------------------------------------
+    def get_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of a blob from ``offset`` (one Range GET, retried)."""
+        what = f"blob {digest} bytes {offset}-{offset + length - 1}"
+
+        def read(resp):
+            if resp.status_code == 206:
+                m = re.match(r"bytes (\d+)-(\d+)/", resp.headers.get("Content-Range", ""))
+                if not m or int(m.group(1)) != offset:
+                    raise ObdError(f"registry {self.host}: {what}: answered Content-Range "
+                                   f"{resp.headers.get('Content-Range')!r}")
+                data = resp.raw.read(length, decode_content=False)
+            else:  # 200: the server ignored Range; skip to the offset
+                data = _read_window(resp, offset, length)
+            self.count_bytes(len(data))
+            if len(data) != length:
+                raise _Retry(f"truncated response ({len(data)} of {length} bytes)")
+            return data
+
+        return self.call("GET", f"/v2/{repo}/blobs/{digest}", what=what, scope=repo_scope(repo),
+                         headers={"Range": f"bytes={offset}-{offset + length - 1}"}, ok=(200, 206), read=read)
+
+    def blob_size(self, repo: str, digest: str) -> int:
+        resp = self.call("HEAD", f"/v2/{repo}/blobs/{digest}", what=f"blob {digest}", scope=repo_scope(repo))
+        try:
+            return int(resp.headers["Content-Length"])
+        except (KeyError, ValueError):
+            raise ObdError(f"registry {self.host}: blob {digest}: HEAD without Content-Length") from None
+
+    def get_blob(self, repo: str, digest: str, size: int | None = None, quiet: bool = True,
+                 max_size: int | None = None) -> bytes:
+        """A whole blob, verified against its digest before it is returned."""
+        what = f"blob {digest}"
+
+        def read(resp):
+            total = size if size is not None else _content_length(resp)
+            if max_size is not None and total is not None and total > max_size:
+                raise CorruptDataError(f"{total} bytes is more than the {max_size} allowed", blob=digest)
+            chunks = []
+            got = 0
+            with progress_bar(total, f"{digest[7:19]}", quiet) as bar:
+                for chunk in resp.iter_content(1 << 20):
+                    chunks.append(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+                    if max_size is not None and got > max_size:
+                        raise CorruptDataError(f"more than the {max_size} bytes allowed", blob=digest)
+            self.count_bytes(got)
+            if total is not None and got != total:
+                raise _Retry(f"truncated response ({got} of {total} bytes)")
+            return b"".join(chunks)
+
+        data = self.call("GET", f"/v2/{repo}/blobs/{digest}", what=what, scope=repo_scope(repo), read=read)
+        return verify_digest(data, digest, f"{self.host}/{repo}@{digest}")
+
+    # ---- manifests ------------------------------------------------------------------
+    def head_manifest(self, repo: str, reference: str) -> Descriptor | None:
+        """Descriptor of a manifest by tag or digest; None if the registry has none."""
+        resp = self.call("HEAD", f"/v2/{repo}/manifests/{reference}", what=f"manifest {repo}:{reference}",
+                         scope=repo_scope(repo), headers={"Accept": MANIFEST_ACCEPT}, not_found_ok=True)
+        if resp is None:
+            return None
+        digest = resp.headers.get("Docker-Content-Digest")
+        mt = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        length = _content_length(resp)
+        if not digest or length is None:
+            data, mt = self.get_manifest(repo, reference)
+            return Descriptor(mt, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+        return Descriptor(mt, digest, length)
+
+    def get_manifest(self, repo: str, reference: str, digest: str | None = None) -> tuple[bytes, str]:
+        """Manifest bytes and media type; verified when a digest is known."""
+        what = f"manifest {repo}@{reference}" if reference.startswith("sha256:") else f"manifest {repo}:{reference}"
+
+        def read(resp):
+            declared = _content_length(resp)
+            if declared is not None and declared > MAX_MANIFEST_SIZE:
+                raise CorruptDataError(f"manifest of {declared} bytes exceeds {MAX_MANIFEST_SIZE}", blob=what)
+            data = resp.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True)
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise CorruptDataError(f"manifest exceeds {MAX_MANIFEST_SIZE} bytes", blob=what)
+            if declared is not None and len(data) != declared:
+                raise _Retry(f"truncated response ({len(data)} of {declared} bytes)")
+            self.count_bytes(len(data))
+            return data, resp.headers.get("Content-Type", "").split(";")[0].strip()
+
+        data, mt = self.call("GET", f"/v2/{repo}/manifests/{reference}", what=what, scope=repo_scope(repo),
+                             headers={"Accept": MANIFEST_ACCEPT}, read=read)
+        want = digest or (reference if reference.startswith("sha256:") else None)
+        if want:
+            verify_digest(data, want, f"{self.host}/{repo}@{want}")
+        return data, mt
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    m = re.search(r"\[Errno -?\d+\] [^'\")]*|Read timed out|timed out|Connection refused|"
+                  r"Connection reset by peer|Remote end closed connection without response", text)
+    return m.group(0) if m else (text if len(text) <= 160 else text[:157] + "...")
+
+
+def _content_length(resp) -> int | None:
+    try:
+        return int(resp.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _retry_after(resp) -> float | None:
+    try:
+        return float(resp.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def _error_detail(resp) -> str:
+    """The first message of an OCI error body, if any: ``: <code>: <message>``."""
+    try:
+        errs = resp.json().get("errors") or []
+        e = errs[0]
+        return f": {e.get('code')}: {e.get('message')}"
+    except (ValueError, AttributeError, IndexError, TypeError, requests.RequestException):
+        return ""
+
+
+def _read_window(resp, offset: int, length: int) -> bytes:
+    """Bytes ``[offset, offset+length)`` of a full-body response (a server that ignores Range)."""
+    skipped = 0
+    out = bytearray()
+    for chunk in resp.iter_content(1 << 20):
+        if skipped + len(chunk) <= offset:
+            skipped += len(chunk)
+            continue
+        start = max(0, offset - skipped)
+        out += chunk[start : start + length - len(out)]
+        skipped += len(chunk)
+        if len(out) >= length:
+            break
+    return bytes(out)
+
+
+class RemoteBlob:
+    """A registry blob as a ByteSource: every read is one Range GET (use through the cache)."""
+
+    def __init__(self, client: RegistryClient, repo: str, digest: str, size: int):
+        self.client = client
+        self.repo = repo
+        self.digest = digest
+        self.size = size
+        self.name = f"{client.host}/{repo}@{digest}"
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
+        n = min(length, self.size - offset)
+        if n <= 0:
+            return b""
+        return self.client.get_range(self.repo, self.digest, offset, n)
+
+    def close(self) -> None:
+        pass
+
+
+class RegistryStore(BlobStore):
+    """The BlobStore of one registry repository."""
+
+    def __init__(self, ref: Reference, opts: OpenOptions):
+        if ref.transport != "docker":
+            raise UsageError(f"{ref} is not a registry reference")
+        self.ref = ref
+        self.opts = opts
+        self.repo = ref.repository
+        self.client = RegistryClient(ref.api_host, opts)
+        self.name = f"{ref.registry}/{ref.repository}"
+        self._cache = None
+
+    def resolve(self, ref: Reference) -> Descriptor:
+        desc = self.client.head_manifest(ref.repository, ref.reference)
+        if desc is None:
+            raise NotFoundError(f"{ref}: manifest unknown to registry {self.client.host}")
+        if ref.digest and desc.digest != ref.digest:
+            raise CorruptDataError(f"registry answered digest {desc.digest}", blob=str(ref))
+        return desc
+
+    def fetch_manifest(self, desc: Descriptor) -> bytes:
+        data, _mt = self.client.get_manifest(self.repo, desc.digest, desc.digest)
+        return data
+
+    def fetch_blob(self, digest: str, size: int | None = None) -> bytes:
+        return self.client.get_blob(self.repo, digest, size, quiet=self.opts.quiet)
+
+    @property
+    def cache(self):
+        if self._cache is None:
+            self._cache = shared_cache(self.opts.cache_dir, self.opts.cache_size)
+        return self._cache
+
+    def open_blob(self, digest: str, size: int) -> ByteSource:
+        if size is None or size < 0:
+            size = self.client.blob_size(self.repo, digest)
+        return CachedSource(RemoteBlob(self.client, self.repo, digest, size), self.cache, key=digest)
+
+    def referrers(self, digest: str, artifact_type: str | None = None) -> list[Descriptor]:
+        found = self._referrers_api(digest, artifact_type)
+        if found is None:
+            found = self._referrers_tag(digest)
+        if artifact_type:
+            found = [d for d in found if d.artifact_type == artifact_type]
+        return found
+
+    def _referrers_api(self, digest: str, artifact_type: str | None) -> list[Descriptor] | None:
+        """GET /v2/<repo>/referrers/<digest> (following Link pages); None on 404."""
+        path = f"/v2/{self.repo}/referrers/{digest}"
+        if artifact_type:
+            path += f"?artifactType={artifact_type}"
+        out: list[Descriptor] = []
+        while path:
+            resp = self.client.call("GET", path, what=f"referrers of {digest}", scope=repo_scope(self.repo),
+                                    headers={"Accept": MT_OCI_INDEX}, not_found_ok=True)
+            if resp is None:
+                return None
+            if not resp.headers.get("Content-Type", "").startswith(MT_OCI_INDEX):
+                return None  # a registry that routes unknown paths somewhere else
+            out.extend(_index_descriptors(resp.content, f"referrers of {digest}"))
+            path = _next_link(resp.headers.get("Link"))
+        return out
+
+    def _referrers_tag(self, digest: str) -> list[Descriptor]:
+        """The referrers tag schema: an index tagged ``<algo>-<hex>``."""
+        tag = digest.replace(":", "-")
+        desc = self.client.head_manifest(self.repo, tag)
+        if desc is None:
+            return []
+        data, _ = self.client.get_manifest(self.repo, desc.digest, desc.digest)
+        return _index_descriptors(data, f"{self.name}:{tag}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _index_descriptors(data: bytes, what: str) -> list[Descriptor]:
+    import json
+
+    try:
+        doc = json.loads(data)
+        return [Descriptor.from_json(m) for m in doc.get("manifests") or []]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise CorruptDataError("not an OCI image index", blob=what) from None
+
+
+def _next_link(link: str | None) -> str | None:
+    if not link:
+        return None
+    m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
+    return m.group(1) if m else None
