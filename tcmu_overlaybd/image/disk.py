@@ -1,0 +1,74 @@
+"""The virtual disk of an accelerated image: its layers opened and stacked bottom first.
+
+Native layers go through ``format.layer.open_layer_blob`` (tar wrapper → ZFile
+→ LSMT), TurboOCI layers through ``format.turbooci.open_turbo_layer`` over the
+meta blob and the original layer.  The acceleration (trace) layer holds no
+disk data and is left out.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import UnsupportedError, UsageError
+from .manifest import UNKNOWN_SIZE, Image, Layer
+from .options import OpenOptions
+
+
+def _gzip_cache(opts: OpenOptions):
+    if not opts.gzip_cache_enable or not opts.gzip_cache_dir:
+        return None
+    from ..cache.gzipcache import GzipCache
+
+    capacity = (opts.gzip_cache_size or (4 << 30)) / (1 << 30)
+    return GzipCache(os.path.expanduser(opts.gzip_cache_dir), capacity_gb=capacity)
+
+
+def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
+    try:
+        from ..format.turbooci import open_turbo_layer
+    except ImportError:
+        raise UnsupportedError("TurboOCI (FastOCI) images are not supported by this build") from None
+    meta = image.store.open_blob(layer.descriptor.digest, layer.descriptor.size)
+    opened.append(meta)
+    target = layer.target
+    size = None if target.size == UNKNOWN_SIZE else target.size
+    original = image.store.open_blob(target.digest, size)
+    opened.append(original)
+    return open_turbo_layer(meta, original, target_is_gzip=layer.target_is_gzip, gzip_cache=gzip_cache)
+
+
+def open_layers(image: Image, opts: OpenOptions) -> list:
+    """Each data layer of ``image`` as a layer byte source, bottom first."""
+    if image.mode == "oci":
+        raise UsageError(f"{image.reference}: image is not accelerated (run obd convert)")
+    from ..format.layer import open_layer_blob
+
+    gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
+    layers: list = []
+    opened: list = []
+    try:
+        for layer in image.layers:
+            if layer.kind == "acceleration":
+                continue
+            if layer.kind == "overlaybd":
+                blob = image.store.open_blob(layer.descriptor.digest, layer.descriptor.size)
+                opened.append(blob)
+                layers.append(open_layer_blob(blob))
+            elif layer.kind == "fastoci":
+                layers.append(_open_turbo(image, layer, gzip_cache, opened))
+            else:
+                raise UnsupportedError(f"{image.reference}: layer {layer.descriptor.digest} ({layer.kind}) "
+                                       f"cannot be part of an accelerated disk")
+    except BaseException:
+        for src in opened:
+            src.close()
+        raise
+    return layers
+
+
+def open_disk(image: Image, opts: OpenOptions):
+    """The merged virtual disk (a ByteSource) of an overlaybd or TurboOCI image."""
+    from ..block.stack import StackedDisk
+
+    return StackedDisk(open_layers(image, opts))
