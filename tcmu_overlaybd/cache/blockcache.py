@@ -83,6 +83,17 @@ def _split_digest(key: str) -> tuple[str, str]:
     return algo, hexpart
 
 
+def _makedirs_private(path: str) -> None:
+    """``os.makedirs`` that makes every missing level 0700 (makedirs only does the leaf)."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _makedirs_private(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -123,7 +134,7 @@ class BlockCache:
     # ---- paths and small helpers -------------------------------------------------
     def _mkdir(self, path: str) -> None:
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            _makedirs_private(path)
         except OSError as e:
             raise StateError(f"cache directory {path}: {e.strerror}") from None
 
@@ -245,7 +256,7 @@ class BlockCache:
             usage = self._read_usage()
             if usage + n > self.capacity:
                 usage = self._evict_locked(self.capacity - n)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _makedirs_private(os.path.dirname(path))
             os.rename(tmp, path)
             self._write_usage(usage + n)
 

@@ -1,0 +1,247 @@
+"""The on-disk block cache: bytes, merging, cap/LRU, crash safety, concurrency, `obd cache`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from tcmu_overlaybd.block.source import BytesSource, CountingSource
+from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+from tcmu_overlaybd.cli.main import main
+from tcmu_overlaybd.errors import CorruptDataError
+
+BS = 64 * 1024
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+
+
+def blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def cached(tmp_path, data: bytes, key=DIGEST_A, cap=64 << 20, bs=BS):
+    cache = BlockCache(tmp_path / "cache", cap, bs)
+    base = CountingSource(BytesSource(data, name=key))
+    return cache, base, CachedSource(base, cache, key)
+
+
+def test_reads_match_source_across_block_boundaries_and_tail(tmp_path):
+    data = blob(5 * BS + 1234, 1)
+    _cache, _base, src = cached(tmp_path, data)
+    rng = random.Random(2)
+    for _ in range(300):
+        off = rng.randrange(0, len(data) + 10)
+        n = rng.choice([1, 511, 4096, BS, BS + 1, 3 * BS])
+        assert src.read(off, n) == data[off : off + n]
+    assert src.read(len(data), 10) == b""
+    assert src.read(len(data) - 5, 100) == data[-5:]
+
+
+def test_second_read_is_served_from_disk(tmp_path):
+    data = blob(4 * BS, 3)
+    cache, base, src = cached(tmp_path, data)
+    assert src.read(100, 4096) == data[100:4196]
+    assert base.bytes_read == BS  # one whole block fetched for a 4 KiB read
+    assert src.read(200, 4096) == data[200:4296]
+    assert base.bytes_read == BS
+    assert cache.stats.hits == 1 and cache.stats.misses == 1
+    # a second cache object (another process would do the same) sees the blocks too
+    other = CachedSource(CountingSource(BytesSource(data)), BlockCache(tmp_path / "cache", 64 << 20, BS), DIGEST_A)
+    assert other.read(0, BS) == data[:BS]
+    assert other.base.bytes_read == 0
+
+
+def test_adjacent_misses_become_one_request(tmp_path):
+    data = blob(10 * BS, 4)
+    cache, base, src = cached(tmp_path, data)
+    src.read(3 * BS, 10)  # block 3 cached
+    base.calls = 0
+    assert src.read(BS, 6 * BS) == data[BS : 7 * BS]
+    # blocks 1-2 and 4-6 are missing: two merged requests, not five
+    assert base.calls == 2
+    assert cache.stats.fetch_requests == 3
+
+
+def test_files_are_private(tmp_path):
+    _cache, _base, src = cached(tmp_path, blob(2 * BS, 5))
+    src.read(0, 2 * BS)
+    for root, dirs, files in os.walk(tmp_path / "cache"):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700, d
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o600, f
+
+
+def test_cap_holds_under_a_larger_workload(tmp_path):
+    cap = 1 << 20  # 16 blocks
+    data = blob(8 << 20, 6)  # 128 blocks
+    cache, _base, src = cached(tmp_path, data, cap=cap)
+    rng = random.Random(7)
+    for _ in range(400):
+        off = rng.randrange(0, len(data))
+        assert src.read(off, 4096) == data[off : off + 4096]
+        owned = sum(e.size for e in cache.scan())
+        assert owned <= cap
+    assert cache.usage() == sum(e.size for e in cache.scan())
+    assert cache.stats.evicted_bytes > 0
+
+
+def test_eviction_drops_least_recently_used_first(tmp_path):
+    cap = 4 * BS
+    a, b = blob(4 * BS, 8), blob(4 * BS, 9)
+    cache = BlockCache(tmp_path / "cache", cap, BS)
+    src_a = CachedSource(BytesSource(a), cache, DIGEST_A)
+    src_b = CachedSource(BytesSource(b), cache, DIGEST_B)
+    for i in range(4):
+        src_a.read(i * BS, 1)
+        time.sleep(0.02)
+    src_a.read(0, 1)  # block 0 of A becomes the most recently used
+    time.sleep(0.02)
+    src_b.read(0, 1)  # needs room: evicts down to 90 % of the cap
+    kept = {(e.digest, e.index) for e in cache.scan()}
+    assert (DIGEST_A, 0) in kept and (DIGEST_B, 0) in kept
+    assert (DIGEST_A, 1) not in kept
+
+
+def test_torn_block_is_a_miss_not_wrong_bytes(tmp_path):
+    data = blob(3 * BS, 10)
+    cache, base, src = cached(tmp_path, data)
+    src.read(0, 3 * BS)
+    path = cache.block_path(DIGEST_A, 1)
+    with open(path, "r+b") as f:
+        f.truncate(BS // 2)  # what a power cut between write and rename-commit could leave
+    fresh = CachedSource(CountingSource(BytesSource(data)), BlockCache(tmp_path / "cache", 64 << 20, BS), DIGEST_A)
+    assert fresh.read(BS, BS) == data[BS : 2 * BS]
+    assert fresh.base.bytes_read == BS
+    assert os.path.getsize(path) == BS
+
+
+def test_short_source_is_an_error_and_caches_nothing(tmp_path):
+    class Short(BytesSource):
+        def read(self, offset, length):
+            return super().read(offset, length)[:-1]
+
+    cache = BlockCache(tmp_path / "cache", 64 << 20, BS)
+    src = CachedSource(Short(blob(2 * BS, 11), name="sha256:short"), cache, DIGEST_A)
+    with pytest.raises(CorruptDataError, match=r"sha256:short at offset 0: source returned"):
+        src.read(0, 10)
+    assert cache.scan() == []
+
+
+def test_threads_share_one_cache(tmp_path):
+    data = blob(32 * BS, 12)
+    _cache, _base, src = cached(tmp_path, data, cap=8 * BS)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        for _ in range(150):
+            off = rng.randrange(0, len(data))
+            n = rng.choice([4096, BS, 2 * BS])
+            if src.read(off, n) != data[off : off + n]:
+                errors.append((off, n))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+WRITER = textwrap.dedent("""
+    import random, sys
+    from tcmu_overlaybd.block.source import BytesSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+    cache_dir, cap, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    data = random.Random(13).randbytes(64 * 65536)
+    src = CachedSource(BytesSource(data), BlockCache(cache_dir, cap, 65536), "sha256:" + "c" * 64)
+    rng = random.Random(seed)
+    print("ready", flush=True)
+    while True:
+        off = rng.randrange(0, len(data))
+        assert src.read(off, 65536) == data[off:off + 65536]
+""")
+
+
+def test_processes_killed_mid_write_leave_no_bad_block(tmp_path):
+    cap = 16 * BS
+    data = blob(64 * BS, 13)
+    cache_dir = str(tmp_path / "cache")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for round_ in range(4):
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, cache_dir, str(cap), str(round_ * 10 + i)],
+                                  stdout=subprocess.PIPE, env=env) for i in range(2)]
+        for p in procs:
+            assert p.stdout.readline() == b"ready\n"
+        time.sleep(0.3 + 0.1 * round_)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            p.stdout.close()
+    cache = BlockCache(cache_dir, cap, BS)
+    entries = cache.scan()
+    assert entries, "the writers should have cached something"
+    for e in entries:  # every complete block file holds the right bytes
+        with open(e.path, "rb") as f:
+            content = f.read()
+        if len(content) == BS:
+            assert content == data[e.index * BS : (e.index + 1) * BS]
+    src = CachedSource(BytesSource(data), cache, "sha256:" + "c" * 64)
+    for i in range(64):
+        assert src.read(i * BS, BS) == data[i * BS : (i + 1) * BS]
+    cache.prune()
+    assert os.listdir(os.path.join(cache_dir, "tmp")) == []
+    assert sum(e.size for e in cache.scan()) <= cap
+
+
+def _obd(capsys, *args):
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_obd_cache_ls_prune_clear(tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    cache = BlockCache(cache_dir, 64 << 20, BS)
+    CachedSource(BytesSource(blob(3 * BS, 14)), cache, DIGEST_A).read(0, 3 * BS)
+    CachedSource(BytesSource(blob(2 * BS, 15)), cache, DIGEST_B).read(0, 2 * BS)
+
+    rc, out, _ = _obd(capsys, "cache", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert rc == 0
+    doc = json.loads(out)
+    by_digest = {b["digest"]: b for b in doc["blobs"]}
+    assert by_digest[DIGEST_A]["blocks"] == 3 and by_digest[DIGEST_A]["bytes"] == 3 * BS
+    assert by_digest[DIGEST_B]["bytes"] == 2 * BS
+    assert doc["usage"] == 5 * BS
+
+    rc, out, _ = _obd(capsys, "cache", "ls", "--cache-dir", str(cache_dir))
+    assert rc == 0 and DIGEST_A in out and "320.0 KiB" in out
+
+    rc, out, _ = _obd(capsys, "cache", "prune", "--max-size", "128K", "--cache-dir", str(cache_dir))
+    assert rc == 0 and out.startswith("freed ")
+    assert sum(e.size for e in cache.scan()) <= 128 * 1024
+
+    rc, out, _ = _obd(capsys, "cache", "clear", DIGEST_A, "--cache-dir", str(cache_dir))
+    assert rc == 0
+    assert all(e.digest != DIGEST_A for e in cache.scan())
+
+    rc, out, _ = _obd(capsys, "cache", "clear", "--cache-dir", str(cache_dir))
+    assert rc == 0 and cache.scan() == []
+
+
+def test_obd_cache_rejects_bad_arguments(tmp_path, capsys):
+    rc, _, err = _obd(capsys, "cache", "prune", "--max-size", "lots", "--cache-dir", str(tmp_path))
+    assert rc == 2 and err == "obd: invalid size 'lots' (examples: 500M, 2G, 1048576)\n"
+    rc, _, err = _obd(capsys, "cache", "clear", "sha256:xyz", "--cache-dir", str(tmp_path))
+    assert rc == 2 and err.startswith("obd: invalid digest") and err.count("\n") == 1
