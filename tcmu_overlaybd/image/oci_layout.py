@@ -70,7 +70,7 @@ class OciLayoutStore(BlobStore):
                 if d.digest == ref.digest:
                     return d
             data = self.fetch_blob(ref.digest)  # a manifest reachable only through an index
-                doc = parse_json(data, ref.digest)
+            doc = parse_json(data, ref.digest)
             return Descriptor(doc.get("mediaType", ""), ref.digest, len(data),
                               artifact_type=doc.get("artifactType"))
         if ref.tag:
