@@ -1,0 +1,180 @@
+"""The TCMU shared-memory ring: mailbox, command entries, iovs, completions.
+
+Layouts follow ``shared/spec/tcmu.md`` §1.3-§1.9 (offsets verified there
+against the Debian 12 6.1 uapi header).  All values are host-endian.  The
+``Ring`` class works on any writable buffer laid out like the kernel's mmap of
+``/dev/uioN`` (the real mapping or a ``bytearray`` in tests); it never touches
+bytes outside the mailbox, the command ring and the iovs of live commands,
+because unallocated data-area pages raise SIGBUS (§1.2).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import KernelError
+
+# §1.3 struct tcmu_mailbox (128 bytes; cmd_tail on its own cache line)
+MAILBOX_SIZE = 128
+MAILBOX_VERSION = 2
+MB_HEAD = struct.Struct("=HHIII")  # version, flags, cmdr_off, cmdr_size, cmd_head @ 0
+MB_CMD_HEAD_OFF = 12
+MB_CMD_TAIL_OFF = 64
+U32 = struct.Struct("=I")
+
+# §1.10 mailbox capability flags
+FLAG_CAP_OOOC = 0x1
+FLAG_CAP_READ_LEN = 0x2
+FLAG_CAP_TMR = 0x4
+FLAG_CAP_KEEP_BUF = 0x8
+
+# §1.4 struct tcmu_cmd_entry_hdr (8 bytes): len_op, cmd_id, kflags, uflags
+HDR = struct.Struct("=IHBB")
+HDR_CMD_ID_OFF = 4
+HDR_UFLAGS_OFF = 7
+OP_MASK = 0x7
+OP_PAD, OP_CMD, OP_TMR = 0, 1, 2
+UFLAG_UNKNOWN_OP = 0x1
+UFLAG_READ_LEN = 0x2
+
+# §1.5 struct tcmu_cmd_entry, request view: iov_cnt, iov_bidi_cnt, iov_dif_cnt, pad, cdb_off @ +8
+REQ = struct.Struct("=III4xQ")
+REQ_OFF = 8
+IOV = struct.Struct("=QQ")  # iov_base (offset from mmap start), iov_len
+IOV_OFF = 48
+# response view: scsi_status @ +8, read_len @ +12, sense_buffer[96] @ +16
+RSP_STATUS_OFF = 8
+RSP_READ_LEN_OFF = 12
+RSP_SENSE_OFF = 16
+SENSE_BUFFERSIZE = 96
+CMD_ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
+
+_ZERO_SENSE = bytes(SENSE_BUFFERSIZE)
+
+
+def cdb_length(opcode: int, byte7: int = 0) -> int:
+    """CDB length as the kernel's ``scsi_command_size`` computes it (§1.7)."""
+    if opcode == 0x7F:
+        return 8 + byte7
+    return (6, 10, 10, 12, 16, 12, 10, 10)[opcode >> 5]
+
+
+class Command:
+    """One SCSI command copied out of its ring entry (the entry may be reused at once)."""
+
+    __slots__ = ("cmd_id", "cdb", "iovs", "data_length")
+
+    def __init__(self, cmd_id: int, cdb: bytes, iovs: list[tuple[int, int]]):
+        self.cmd_id = cmd_id
+        self.cdb = cdb
+        #: (offset from the mmap start, length) pairs describing the data buffer
+        self.iovs = iovs
+        self.data_length = sum(length for _, length in iovs)
+
+    def __repr__(self) -> str:
+        return f"Command(id={self.cmd_id}, op=0x{self.cdb[0]:02x}, len={self.data_length})"
+
+
+class Ring:
+    """Consumer and completer of one device's command ring.
+
+    ``consume()`` must be called from one thread; ``complete()`` calls must be
+    serialised by the caller (they move the shared tail, §1.9).
+    """
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.mv = memoryview(buf)
+        if len(self.mv) < MAILBOX_SIZE:
+            raise KernelError(f"tcmu ring: mapping of {len(self.mv)} bytes is smaller than the mailbox")
+        version, flags, cmdr_off, cmdr_size, _head = MB_HEAD.unpack_from(buf, 0)
+        if version != MAILBOX_VERSION:
+            raise KernelError(f"tcmu ring: mailbox version {version}, only {MAILBOX_VERSION} is supported")
+        if cmdr_off < MAILBOX_SIZE or cmdr_size == 0 or cmdr_off + cmdr_size > len(self.mv):
+            raise KernelError(f"tcmu ring: bad ring bounds off={cmdr_off} size={cmdr_size}")
+        self.flags = flags
+        self.cmdr_off = cmdr_off
+        self.cmdr_size = cmdr_size
+        #: private read cursor: starts where the kernel expects the next completion
+        self.cursor = U32.unpack_from(buf, MB_CMD_TAIL_OFF)[0]
+        self.tail = self.cursor
+
+    @property
+    def out_of_order(self) -> bool:
+        return bool(self.flags & FLAG_CAP_OOOC)
+
+    def head(self) -> int:
+        return U32.unpack_from(self.buf, MB_CMD_HEAD_OFF)[0]
+
+    def consume(self) -> list[Command]:
+        """Copy out every CMD entry between the cursor and the current head."""
+        buf, base, size = self.buf, self.cmdr_off, self.cmdr_size
+        head = U32.unpack_from(buf, MB_CMD_HEAD_OFF)[0]
+        cursor = self.cursor
+        out = []
+        hdr_unpack, req_unpack, iov_unpack = HDR.unpack_from, REQ.unpack_from, IOV.unpack_from
+        while cursor != head:
+            pos = base + cursor
+            len_op, cmd_id, _kflags, _uflags = hdr_unpack(buf, pos)
+            length = len_op & ~OP_MASK
+            if length == 0 or length > size - cursor:
+                raise KernelError(f"tcmu ring: entry at ring offset {cursor} has bad length {length}")
+            op = len_op & OP_MASK
+            if op == OP_CMD:
+                iov_cnt, bidi_cnt, _dif, cdb_off = req_unpack(buf, pos + REQ_OFF)
+                n = iov_cnt + bidi_cnt
+                if IOV_OFF + IOV.size * n > length:
+                    raise KernelError(f"tcmu ring: entry at ring offset {cursor} has {n} iovs in {length} bytes")
+                iovs = [iov_unpack(buf, pos + IOV_OFF + IOV.size * i) for i in range(n)]
+                opcode = buf[cdb_off]
+                clen = cdb_length(opcode, buf[cdb_off + 7] if opcode == 0x7F else 0)
+                out.append(Command(cmd_id, bytes(self.mv[cdb_off:cdb_off + clen]), iovs))
+            elif op not in (OP_PAD, OP_TMR):
+                buf[pos + HDR_UFLAGS_OFF] |= UFLAG_UNKNOWN_OP
+            cursor = (cursor + length) % size
+        self.cursor = cursor
+        return out
+
+    def complete(self, cmd_id: int, status: int, sense: bytes | None = None) -> None:
+        """Write one completion into the first CMD slot at the tail and advance the tail.
+
+        Out-of-order "slot stealing" (§1.9): the slot's ``hdr.cmd_id`` is
+        overwritten with ``cmd_id``; ``len_op`` is left untouched.
+        """
+        buf, base, size = self.buf, self.cmdr_off, self.cmdr_size
+        tail = self.tail
+        while True:
+            if tail == self.cursor:
+                raise KernelError(f"tcmu ring: completion of id {cmd_id} with no consumed slot left")
+            pos = base + tail
+            len_op = U32.unpack_from(buf, pos)[0]
+            if len_op & OP_MASK == OP_CMD:
+                break
+            tail = (tail + (len_op & ~OP_MASK)) % size
+        struct.pack_into("=H", buf, pos + HDR_CMD_ID_OFF, cmd_id)
+        buf[pos + RSP_STATUS_OFF] = status
+        if status:
+            s = sense or b""
+            self.mv[pos + RSP_SENSE_OFF:pos + RSP_SENSE_OFF + SENSE_BUFFERSIZE] = (
+                s + _ZERO_SENSE[len(s):])
+        tail = (tail + (len_op & ~OP_MASK)) % size
+        self.tail = tail
+        U32.pack_into(buf, MB_CMD_TAIL_OFF, tail)
+
+    def pending(self) -> bool:
+        """True while consumed commands wait for a completion."""
+        return self.tail != self.cursor
+
+    def write_data(self, iovs: list[tuple[int, int]], data) -> None:
+        """Scatter ``data`` into ``iovs`` and zero the rest of them (no stale bytes, §1.8)."""
+        mv = self.mv
+        dv = memoryview(data)
+        n = len(dv)
+        pos = 0
+        for off, length in iovs:
+            take = min(length, n - pos) if pos < n else 0
+            if take:
+                mv[off:off + take] = dv[pos:pos + take]
+            if take < length:
+                mv[off + take:off + length] = bytes(length - take)
+            pos += length
