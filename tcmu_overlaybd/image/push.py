@@ -10,11 +10,12 @@ multi-GiB layer never sits in memory.  Every request goes through
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from urllib.parse import urlencode
 
 from ..errors import CorruptDataError, NotFoundError, ObdError
-from .registry import RegistryClient, repo_scope
+from .registry import MT_OCI_INDEX, RegistryClient, repo_scope
 
 #: blobs up to this size are uploaded in one request
 DEFAULT_CHUNK_SIZE = 16 << 20
@@ -111,7 +112,13 @@ def _check_digest(hasher, digest: str, what: str) -> None:
 
 
 def push_manifest(client: RegistryClient, repo: str, ref: str, data: bytes, media_type: str) -> str:
-    """PUT a manifest under a tag or digest; returns its digest (checked against the registry's)."""
+    """PUT a manifest under a tag or digest; returns its digest (checked against the registry's).
+
+    A manifest with a ``subject`` is also listed in the subject's referrers tag
+    (``sha256-<hex>``) unless the registry confirms with ``OCI-Subject`` that it
+    indexes referrers itself (OCI distribution spec 1.1, "pushing manifests with
+    subject").
+    """
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     what = f"push manifest {client.host}/{repo}:{ref}"
     resp = client.call("PUT", f"/v2/{repo}/manifests/{ref}", what=what, scope=_scope(repo), ok=(201,),
@@ -119,7 +126,36 @@ def push_manifest(client: RegistryClient, repo: str, ref: str, data: bytes, medi
     answered = resp.headers.get("Docker-Content-Digest")
     if answered and answered != digest:
         raise CorruptDataError(f"{what}: registry stored digest {answered}, expected {digest}")
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise CorruptDataError(f"{what}: manifest is not JSON") from None
+    subject = doc.get("subject") if isinstance(doc, dict) else None
+    if subject and not resp.headers.get("OCI-Subject"):
+        desc = {"mediaType": media_type, "digest": digest, "size": len(data),
+                "artifactType": doc.get("artifactType") or (doc.get("config") or {}).get("mediaType")}
+        if doc.get("annotations"):
+            desc["annotations"] = doc["annotations"]
+        _add_to_referrers_tag(client, repo, subject["digest"], desc)
     return digest
+
+
+def _add_to_referrers_tag(client: RegistryClient, repo: str, subject: str, desc: dict) -> None:
+    """Append ``desc`` to the index tagged ``<algo>-<hex>`` of ``subject`` (created if missing)."""
+    tag = subject.replace(":", "-")
+    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": []}
+    current = client.head_manifest(repo, tag)
+    if current is not None:
+        raw, _mt = client.get_manifest(repo, current.digest, current.digest)
+        try:
+            index = json.loads(raw)
+            entries = index["manifests"]
+        except (ValueError, KeyError, TypeError):
+            raise CorruptDataError("referrers tag is not an OCI index", blob=f"{client.host}/{repo}:{tag}") from None
+        if any(m.get("digest") == desc["digest"] for m in entries):
+            return
+    index["manifests"].append(desc)
+    push_manifest(client, repo, tag, json.dumps(index).encode(), MT_OCI_INDEX)
 
 
 def tag_manifest(client: RegistryClient, repo: str, digest: str, tag: str) -> str:

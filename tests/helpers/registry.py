@@ -453,3 +453,53 @@ def proxied_registry(plain_registry):
     proxy = Proxy(plain_registry.host)
     yield plain_registry, proxy
     proxy.stop()
+
+
+# ---- images the tests push ------------------------------------------------------------
+HELLO_CONVERTED_MANIFEST = "sha256:42caa56a19e082b872d43f645bb392e25c9e78bce429755bd709fac598265f88"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def vector_blob(vectors, digest: str) -> bytes:
+    return (vectors / "aci-hello-world" / digest.replace(":", "_")).read_bytes()
+
+
+def push_hello_world(client, vectors, repo: str, tag: str) -> dict:
+    """Push the converted hello-world overlaybd image of the vectors; returns its manifest."""
+    from tcmu_overlaybd.image.push import push_blob, push_manifest
+
+    raw = vector_blob(vectors, HELLO_CONVERTED_MANIFEST)
+    manifest = json.loads(raw)
+    for desc in [manifest["config"], *manifest["layers"]]:
+        path = vectors / "aci-hello-world" / desc["digest"].replace(":", "_")
+        push_blob(client, repo, str(path), desc["digest"], desc["size"])
+    push_manifest(client, repo, tag, raw, manifest["mediaType"])
+    return manifest
+
+
+def push_image(client, repo: str, tag: str, layers: list[bytes], *, artifact_type: str | None = None,
+               subject: dict | None = None, annotations: dict | None = None, chunk_size: int = 16 << 20):
+    """Push an OCI image of raw tar-typed layers; returns (manifest digest, manifest dict)."""
+    from tcmu_overlaybd.image.push import push_blob, push_manifest
+
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [sha256_digest(b) for b in layers]}}).encode()
+    push_blob(client, repo, config, sha256_digest(config), len(config))
+    descs = []
+    for layer in layers:
+        push_blob(client, repo, layer, sha256_digest(layer), len(layer), chunk_size=chunk_size)
+        descs.append({"mediaType": OCI_LAYER_TAR, "digest": sha256_digest(layer), "size": len(layer)})
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
+                "layers": descs}
+    if artifact_type:
+        manifest["artifactType"] = artifact_type
+    if subject:
+        manifest["subject"] = subject
+    if annotations:
+        manifest["annotations"] = annotations
+    raw = json.dumps(manifest).encode()
+    return push_manifest(client, repo, tag, raw, OCI_MANIFEST), manifest
