@@ -1,0 +1,166 @@
+"""The merged layer stack (spec §1.6): several LSMT layers seen as one virtual disk.
+
+All layer indexes are merged once, at open, into one sorted, non-overlapping
+index whose ``tag`` column is the level (0 = bottom layer here) the data lives
+in: the topmost layer that maps a sector wins, zeroed segments mask lower
+data, sectors unmapped everywhere read as zeros.  A read is then one bisect
+plus one coalesced file read per contiguous piece, whatever the depth.
+
+A TurboOCI (warp) layer takes part as one opaque file (§4.3): its segments are
+entered with ``moffset = offset`` and read through the layer's own ``read``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable, Iterator, Sequence
+
+from ..errors import UsageError
+from ..format.lsmt import MAX_RW_INDEX_SIZE, SECTOR, SegmentIndex
+
+MAX_LAYERS = 256
+
+
+def _layer_index(layer) -> SegmentIndex:
+    """The layer's segments as columns (reusing its own arrays when it has them)."""
+    idx = getattr(layer, "index", None)
+    if not isinstance(idx, SegmentIndex):
+        segs = list(layer.segments())
+        idx = SegmentIndex(array("Q", [s[0] for s in segs]), array("I", [s[1] for s in segs]),
+                           array("Q", [s[2] for s in segs]), array("B", [int(s[3]) for s in segs]),
+                           array("H", [s[4] for s in segs]))
+    return idx
+
+
+def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identity: bool) -> SegmentIndex:
+    """Merge ``lower`` (one layer) under ``upper`` (already merged): fill only upper's gaps."""
+    uo, ul, um, uz, ut = upper.offsets, upper.lengths, upper.moffsets, upper.zeroed, upper.tags
+    lo_, ll, lm, lz = lower.offsets, lower.lengths, lower.moffsets, lower.zeroed
+    oo, ol, om, oz, ot = array("Q"), array("I"), array("Q"), array("B"), array("H")
+    n_low = len(lo_)
+    j = 0
+    cursor = 0
+    inf = 1 << 62
+
+    def fill(gap_lo: int, gap_hi: int) -> None:
+        nonlocal j
+        while j < n_low and lo_[j] + ll[j] <= gap_lo:
+            j += 1
+        k = j
+        while k < n_low and lo_[k] < gap_hi:
+            s, e = lo_[k], lo_[k] + ll[k]
+            a = s if s > gap_lo else gap_lo
+            b = e if e < gap_hi else gap_hi
+            z = lz[k]
+            oo.append(a)
+            ol.append(b - a)
+            if identity:
+                om.append(a)
+            else:
+                om.append(lm[k] if z else lm[k] + (a - s))
+            oz.append(z)
+            ot.append(lower_level)
+            if e > gap_hi:
+                break
+            k += 1
+        j = k
+
+    for i in range(len(uo) + 1):
+        start = uo[i] if i < len(uo) else inf
+        if start > cursor and j < n_low:
+            fill(cursor, start)
+        if i == len(uo):
+            break
+        oo.append(start)
+        ol.append(ul[i])
+        om.append(um[i])
+        oz.append(uz[i])
+        ot.append(ut[i])
+        cursor = start + ul[i]
+    if len(oo) > MAX_RW_INDEX_SIZE:
+        raise UsageError(f"merged index has {len(oo)} segments, more than {MAX_RW_INDEX_SIZE}")
+    return SegmentIndex(oo, ol, om, oz, ot)
+
+
+class StackedDisk:
+    """A stack of layers (bottom first) as one byte source; reads are thread-safe."""
+
+    def __init__(self, layers: Sequence):
+        if not layers:
+            raise UsageError("a layer stack needs at least one layer")
+        if len(layers) > MAX_LAYERS:
+            raise UsageError(f"{len(layers)} layers in a stack, at most {MAX_LAYERS} allowed")
+        self.layers = list(layers)
+        self.name = "+".join(getattr(layer, "name", "?") for layer in self.layers[-1:]) \
+            + (f" (+{len(self.layers) - 1} lower)" if len(self.layers) > 1 else "")
+        self.vsize = next((layer.vsize for layer in reversed(self.layers) if layer.vsize), 0)
+        self.size = self.vsize
+        self._readers: list[Callable[[int, int], bytes]] = []
+        for layer in self.layers:
+            if getattr(layer, "warp", False):
+                self._readers.append(layer.read)
+            else:
+                self._readers.append(lambda off, n, _l=layer: _l.read_mapped(0, off, n))
+        merged = None
+        for level in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[level]
+            idx = _layer_index(layer)
+            warp = bool(getattr(layer, "warp", False))
+            if not warp and any(idx.tags):
+                raise UsageError(f"{layer.name}: an ordinary layer's segments must all have tag 0")
+            if merged is None:
+                merged = _overlay(SegmentIndex.empty(), idx, level, warp)
+            else:
+                merged = _overlay(merged, idx, level, warp)
+        self.index = merged
+
+    def _fetch(self, level: int, pos: int, n: int) -> bytes:
+        return self._readers[level](pos, n)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
+        n = min(length, self.size - offset)
+        if n <= 0:
+            return b""
+        return self.index.read(offset, n, self._fetch, self.name)
+
+    def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool, int]]:
+        """Merged (offset_bytes, length_bytes, zeroed, level) runs in ``[start, end)``, in order.
+
+        Adjacent segments of the same level and kind are coalesced; holes are
+        not reported.
+        """
+        end = self.size if end is None else min(end, self.size)
+        idx = self.index
+        offs, lens, zer, tags = idx.offsets, idx.lengths, idx.zeroed, idx.tags
+        i = idx.first_at_or_after(start // SECTOR)
+        run = None
+        while i < len(offs):
+            a, b = offs[i] * SECTOR, (offs[i] + lens[i]) * SECTOR
+            if a >= end:
+                break
+            a, b = max(a, start), min(b, end)
+            z, t = bool(zer[i]), tags[i]
+            if run and run[0] + run[1] == a and run[2] == z and run[3] == t:
+                run[1] += b - a
+            else:
+                if run:
+                    yield tuple(run)
+                run = [a, b - a, z, t]
+            i += 1
+        if run:
+            yield tuple(run)
+
+    def level_of(self, offset: int) -> int | None:
+        """The level whose data backs byte ``offset`` (None for holes)."""
+        hit = self.index.lookup(offset // SECTOR)
+        return None if hit is None else hit[4]
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+
+    def __repr__(self) -> str:
+        return f"StackedDisk({len(self.layers)} layers, vsize={self.vsize}, segments={len(self.index)})"
+
