@@ -1,0 +1,233 @@
+"""The ext4 reader against filesystems made by real e2fsprogs (mke2fs -d), compared to the source tree."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import struct
+import subprocess
+
+import pytest
+
+from tcmu_overlaybd.block.source import BytesSource, FileSource
+from tcmu_overlaybd.errors import CorruptDataError, NotFoundError, UnsupportedError
+from tcmu_overlaybd.ext4.fs import Ext4
+from tcmu_overlaybd.ext4.inode import FL_EXTENTS, FL_INDEX, FL_INLINE_DATA
+
+pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="needs e2fsprogs")
+
+FUTURE = 2_240_000_000  # after 2038: needs the epoch bits of the extra timestamp
+LONG_TARGET = "/".join(["deep"] * 20) + "/target"  # > 60 bytes: a slow symlink
+
+
+def _write_tree(root):
+    """A small tree with every kind of inode and data layout the reader must handle."""
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "empty").write_bytes(b"")
+    (root / "small.txt").write_bytes(b"hello\n")
+    (root / "dir" / "sub" / "nested.txt").write_bytes(b"n" * 100)
+    big = hashlib.sha256(b"seed").digest() * (700_000 // 32)
+    (root / "big.bin").write_bytes(big)  # > 12 + 256 blocks of 1 KiB: double indirect on ext3
+    os.link(root / "big.bin", root / "dir" / "big.hard")
+    with open(root / "sparse", "wb") as f:
+        f.truncate(50 << 20)
+        f.seek(20 << 20)
+        f.write(b"island")
+        f.seek((50 << 20) - 3)
+        f.write(b"end")
+    os.symlink("small.txt", root / "fast.link")
+    os.symlink(LONG_TARGET, root / "slow.link")
+    os.symlink("dir/sub", root / "sub.link")
+    os.symlink("/dir/sub/../sub", root / "abs.link")
+    os.symlink("loop.b", root / "loop.a")
+    os.symlink("loop.a", root / "loop.b")
+    os.mknod(root / "chr", 0o620 | stat.S_IFCHR, os.makedev(4, 65))
+    os.mknod(root / "blk", 0o660 | stat.S_IFBLK, os.makedev(259, 70000))
+    os.mkfifo(root / "fifo")
+    (root / "attrs").write_bytes(b"x")
+    os.setxattr(root / "attrs", "user.small", b"v")
+    os.setxattr(root / "attrs", "user.large", b"L" * 700)  # does not fit in the inode: xattr block
+    (root / "script.sh").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "script.sh", 0o4755)
+    os.chown(root / "script.sh", 1234, 5678)
+    os.utime(root / "small.txt", ns=(FUTURE * 10**9, FUTURE * 10**9 + 123_456_789))
+    (root / "caf\xe9-名前").write_bytes(b"utf8 name")
+
+
+def _mkfs(src, img, *args, size="64M"):
+    subprocess.run(["mke2fs", "-q", "-F", *args, "-d", str(src), str(img), size], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return img
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    _write_tree(root)
+    return root
+
+
+VARIANTS = {
+    "ext4-4k": ("-t", "ext4", "-b", "4096"),
+    "ext4-1k": ("-t", "ext4", "-b", "1024"),
+    "ext3-blockmap": ("-t", "ext3", "-b", "1024", "-O", "^extent"),
+    "ext2": ("-t", "ext2", "-b", "2048"),
+    "inline-data": ("-t", "ext4", "-O", "inline_data"),
+    "meta-bg": ("-t", "ext4", "-b", "1024", "-O", "meta_bg,^resize_inode"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def image(request, tree, tmp_path_factory):
+    img = tmp_path_factory.mktemp("img") / f"{request.param}.img"
+    _mkfs(tree, img, *VARIANTS[request.param])
+    return request.param, img
+
+
+def _walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            yield "/" + os.path.relpath(full, root), os.lstat(full)
+
+
+def test_tree_matches_source(tree, image):
+    variant, img = image
+    fs = Ext4(FileSource(img))
+    seen = set()
+    for path, st in _walk(tree):
+        ino = fs.lookup(path, follow=False)
+        got = fs.stat(ino)
+        seen.add(path)
+        assert got.mode == st.st_mode, path
+        assert (got.uid, got.gid, got.nlink) == (st.st_uid, st.st_gid, st.st_nlink), path
+        if st.st_mtime < 2**31:  # mke2fs -d stores 32-bit seconds only (see the debugfs test)
+            assert got.mtime_ns // 10**9 == st.st_mtime_ns // 10**9, path
+        if stat.S_ISREG(st.st_mode):
+            data = open(os.path.join(tree, path[1:]), "rb").read()
+            assert got.size == len(data)
+            assert fs.read(ino) == data, path
+        elif stat.S_ISLNK(st.st_mode):
+            assert fs.readlink(ino) == os.readlink(os.path.join(tree, path[1:])), path
+        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            assert got.rdev == (os.major(st.st_rdev), os.minor(st.st_rdev)), path
+        elif stat.S_ISDIR(st.st_mode):
+            names = sorted(e.name for e in fs.listdir(ino))
+            assert names == sorted(os.listdir(os.path.join(tree, path[1:]))), path
+    root_names = {"/" + e.name for e in fs.listdir(fs.root)} - {"/lost+found"}
+    assert root_names <= seen
+    assert fs.xattrs(fs.lookup("/attrs")) == {"user.small": b"v", "user.large": b"L" * 700}
+    # hard links share the inode
+    assert fs.lookup("/big.bin").ino == fs.lookup("/dir/big.hard").ino
+    assert fs.stat(fs.lookup("/big.bin")).nlink == 2
+    if variant == "ext3-blockmap":
+        assert not fs.lookup("/big.bin").flags & FL_EXTENTS
+    if variant == "inline-data":
+        assert fs.lookup("/small.txt").flags & FL_INLINE_DATA
+        assert fs.lookup("/dir/sub").flags & FL_INLINE_DATA
+
+
+def test_timestamps_with_nanoseconds_and_epoch_bits(tree, tmp_path):
+    img = _mkfs(tree, tmp_path / "t.img", "-t", "ext4", "-I", "256")
+    # mke2fs -d keeps whole seconds only: write an extra timestamp field with debugfs
+    # the seconds field is signed: 2040 wraps negative and epoch 1 brings it back
+    extra = (123_456_789 << 2) | 1
+    for field, value in (("mtime", FUTURE & 0xFFFFFFFF), ("mtime_extra", extra)):
+        subprocess.run(["debugfs", "-w", "-R", f"set_inode_field /small.txt {field} {value}", str(img)],
+                       capture_output=True, check=True)
+    fs = Ext4(FileSource(img))
+    st = fs.stat(fs.lookup("/small.txt"))
+    assert st.mtime_ns == FUTURE * 10**9 + 123_456_789  # after 2038: the epoch bits count
+
+
+def test_symlink_resolution(tree, tmp_path):
+    fs = Ext4(FileSource(_mkfs(tree, tmp_path / "t.img", "-t", "ext4")))
+    assert fs.read(fs.lookup("/fast.link")) == b"hello\n"
+    assert fs.read(fs.lookup("/sub.link/nested.txt")) == b"n" * 100
+    assert fs.read(fs.lookup("/abs.link/nested.txt")) == b"n" * 100
+    assert fs.read(fs.lookup("dir/sub/../../small.txt")) == b"hello\n"
+    assert fs.lookup("/fast.link", follow=False).is_symlink
+    with pytest.raises(NotFoundError, match="too many levels of symbolic links"):
+        fs.lookup("/loop.a")
+    with pytest.raises(NotFoundError, match="/dir/missing: no such file"):
+        fs.lookup("/dir/missing/x")
+    with pytest.raises(NotFoundError, match="not a directory"):
+        fs.lookup("/small.txt/x")
+
+
+def test_htree_directory_with_thousands_of_entries(tmp_path):
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    names = [f"entry-{i:05d}-{'x' * (i % 40)}" for i in range(5000)]
+    for n in names:
+        (src / "many" / n).write_bytes(n.encode())
+    img = _mkfs(src, tmp_path / "h.img", "-t", "ext4", "-b", "1024", size="128M")
+    # e2fsck -D rebuilds every directory as a hashed (htree) directory
+    subprocess.run(["e2fsck", "-fyD", str(img)], capture_output=True)
+    fs = Ext4(FileSource(img))
+    many = fs.lookup("/many")
+    assert many.flags & FL_INDEX
+    assert sorted(e.name for e in fs.listdir(many)) == sorted(names)
+    assert fs.read(fs.lookup("/many/" + names[4321])) == names[4321].encode()
+
+
+def test_second_opinion_from_debugfs(tree, tmp_path):
+    img = _mkfs(tree, tmp_path / "t.img", "-t", "ext4")
+    fs = Ext4(FileSource(img))
+    out = subprocess.run(["debugfs", "-R", "ls -p /dir", str(img)], capture_output=True, check=True).stdout
+    theirs = set()
+    for line in out.decode("utf-8", "surrogateescape").splitlines():
+        parts = line.strip().split("/")  # /ino/mode/uid/gid/name/size/
+        if len(parts) >= 7 and parts[5] not in (".", ".."):
+            theirs.add((int(parts[1]), int(parts[2], 8), parts[5]))
+    ours = {(e.ino, fs.inode(e.ino).mode, e.name) for e in fs.listdir(fs.lookup("/dir"))}
+    assert ours == theirs
+
+
+def test_streaming_reads_and_extents(tree, tmp_path):
+    img = _mkfs(tree, tmp_path / "t.img", "-t", "ext4")
+    fs = Ext4(FileSource(img))
+    ino = fs.lookup("/sparse")
+    with fs.open(ino) as f:
+        f.seek(20 << 20)
+        assert f.read(6) == b"island"
+        f.seek(-3, os.SEEK_END)
+        assert f.read() == b"end"
+    raw = img.read_bytes()
+    extents = fs.file_extents(ino)
+    # only the written blocks are listed, and they hold the file's bytes at those places
+    assert sum(length for _, _, length in extents) <= 2 * 4096
+    content = (tree / "sparse").read_bytes()
+    for logical, physical, length in extents:
+        assert raw[physical:physical + length] == content[logical:logical + length]
+    big = fs.lookup("/big.bin")
+    assert sum(length for _, _, length in fs.file_extents(big)) == big.size
+
+
+def test_corrupt_and_unsupported_filesystems(tree, tmp_path):
+    img = _mkfs(tree, tmp_path / "t.img", "-t", "ext4")
+    good = bytearray(img.read_bytes())
+
+    bad = bytearray(good)
+    bad[1024 + 0x38:1024 + 0x3A] = b"\0\0"
+    with pytest.raises(CorruptDataError, match="offset 1080: not an ext2/3/4 filesystem"):
+        Ext4(BytesSource(bytes(bad), name="disk.img"))
+
+    bad = bytearray(good)
+    incompat = struct.unpack_from("<I", bad, 1024 + 0x60)[0]
+    struct.pack_into("<I", bad, 1024 + 0x60, incompat | 0x10000)
+    with pytest.raises(UnsupportedError, match="not supported: encrypt"):
+        Ext4(BytesSource(bytes(bad), name="disk.img"))
+
+    fs = Ext4(BytesSource(bytes(good), name="disk.img"))
+    where = fs.lookup("/big.bin").offset + 0x28  # the extent header in i_block
+    bad = bytearray(good)
+    bad[where:where + 2] = b"\0\0"
+    fs = Ext4(BytesSource(bytes(bad), name="disk.img"))
+    with pytest.raises(CorruptDataError, match=f"disk.img at offset {where}: inode .*bad extent header"):
+        fs.read(fs.lookup("/big.bin"))
+
+    with pytest.raises(CorruptDataError, match="truncated"):
+        Ext4(BytesSource(bytes(good[:1500]), name="disk.img"))
