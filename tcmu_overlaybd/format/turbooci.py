@@ -1,0 +1,156 @@
+"""TurboOCI (FastOCI) layers: the meta tarball and the warp LSMT over the original layer (spec §4).
+
+A TurboOCI image leaves the original OCI layers untouched and adds, per layer, a
+meta layer ``turboOCIv1.tar.gz`` (§4.1): a gzip tar holding
+
+* ``ext4.fs.meta`` (or ``erofs.fs.meta``): a ZFile'd sealed *warp* LSMT (§4.3)
+  whose tag-0 entries hold ext4 metadata and whose tag-1 entries point into the
+  original layer's *uncompressed* tar (``moffset`` in sectors);
+* ``.turbo.ociv1``: an empty marker;
+* ``gzip.meta``: the gzip index of the original layer when it is gzip (§4.4).
+
+``open_turbo_layer`` turns a meta blob plus the original layer blob into one
+LSMT layer (a ByteSource of the virtual disk) ready for ``StackedDisk``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from ..block.source import ByteSource, BytesSource
+from ..errors import CorruptDataError, UnsupportedError
+from . import layer, lsmt
+from .gzindex import GzipIndex, GzipIndexedSource
+from .tarmeta import scan_tar
+
+EXT4_META = "ext4.fs.meta"
+EROFS_META = "erofs.fs.meta"
+GZIP_META = "gzip.meta"
+MARKER = ".turbo.ociv1"
+#: tag of warp-LSMT entries that point into the original layer's uncompressed tar
+TARGET_TAG = 1
+#: a meta layer is ~3% of its layer; refuse to inflate absurd ones into memory
+MAX_META_TAR = 1 << 30
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class TurboMeta:
+    """The members of a meta layer tarball."""
+
+    fs_type: str  # "ext4" (or "erofs")
+    fs_meta: bytes  # the ZFile'd warp LSMT
+    gzip_index: bytes | None  # ``gzip.meta`` when the original layer is gzip
+    has_marker: bool  # ``.turbo.ociv1`` present
+
+
+def read_meta_tarball(meta_blob: ByteSource) -> TurboMeta:
+    """Unpack ``turboOCIv1.tar.gz`` (gzip or plain tar) into its members."""
+    name = meta_blob.name
+    raw = meta_blob.read(0, meta_blob.size)
+    if len(raw) != meta_blob.size:
+        raise CorruptDataError(f"truncated: {len(raw)} of {meta_blob.size} bytes", blob=name, offset=len(raw))
+    tar = _gunzip(raw, name) if raw[:2] == _GZIP_MAGIC else raw
+    tar_src = BytesSource(tar, f"{name} (tar)")
+    members: dict[str, bytes] = {}
+    for entry in scan_tar(tar_src):
+        if entry.is_regular:
+            end = entry.data_offset + entry.size
+            if end > len(tar):
+                raise CorruptDataError(
+                    f"member {entry.path} runs past the end of the tar ({end} > {len(tar)})",
+                    blob=tar_src.name, offset=entry.header_offset,
+                )
+            members[entry.path] = tar[entry.data_offset : end]
+    if EXT4_META in members:
+        fs_type, fs_meta = "ext4", members[EXT4_META]
+    elif EROFS_META in members:
+        fs_type, fs_meta = "erofs", members[EROFS_META]
+    else:
+        raise CorruptDataError(
+            f"not a TurboOCI meta layer: no {EXT4_META} among {sorted(members) or 'no members'}", blob=name, offset=0
+        )
+    return TurboMeta(fs_type, fs_meta, members.get(GZIP_META), MARKER in members)
+
+
+def _gunzip(raw: bytes, name: str) -> bytes:
+    d = zlib.decompressobj(47)
+    try:
+        tar = d.decompress(raw, MAX_META_TAR + 1)
+    except zlib.error as e:
+        raise CorruptDataError(f"meta layer does not gunzip: {e}", blob=name, offset=0) from None
+    if len(tar) > MAX_META_TAR:
+        raise UnsupportedError(f"{name}: meta layer inflates beyond {MAX_META_TAR >> 20} MiB")
+    if not d.eof:
+        raise CorruptDataError("truncated gzip stream", blob=name, offset=len(raw))
+    return tar
+
+
+class _TarView:
+    """The original layer's uncompressed tar; a short read means the target is truncated.
+
+    Warp entries map whole sectors of 512-padded tar data, so a correct target
+    always has every byte the LSMT asks for.
+    """
+
+    def __init__(self, base: ByteSource, blob: str):
+        self.base = base
+        self.name = base.name
+        self.size = base.size
+        self._blob = blob
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = self.base.read(offset, length)
+        if len(data) != length:
+            raise CorruptDataError(
+                f"truncated: the layer's tar has {self.size} bytes, TurboOCI metadata maps "
+                f"[{offset}, {offset + length})",
+                blob=self._blob, offset=min(offset + len(data), self.size),
+            )
+        return data
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def open_warp_layer(fs_meta: ByteSource, tar_view: ByteSource) -> lsmt.LsmtFile:
+    """The warp LSMT in ``fs_meta`` (ZFile or raw) with tag 1 reading ``tar_view``."""
+    if fs_meta.size == 0:
+        raise CorruptDataError("empty fs.meta", blob=fs_meta.name, offset=0)
+    view = tar_view if isinstance(tar_view, _TarView) else _TarView(tar_view, tar_view.name)
+    warp = layer.open_layer_blob(fs_meta, warp=True, targets={TARGET_TAG: view})
+    if not any(tag == 0 for *_, tag in warp.segments()):
+        raise CorruptDataError("warp layer has no metadata (tag 0) entries", blob=fs_meta.name, offset=0)
+    return warp
+
+
+def open_turbo_layer(
+    meta_blob: ByteSource,
+    target: ByteSource,
+    *,
+    target_is_gzip: bool,
+    gzip_cache=None,
+    cache_key: str | None = None,
+) -> lsmt.LsmtFile:
+    """One TurboOCI layer: the meta tarball's warp LSMT over the original layer ``target``.
+
+    ``target`` is the original layer blob (gzip or plain tar per ``target_is_gzip``);
+    gzip targets are read through the tarball's ``gzip.meta`` and, with
+    ``gzip_cache`` (a ``cache.gzipcache.GzipCache``), through the decompressed-data
+    cache keyed by ``cache_key`` (default: ``target.name``, normally its digest).
+    """
+    meta = read_meta_tarball(meta_blob)
+    if meta.fs_type != "ext4":
+        raise UnsupportedError(f"{meta_blob.name}: {meta.fs_type} TurboOCI layers are not supported (only ext4)")
+    if target_is_gzip:
+        if meta.gzip_index is None:
+            raise CorruptDataError(
+                f"the original layer is gzip but the meta layer has no {GZIP_META}", blob=meta_blob.name, offset=0
+            )
+        index = GzipIndex.from_bytes(meta.gzip_index, name=f"{meta_blob.name}:{GZIP_META}")
+        tar_view: ByteSource = GzipIndexedSource(target, index, cache=gzip_cache, cache_key=cache_key)
+    else:
+        tar_view = target
+    fs_meta = BytesSource(meta.fs_meta, f"{meta_blob.name}:{EXT4_META}")
+    return open_warp_layer(fs_meta, _TarView(tar_view, target.name))

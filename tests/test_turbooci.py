@@ -1,0 +1,198 @@
+"""TurboOCI (spec §4): upstream meta layers over the untouched original layers give the same tree."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from tcmu_overlaybd.block.source import BytesSource, CountingSource, FileSource
+from tcmu_overlaybd.block.stack import StackedDisk
+from tcmu_overlaybd.cache.gzipcache import GzipCache
+from tcmu_overlaybd.errors import CorruptDataError, UnsupportedError
+from tcmu_overlaybd.ext4.fs import Ext4
+from tcmu_overlaybd.format.turbooci import open_turbo_layer, open_warp_layer, read_meta_tarball
+
+ORIGINAL = {
+    0: "571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1",
+    1: "ed5169527c7317edecd662ed75cada0b65adc02a4431825bccc713dcb0dd6c07",
+}
+
+
+@pytest.fixture(scope="module")
+def small(vectors):
+    return vectors / "upstream-small"
+
+
+def _target(small, n) -> CountingSource:
+    path = small / "original" / "blobs" / "sha256" / ORIGINAL[n]
+    return CountingSource(FileSource(path, name="sha256:" + ORIGINAL[n]))
+
+
+def _meta(small, n) -> FileSource:
+    return FileSource(small / "turbooci" / f"layer{n}" / "turboOCIv1.tar.gz")
+
+
+def _stack(small, gzip_cache=None):
+    targets = [_target(small, n) for n in (0, 1)]
+    layers = [open_turbo_layer(_meta(small, n), targets[n], target_is_gzip=True, gzip_cache=gzip_cache)
+              for n in (0, 1)]
+    return StackedDisk(layers), targets
+
+
+def _tree(fs: Ext4) -> list[str]:
+    """Lines like upstream's tree.txt: ``type path [size sha256]`` / ``link path -> target``."""
+    out = []
+
+    def walk(inode, prefix):
+        for e in fs.listdir(inode):
+            path = f"{prefix}/{e.name}"
+            child = fs.inode(e.ino)
+            if e.type == "d":
+                out.append(f"dir  {path}")
+                walk(child, path)
+            elif e.type == "l":
+                out.append(f"link {path} -> {fs.readlink(child)}")
+            else:
+                data = fs.read(child)
+                out.append(f"file {path} {len(data)} {hashlib.sha256(data).hexdigest()}")
+
+    walk(fs.root, ".")
+    return sorted(out)
+
+
+def _tar_member(small, n, name) -> bytes:
+    blob = (small / "original" / "blobs" / "sha256" / ORIGINAL[n]).read_bytes()
+    return tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob))).extractfile(name).read()
+
+
+def test_meta_tarball_members_are_the_upstream_files(small):
+    for n in (0, 1):
+        meta = read_meta_tarball(_meta(small, n))
+        assert meta.fs_type == "ext4" and meta.has_marker
+        assert meta.fs_meta == (small / "turbooci" / f"layer{n}" / "ext4.fs.meta").read_bytes()
+        assert meta.gzip_index == (small / "turbooci" / f"layer{n}" / "gzip.meta").read_bytes()
+
+
+def test_whole_tree_matches_upstream_export(small):
+    disk, targets = _stack(small)
+    expected = sorted(line.rstrip("\n") for line in (small / "tree.txt").read_text().splitlines() if line.strip())
+    assert _tree(Ext4(disk)) == expected
+    # file data came from the original layers: every compressed byte of both was needed
+    assert targets[0].bytes_read >= 2249143 * 0.9 and targets[1].bytes_read > 0
+
+
+def test_file_bytes_come_from_the_right_original_layer(small):
+    disk, (t0, t1) = _stack(small)
+    fs = Ext4(disk)
+    before = (t0.bytes_read, t1.bytes_read)
+    big = fs.read(fs.lookup("data/big.txt"))
+    assert big == _tar_member(small, 0, "data/big.txt") and len(big) == 1572864
+    assert t0.bytes_read - before[0] > 300_000  # inflated from layer 0's gzip blob
+    assert t1.bytes_read == before[1]  # layer 1 untouched
+    mid = t1.bytes_read
+    assert fs.read(fs.lookup("data/b/new.txt")) == _tar_member(small, 1, "data/b/new.txt")
+    assert t1.bytes_read > mid
+    # layer 1 rewrote f000, whited out f002 and made data/b opaque
+    assert fs.read(fs.lookup("data/a/f000.txt")) == _tar_member(small, 1, "data/a/f000.txt")
+    names_a = {e.name for e in fs.listdir(fs.lookup("data/a"))}
+    assert "f002.txt" not in names_a and "f004.txt" in names_a
+    assert {e.name for e in fs.listdir(fs.lookup("data/b"))} == {"new.txt"}
+    # the hardlink shares the inode
+    assert fs.lookup("data/big.hard").ino == fs.lookup("data/big.txt").ino
+
+
+def test_plain_tar_targets_and_direct_warp_layer(small):
+    tar0 = gzip.decompress((small / "original" / "blobs" / "sha256" / ORIGINAL[0]).read_bytes())
+    plain = CountingSource(BytesSource(tar0, "layer0.tar"))
+    lf = open_turbo_layer(_meta(small, 0), plain, target_is_gzip=False)
+    fs = Ext4(lf)
+    assert fs.read(fs.lookup("etc/motd")) == _tar_member(small, 0, "etc/motd")
+    # tag-1 segments point straight at tar offsets (moffset in sectors)
+    motd_member = tarfile.open(fileobj=io.BytesIO(tar0)).getmember("etc/motd")
+    assert motd_member.offset_data % 512 == 0
+    assert any(tag == 1 and m * 512 == motd_member.offset_data for _, _, m, _, tag in lf.segments())
+    warp = open_warp_layer(FileSource(small / "turbooci" / "layer0" / "ext4.fs.meta"), BytesSource(tar0, "t"))
+    assert warp.read(0, 1 << 20) == lf.read(0, 1 << 20)
+
+
+def test_through_the_gzip_cache(small, tmp_path):
+    pool = GzipCache(tmp_path / "gzcache")
+    disk, targets = _stack(small, gzip_cache=pool)
+    fs = Ext4(disk)
+    tree = _tree(fs)
+    read_once = [t.bytes_read for t in targets]
+    disk2, targets2 = _stack(small, gzip_cache=pool)  # a second mount of the same layers
+    assert _tree(Ext4(disk2)) == tree
+    assert [t.bytes_read for t in targets2] == [0, 0]  # every data byte came from the cache
+    assert read_once[0] > 0
+    assert sorted(name for name, _, _ in pool.files()) == sorted("sha256:" + d for d in ORIGINAL.values())
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _one_line(err) -> str:
+    assert "\n" not in str(err)
+    return str(err)
+
+
+def _targz(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_damaged_fs_meta_names_blob_and_offset(small):
+    raw = bytearray((small / "turbooci" / "layer0" / "ext4.fs.meta").read_bytes())
+    raw[20000:20008] = b"\xde\xad\xbe\xef" * 2
+    tar0 = BytesSource(gzip.decompress((small / "original" / "blobs" / "sha256" / ORIGINAL[0]).read_bytes()))
+    warp = open_warp_layer(BytesSource(bytes(raw), "ext4.fs.meta"), tar0)
+    with pytest.raises(CorruptDataError) as ei:
+        for offset, length, _, _, tag in warp.segments():
+            if tag == 0:  # all filesystem metadata held by the layer itself
+                warp.read(offset * 512, length * 512)
+    assert _one_line(ei.value) == "ext4.fs.meta at offset 19979: ZFile block 305 CRC mismatch"
+    raw[-1000:-992] = b"\xde\xad\xbe\xef" * 2  # the jump table: refused at open
+    with pytest.raises(CorruptDataError, match=r"^ext4\.fs\.meta at offset \d+: ZFile jump table CRC mismatch"):
+        open_warp_layer(BytesSource(bytes(raw), "ext4.fs.meta"), tar0)
+
+
+def test_truncated_target_names_the_target(small):
+    tar0 = gzip.decompress((small / "original" / "blobs" / "sha256" / ORIGINAL[0]).read_bytes())
+    cut = BytesSource(tar0[:3_000_000], "sha256:short")
+    fs = Ext4(open_turbo_layer(_meta(small, 0), cut, target_is_gzip=False))
+    with pytest.raises(CorruptDataError) as ei:
+        fs.read(fs.lookup("data/big.txt"))
+    assert _one_line(ei.value) == (
+        "sha256:short at offset 3000000: truncated: the layer's tar has 3000000 bytes, "
+        "TurboOCI metadata maps [3813888, 5386752)"
+    )
+    blob = (small / "original" / "blobs" / "sha256" / ORIGINAL[0]).read_bytes()
+    with pytest.raises(CorruptDataError, match=r"^sha256:cutgz at offset 2000000: gzip blob is 2000000 bytes"):
+        open_turbo_layer(_meta(small, 0), BytesSource(blob[:2_000_000], "sha256:cutgz"), target_is_gzip=True)
+
+
+def test_bad_meta_tarballs(small):
+    target = BytesSource(b"", "t")
+    with pytest.raises(CorruptDataError, match=r"^m\.tgz at offset 0: meta layer does not gunzip"):
+        read_meta_tarball(BytesSource(b"\x1f\x8b" + b"\x00" * 50, "m.tgz"))
+    good = (small / "turbooci" / "layer0" / "turboOCIv1.tar.gz").read_bytes()
+    with pytest.raises(CorruptDataError, match=r"^m\.tgz at offset 50000: truncated gzip stream"):
+        read_meta_tarball(BytesSource(good[:50000], "m.tgz"))
+    with pytest.raises(CorruptDataError, match=r"^x\.tgz at offset 0: not a TurboOCI meta layer: no ext4\.fs\.meta"):
+        read_meta_tarball(BytesSource(_targz({"hello.txt": b"hi"}), "x.tgz"))
+    with pytest.raises(UnsupportedError, match="erofs TurboOCI layers are not supported"):
+        open_turbo_layer(BytesSource(_targz({"erofs.fs.meta": b"E" * 10, ".turbo.ociv1": b""}), "e.tgz"), target,
+                         target_is_gzip=False)
+    fs_meta = (small / "turbooci" / "layer0" / "ext4.fs.meta").read_bytes()
+    no_index = BytesSource(_targz({"ext4.fs.meta": fs_meta, ".turbo.ociv1": b""}), "n.tgz")
+    with pytest.raises(CorruptDataError, match=r"^n\.tgz at offset 0: the original layer is gzip but .*no gzip\.meta"):
+        open_turbo_layer(no_index, target, target_is_gzip=True)
