@@ -62,7 +62,11 @@ FLAGS_OFFSET = 32
 
 @dataclass(frozen=True)
 class ZFileHeader:
-    """The ZFile header/trailer (spec §2.2); ``flags`` keeps only the meaningful low bits."""
+    """The ZFile header/trailer (spec §2.2).
+
+    ``flags`` keeps only the meaningful bits 0-5; ``raw_flags`` is the low 32-bit word as stored
+    (legacy files have garbage in the other bits).
+    """
 
     flags: int
     index_offset: int = 0
@@ -89,7 +93,8 @@ class ZFileHeader:
             raise CorruptDataError("bad ZFile magic", blob=name, offset=offset)
         return cls(flags=flags & 0x3F, index_offset=ioff, index_size=isize, original_file_size=orig,
                    index_crc=icrc, block_size=bs, algo=algo, level=level, use_dict=use_dict,
-                   dict_size=dict_size, verify=verify, size=size, digest=digest, raw_flags=flags)
+                   dict_size=dict_size, verify=verify, size=size, digest=digest,
+                   raw_flags=flags & 0xFFFFFFFF)
 
     def to_bytes(self) -> bytes:
         """512 bytes with the digest computed over the block with the digest field zeroed."""
