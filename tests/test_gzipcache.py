@@ -160,3 +160,34 @@ def test_through_the_gzip_index(tmp_path, vectors):
     assert view.bytes_from_cache - hits_before == 300 * 4096
     assert os.path.exists(tmp_path / "gz" / ("sha256:" + LAYER0))
     src.close()
+
+
+class _SlowSource(BytesSource):
+    """Slow enough that concurrent readers overlap in the same refill."""
+
+    def read(self, offset, length):
+        import time
+
+        time.sleep(0.05)
+        return super().read(offset, length)
+
+
+def test_concurrent_readers_of_one_unit_share_one_refill(tmp_path):
+    import threading
+
+    data = _data(2 * MiB, 11)
+    src = CountingSource(_SlowSource(data, DIGEST_A))
+    view = GzipCache(tmp_path / "gz").open(DIGEST_A, src)
+    results = {}
+
+    def reader(i):
+        off = i * 64 * 1024 + 100
+        results[i] = view.read(off, 8192) == data[off : off + 8192]
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]  # all inside unit 0
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results.values()) and len(results) == 8
+    assert src.bytes_read == MiB and src.calls == 1

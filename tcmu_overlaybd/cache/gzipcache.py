@@ -161,6 +161,16 @@ def _open_private(path: str) -> int:
     return fd
 
 
+class _Refill:
+    """One refill unit being fetched: the bytes, once there, for readers that waited."""
+
+    __slots__ = ("done", "data")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.data: bytes | None = None
+
+
 class CachedView:
     """One layer's decompressed view through the pool (a ByteSource)."""
 
@@ -178,6 +188,7 @@ class CachedView:
         self._caching = True
         self._touched = 0.0
         self._lock = threading.Lock()
+        self._inflight: dict[int, _Refill] = {}
         #: bytes of reads answered from cached pages / bytes fetched from ``source``
         self.bytes_from_cache = 0
         self.bytes_from_source = 0
@@ -205,8 +216,7 @@ class CachedView:
         missed_bytes = 0
         for unit in sorted({p * PAGE // self.pool.refill_size for p in missing}):
             u_lo = unit * self.pool.refill_size
-            fresh = self._fetch(u_lo, min(self.pool.refill_size, self.size - u_lo))
-            self._store(u_lo, fresh)
+            fresh = self._refill(unit, u_lo, min(self.pool.refill_size, self.size - u_lo))
             a, b = max(u_lo, lo), min(u_lo + len(fresh), hi)
             buf[a - lo : b - lo] = fresh[a - u_lo : b - u_lo]
         for p in missing:
@@ -216,6 +226,29 @@ class CachedView:
         if not missing:
             self._touch()
         return bytes(buf[offset - lo : offset - lo + n])
+
+    def _refill(self, unit: int, offset: int, n: int) -> bytes:
+        """Fetch and store one refill unit; concurrent readers of the unit wait for one fetch."""
+        with self._lock:
+            pending = self._inflight.get(unit)
+            if pending is None:
+                pending = self._inflight[unit] = _Refill()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            pending.done.wait()
+            if pending.data is not None:
+                return pending.data
+            return self._fetch(offset, n)  # the other fetch failed: try ourselves
+        try:
+            pending.data = self._fetch(offset, n)
+            self._store(offset, pending.data)
+            return pending.data
+        finally:
+            with self._lock:
+                del self._inflight[unit]
+            pending.done.set()
 
     @staticmethod
     def _page_ok(buf: bytearray, at: int, size: int, entries: bytes, e_at: int) -> bool:
