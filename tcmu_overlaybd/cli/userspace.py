@@ -120,7 +120,7 @@ def export(image: str, out: str, opts: OpenOptions) -> None:
     with _opened_image(image, opts) as img, _opened_disk(img, opts) as disk:
         try:
             with progress_bar(disk.size, f"export {os.path.basename(out)}", quiet=opts.quiet) as bar:
-                export_raw(disk, partial, progress=bar.update)
+                export_raw(disk, partial, progress=lambda done: bar.update(done - bar.n))
             os.replace(partial, out)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
