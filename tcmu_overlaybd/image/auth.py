@@ -195,8 +195,9 @@ class Authenticator:
     """Answers a registry's challenges and remembers the result per scope.
 
     ``header(scope)`` gives the Authorization header to send (or None);
-    ``challenge(response_header, scope, session, timeout)`` handles a 401 and says
-    whether retrying is worthwhile.
+    ``challenge(response_header, scope, sent, http_get)`` handles a 401 and says
+    whether retrying is worthwhile; ``http_get(url, params, headers)`` is how the
+    token server is reached (the registry client's session and TLS settings).
     """
 
     def __init__(self, host: str, username: str | None = None, password: str | None = None,
@@ -225,8 +226,7 @@ class Authenticator:
                 return f"Bearer {tok.value}"
         return None
 
-    def challenge(self, www_authenticate: str | None, scope: str, sent: str | None, session,
-                  timeout) -> bool:
+    def challenge(self, www_authenticate: str | None, scope: str, sent: str | None, http_get) -> bool:
         """React to a 401.  ``sent`` is the Authorization header that was refused."""
         if not www_authenticate:
             raise AuthError(f"registry {self.host}: 401 Unauthorized without a WWW-Authenticate challenge")
@@ -245,7 +245,7 @@ class Authenticator:
             if sent and sent.lower().startswith("bearer") and self._just_issued(scope):
                 raise AuthError(f"registry {self.host} rejected a fresh token for {scope}: "
                                 f"{self._who()} has no access")
-            self._fetch_token(params, scope, session, timeout)
+            self._fetch_token(params, scope, http_get)
             self._scheme = "bearer"
             return True
         raise AuthError(f"registry {self.host}: unsupported authentication scheme {scheme!r}")
@@ -258,7 +258,7 @@ class Authenticator:
         tok = self._tokens.get(scope)
         return bool(tok and tok.expires > time.monotonic() and tok.fresh)
 
-    def _fetch_token(self, params: dict, scope: str, session, timeout) -> None:
+    def _fetch_token(self, params: dict, scope: str, http_get) -> None:
         import requests
 
         realm = params.get("realm")
@@ -273,7 +273,7 @@ class Authenticator:
         if creds:
             headers["Authorization"] = creds.basic_header()
         try:
-            resp = session.get(realm, params=query, headers=headers, timeout=timeout)
+            resp = http_get(realm, query, headers)
         except requests.RequestException as e:
             raise NetworkError(f"token server {realm} for {self.host}: {type(e).__name__}: {e}") from None
         if resp.status_code in (401, 403):

@@ -81,13 +81,15 @@ class RegistryClient:
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        # passed on every request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+        self.tls: dict = {"verify": True}
         if opts.skip_verify:
-            self.session.verify = False
+            self.tls["verify"] = False
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         elif opts.tls_ca_cert:
-            self.session.verify = opts.tls_ca_cert
+            self.tls["verify"] = opts.tls_ca_cert
         if opts.client_cert:
-            self.session.cert = (opts.client_cert, opts.client_key) if opts.client_key else opts.client_cert
+            self.tls["cert"] = (opts.client_cert, opts.client_key) if opts.client_key else opts.client_cert
         elif opts.client_key:
             raise UsageError("--tlskey needs --tlscert")
         self.auth = Authenticator(host, opts.username, opts.password, opts.authfile)
@@ -122,10 +124,10 @@ class RegistryClient:
             body = data() if callable(data) else data
             try:
                 resp = self.session.request(method, url, headers=hdrs, data=body, timeout=self.timeout,
-                                            stream=True, allow_redirects=True)
+                                            stream=True, allow_redirects=True, **self.tls)
             except requests.exceptions.SSLError as e:
                 raise NetworkError(f"registry {self.host}: {what}: TLS error: {_short(e)} "
-                                   "(use --tlscacert, -k or --plain-http)") from None
+                                   "(see --tlscacert, --tlscert/--tlskey, -k, --plain-http)") from None
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {_short(e)}"
                 attempt += 1
@@ -139,7 +141,7 @@ class RegistryClient:
                     auth_rounds += 1
                     challenge = resp.headers.get("WWW-Authenticate")
                     resp.close()
-                    self.auth.challenge(challenge, scope, sent_auth, self.session, self.timeout)
+                    self.auth.challenge(challenge, scope, sent_auth, self._token_get)
                     continue
                 if status in (401, 403):
                     who = self.auth.credentials
@@ -170,6 +172,10 @@ class RegistryClient:
             finally:
                 resp.close()
         raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempts} attempts)")
+
+    def _token_get(self, url: str, params: dict, headers: dict):
+        """GET on a token server with this registry's TLS settings and timeouts."""
+        return self.session.get(url, params=params, headers=headers, timeout=self.timeout, **self.tls)
 
     def _pause(self, attempt: int, attempts: int, retry_after: float | None) -> None:
         if attempt >= attempts:
@@ -282,9 +288,10 @@ class RegistryClient:
 
 def _short(e: Exception) -> str:
     text = str(e)
-    m = re.search(r"\[Errno -?\d+\] [^'\")]*|Read timed out|timed out|Connection refused|"
+    m = re.search(r"certificate verify failed: [^'\")(]*|alert [a-z ]+|wrong version number|"
+                  r"\[Errno -?\d+\] [^'\")]*|Read timed out|timed out|Connection refused|"
                   r"Connection reset by peer|Remote end closed connection without response", text)
-    return m.group(0) if m else (text if len(text) <= 160 else text[:157] + "...")
+    return m.group(0).strip() if m else (text if len(text) <= 160 else text[:157] + "...")
 
 
 def _content_length(resp) -> int | None:
