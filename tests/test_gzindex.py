@@ -260,3 +260,29 @@ def test_gzip_body_zlib_rejects_is_one_line_error():
     assert _one_line(ei.value) == (
         "sha256:stored at offset 15: gzip data does not inflate: invalid stored block lengths"
     )
+
+
+def test_concurrent_reads_from_many_threads(small):
+    import threading
+
+    tar = small[0]["tar"]
+    src = GzipIndexedSource(FileSource(small[0]["path"]), GzipIndex.from_bytes(small[0]["meta"]))
+    failures = []
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        pos = rnd.randrange(len(tar))
+        for _ in range(40):
+            if rnd.random() < 0.5:  # mix sequential runs (parked inflaters) and random jumps
+                pos = rnd.randrange(len(tar))
+            n = rnd.randrange(1, 20000)
+            if src.read(pos, n) != tar[pos : pos + n]:
+                failures.append((seed, pos, n))
+            pos += n
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -191,3 +191,44 @@ def test_concurrent_readers_of_one_unit_share_one_refill(tmp_path):
         t.join()
     assert all(results.values()) and len(results) == 8
     assert src.bytes_read == MiB and src.calls == 1
+
+
+_CHILD = """
+import random, sys
+sys.path.insert(0, {root!r})
+from tcmu_overlaybd.block.source import BytesSource
+from tcmu_overlaybd.cache.gzipcache import GzipCache
+data = random.Random(12).randbytes(8 << 20)
+view = GzipCache({dir!r}, refill_size=256 * 1024).open({key!r}, BytesSource(data, "x"))
+rnd = random.Random({seed})
+print("ready", flush=True)
+while True:
+    off = rnd.randrange(len(data))
+    assert view.read(off, 70000) == data[off:off + 70000]
+"""
+
+
+def test_sigkilled_writers_never_leave_servable_bad_pages(tmp_path):
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    cache_dir = str(tmp_path / "gz")
+    data = random.Random(12).randbytes(8 << 20)
+    for seed in range(4):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD.format(root=root, dir=cache_dir, key=DIGEST_A, seed=seed)],
+            stdout=subprocess.PIPE,
+        )
+        assert child.stdout.readline().strip() == b"ready"
+        time.sleep(0.05 + 0.03 * seed)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # a torn write from the last kill would be a page whose entry or data is partial
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    view = GzipCache(cache_dir, refill_size=256 * 1024).open(DIGEST_A, src)
+    assert view.read(0, len(data)) == data
+    assert view.bytes_from_cache > 0 and src.bytes_read < len(data)  # the killed writers' pages were reused

@@ -159,3 +159,47 @@ def test_malformed_pax_record_is_named():
     tar[512:514] = b"99"  # record length beyond the data
     with pytest.raises(CorruptDataError, match=r"^pax\.tar at offset 512: malformed PAX record"):
         list(scan_tar(BytesSource(bytes(tar), "pax.tar")))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_names = st.text(alphabet="abcdefghij_.-/é", min_size=1, max_size=140).filter(
+    lambda s: s.strip("/") and "//" not in s and not s.startswith("/") and ".." not in s
+)
+_members = st.lists(
+    st.tuples(_names, st.sampled_from(["file", "dir", "symlink", "hardlink"]), st.integers(0, 3000)),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(members=_members, fmt=st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+def test_any_tar_round_trips_with_exact_offsets(members, fmt):
+    items = []
+    for i, (name, kind, size) in enumerate(members):
+        info = tarfile.TarInfo(f"{i}/{name}")
+        info.mtime = 1700000000 + i
+        data = None
+        if kind == "file":
+            data = bytes([i % 251]) * size
+            info.size = size
+        elif kind == "dir":
+            info.type = tarfile.DIRTYPE
+        else:
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = name
+        items.append((info, data))
+    tar = _tar(fmt, items)
+    real = tarfile.open(fileobj=io.BytesIO(tar)).getmembers()
+    scanned = list(scan_tar(BytesSource(tar)))
+    assert [e.name.rstrip("/") if e.typeflag == "5" else e.name for e in scanned] == [m.name for m in real]
+    for e, m in zip(scanned, real):
+        assert e.linkname == m.linkname and e.size == m.size
+        assert e.data_offset == (m.offset_data if m.isreg() else None)
+    meta = export_tar_meta(BytesSource(tar))
+    again = list(read_tar_meta(BytesSource(meta)))
+    assert [(e.name, e.typeflag, e.size, e.data_offset) for e in again] == [
+        (e.name, e.typeflag, e.size, e.data_offset) for e in scanned
+    ]
+    assert write_tar_meta(again) == meta
