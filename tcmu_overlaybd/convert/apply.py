@@ -1,0 +1,451 @@
+"""Apply one OCI layer tar stream to an ext4 image in userspace (spec §6.3, §6.4, §4.2).
+
+No root and no kernel mount: the image is edited through libext2fs
+(:mod:`.ext2fs`).  Every tar entry type is handled: regular files (plain and
+GNU sparse, all PAX variants, EXPANDED at their real offsets), directories,
+symlinks, hard links (also to files of lower layers), character/block devices,
+FIFOs, ``SCHILY.xattr.*``, uid/gid, the full mode (setuid/setgid/sticky), and
+mtime with nanoseconds from PAX.
+
+Paths are cleaned with Plan 9 rules inside the image root (``..`` cannot climb
+above ``/``, absolute names are rooted); symlinks met in *parent* components
+are followed but confined to the root (like containerd's scoped joins), the
+last component is never followed.  Missing parents are created 0755; an
+existing non-directory in the way of a parent is replaced by a directory.
+
+Whiteouts (§6.4) delete in the filesystem: ``.wh.<name>`` removes ``<name>``
+and ``.wh..wh..opq`` removes every child of its directory, both sparing paths
+already extracted from the same layer.  Directory times are set at the end.
+
+Two modes:
+
+``data``  file contents are written into ext4 (native overlaybd);
+``map``   (FastOCI) files first get initialised extents (``fallocate``,
+          §4.2) and the result lists ``Mapping(physical, length, tar_offset)``
+          records pointing each file's blocks at its bytes in the uncompressed
+          tar stream.  The data is ALSO written into the working image, so that
+          the image always is the true merged view: the block diff of the next
+          layer then stays exact even when it frees and reuses blocks that a
+          lower layer mapped (a block holding stale bytes could otherwise
+          compare equal and fall through to the old mapping).  The meta layer
+          excludes the mapped ranges (:mod:`.diff`).  Sparse files whose pieces
+          are not 4 KiB-aligned in the file and 512-aligned in the tar cannot be
+          mapped sector for sector; they are carried as data in the meta layer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+from ..errors import CorruptDataError, ObdError, UnsupportedError
+from .ext2fs import ROOT_INO, Filesystem, Inode
+
+MODE_DATA = "data"
+MODE_MAP = "map"
+FS_BLOCK = 4096
+SECTOR = 512
+CHUNK = 1 << 20  # data is written in <= 1 MiB pieces
+MAX_SYMLINK_HOPS = 40
+MAX_NAME = 255
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+Path = tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """File data at ``physical`` (bytes in the ext4 image) is ``length`` bytes of the
+    uncompressed layer tar starting at ``tar_offset`` (spec §4.2)."""
+
+    physical: int
+    length: int
+    tar_offset: int
+
+
+@dataclass
+class ApplyResult:
+    """What applying a layer produced."""
+
+    mappings: list[Mapping] = field(default_factory=list)
+    entries: int = 0
+    tar_size: int = 0  # uncompressed bytes consumed
+
+
+def clean_path(name: str | bytes) -> Path:
+    """Plan 9 ``clean`` of a tar name rooted at ``/``: components, no ``.``/``..``/empty."""
+    raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    out: list[bytes] = []
+    for part in raw.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if out:
+                out.pop()
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _show(path: Path) -> str:
+    return "/" + b"/".join(path).decode("utf-8", "replace")
+
+
+class _Prefixed:
+    """A reader that gives back the bytes already peeked from ``inner``."""
+
+    def __init__(self, head: bytes, inner: BinaryIO):
+        self._head = head
+        self._inner = inner
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._inner.read(n)
+        if n < 0:
+            data, self._head = self._head + self._inner.read(), b""
+            return data
+        data, self._head = self._head[:n], self._head[n:]
+        if len(data) < n:
+            data += self._inner.read(n - len(data))
+        return data
+
+
+def decompressed(stream: BinaryIO) -> BinaryIO:
+    """The uncompressed tar stream of a layer blob: gzip, zstd or plain, by magic."""
+    head = stream.read(4)
+    raw = _Prefixed(head, stream)
+    if head.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(ZSTD_MAGIC):
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
+    return raw  # type: ignore[return-value]
+
+
+def _pax_time(info: tarfile.TarInfo) -> tuple[int, int]:
+    """(seconds, nanoseconds) of the entry's mtime, exact from the PAX record when present."""
+    text = info.pax_headers.get("mtime")
+    if text:
+        neg = text.startswith("-")
+        whole, _, frac = text.lstrip("-").partition(".")
+        try:
+            sec = int(whole or "0")
+            nsec = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            sec, nsec = int(info.mtime), 0
+        if neg:
+            sec, nsec = (-sec - 1, 1_000_000_000 - nsec) if nsec else (-sec, 0)
+        return sec, nsec
+    return int(info.mtime), 0
+
+
+def _xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
+    prefix = "SCHILY.xattr."
+    return {
+        k[len(prefix) :]: v.encode("utf-8", "surrogateescape")
+        for k, v in info.pax_headers.items()
+        if k.startswith(prefix)
+    }
+
+
+def file_segments(info: tarfile.TarInfo) -> list[tuple[int, int, int]]:
+    """(file_offset, length, tar_offset) of each stored data piece of a regular file."""
+    if info.sparse is None:
+        return [(0, info.size, info.offset_data)] if info.size else []
+    out = []
+    tar_pos = info.offset_data
+    for offset, length in info.sparse:
+        if length:
+            out.append((offset, length, tar_pos))
+            tar_pos += length
+    return out
+
+
+def _mappable(segments: list[tuple[int, int, int]], size: int) -> bool:
+    """Can every piece be mapped sector for sector onto whole, otherwise unused fs blocks?"""
+    return all(
+        off % FS_BLOCK == 0 and tar % SECTOR == 0 and (length % FS_BLOCK == 0 or off + length == size)
+        for off, length, tar in segments
+    )
+
+
+class LayerApplier:
+    """Applies tar entries of one layer to an open :class:`Filesystem`."""
+
+    def __init__(self, fs: Filesystem, mode: str = MODE_DATA, name: str = "layer"):
+        if mode not in (MODE_DATA, MODE_MAP):
+            raise ValueError(f"unknown apply mode {mode!r}")
+        self.fs = fs
+        self.mode = mode
+        self.name = name
+        self.kept: set[Path] = set()
+        self.dir_times: dict[Path, tuple[int, int]] = {}
+        self.result = ApplyResult()
+
+    # -- path resolution --------------------------------------------------------------------
+    def _read_link(self, ino: int, inode: Inode) -> bytes:
+        size = inode.size
+        if inode.get("i_blocks_lo") == 0 or size < 60:  # fast symlink: target in i_block
+            return bytes(inode.buf[0x28 : 0x28 + size])
+        blocks = self.fs.extents(ino)
+        if not blocks:
+            return b""
+        with open(self.fs.path, "rb") as f:
+            f.seek(blocks[0].physical * self.fs.block_size)
+            return f.read(size)
+
+    def resolve_dir(self, path: Path, create: bool) -> tuple[int, Path] | None:
+        """Inode and real path of directory ``path``, following symlinks inside the root.
+
+        With ``create`` missing components become 0755 directories and non-directories
+        in the way are replaced; without it a missing component gives None.
+        """
+        hops = 0
+        todo = list(path)
+        ino, real = ROOT_INO, ()
+        while todo:
+            comp = todo.pop(0)
+            child = self.fs.lookup(ino, comp)
+            if child is not None:
+                inode = self.fs.read_inode(child)
+                if inode.is_dir:
+                    ino, real = child, real + (comp,)
+                    continue
+                if stat.S_ISLNK(inode.mode):
+                    hops += 1
+                    if hops > MAX_SYMLINK_HOPS:
+                        raise CorruptDataError(f"too many levels of symbolic links in {_show(path)}", blob=self.name)
+                    target = self._read_link(child, inode)
+                    base = () if target.startswith(b"/") else real
+                    todo = list(clean_path(b"/".join(base) + b"/" + target)) + todo
+                    ino, real = ROOT_INO, ()
+                    continue
+                if not create:
+                    return None
+                self._remove(ino, comp, child)
+            elif not create:
+                return None
+            ino, real = self.fs.mkdir(ino, comp), real + (comp,)
+        return ino, real
+
+    # -- removal ----------------------------------------------------------------------------
+    def _remove(self, dir_ino: int, name: bytes, ino: int) -> None:
+        """Remove ``name`` (recursively for directories)."""
+        if self.fs.read_inode(ino).is_dir:
+            for child, cino in self.fs.list_dir(ino):
+                self._remove(ino, child, cino)
+        self.fs.unlink(dir_ino, name, ino)
+
+    def _remove_lower(self, dir_ino: int, dir_path: Path, name: bytes, ino: int) -> None:
+        """Remove ``name`` except what this layer extracted (whiteout semantics, §6.4)."""
+        path = dir_path + (name,)
+        if path not in self.kept:
+            self._remove(dir_ino, name, ino)
+        elif self.fs.read_inode(ino).is_dir:
+            self._clear_lower_children(ino, path)
+
+    def _clear_lower_children(self, dir_ino: int, dir_path: Path) -> None:
+        for child, cino in self.fs.list_dir(dir_ino):
+            self._remove_lower(dir_ino, dir_path, child, cino)
+
+    def _whiteout(self, parent: Path, base: bytes) -> None:
+        found = self.resolve_dir(parent, create=False)
+        if found is None:
+            return
+        dir_ino, real = found
+        if base == OPAQUE_MARKER:
+            self._clear_lower_children(dir_ino, real)
+            return
+        target = base[len(WHITEOUT_PREFIX) :]
+        ino = self.fs.lookup(dir_ino, target)
+        if ino is not None:
+            self._remove_lower(dir_ino, real, target, ino)
+
+    # -- entries ----------------------------------------------------------------------------
+    def _metadata(self, info: tarfile.TarInfo, fmt: int) -> Inode:
+        if info.uid >= 1 << 32 or info.gid >= 1 << 32:
+            raise UnsupportedError(f"{self.name}: {info.name}: uid/gid beyond 32 bits")
+        sec, nsec = _pax_time(info)
+        return Inode.new(fmt | (info.mode & 0o7777), info.uid, info.gid, sec, nsec)
+
+    def apply_entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+        path = clean_path(info.name)
+        if not path:
+            return  # the root itself: upstream skips it
+        parent, base = path[:-1], path[-1]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parent, base)
+            return
+        if len(base) > MAX_NAME:
+            raise CorruptDataError(f"name longer than {MAX_NAME} bytes: {info.name!r}", blob=self.name, offset=info.offset)
+        dir_ino, real_parent = self.resolve_dir(parent, create=True)  # type: ignore[misc]
+        real = real_parent + (base,)
+        existing = self.fs.lookup(dir_ino, base)
+        if info.isdir():
+            self._directory(info, dir_ino, real, base, existing)
+        elif info.islnk():
+            self._hardlink(info, dir_ino, base, existing)
+        else:
+            if existing is not None:
+                self._remove(dir_ino, base, existing)
+            if info.isreg():
+                self._regular(tar, info, dir_ino, base)
+            elif info.issym():
+                self._symlink(info, dir_ino, base)
+            elif info.ischr() or info.isblk() or info.isfifo():
+                self._device(info, dir_ino, base)
+            else:
+                raise UnsupportedError(f"{self.name}: {info.name}: unsupported tar entry type {info.type!r}")
+        self.kept.add(real)
+        self.result.entries += 1
+
+    def _directory(self, info, dir_ino, real: Path, base: bytes, existing: int | None) -> None:
+        if existing is not None and not self.fs.read_inode(existing).is_dir:
+            self._remove(dir_ino, base, existing)
+            existing = None
+        ino = existing if existing is not None else self.fs.mkdir(dir_ino, base)
+        inode = self.fs.read_inode(ino)
+        want = self._metadata(info, stat.S_IFDIR)
+        inode.set("i_mode", want.mode)
+        inode.set_owner(info.uid, info.gid)
+        self.fs.write_inode(ino, inode)
+        self.fs.set_xattrs(ino, _xattrs(info))
+        self.dir_times[real] = _pax_time(info)
+
+    def _hardlink(self, info, dir_ino, base: bytes, existing: int | None) -> None:
+        target = clean_path(info.linkname)
+        found = self.resolve_dir(target[:-1], create=False) if target else None
+        tino = self.fs.lookup(found[0], target[-1]) if found else None
+        if tino is None or self.fs.read_inode(tino).is_dir:
+            raise CorruptDataError(
+                f"hard link {info.name!r} points at missing or directory {info.linkname!r}",
+                blob=self.name,
+                offset=info.offset,
+            )
+        if existing == tino:
+            return
+        if existing is not None:
+            self._remove(dir_ino, base, existing)
+        self.fs.hardlink(dir_ino, base, tino)
+
+    def _symlink(self, info, dir_ino, base: bytes) -> None:
+        ino = self.fs.symlink(dir_ino, base, info.linkname.encode("utf-8", "surrogateescape"))
+        inode = self.fs.read_inode(ino)
+        sec, nsec = _pax_time(info)
+        inode.set_owner(info.uid, info.gid)
+        inode.set_times(sec, nsec)
+        self.fs.write_inode(ino, inode)
+        self.fs.set_xattrs(ino, _xattrs(info))
+
+    def _device(self, info, dir_ino, base: bytes) -> None:
+        fmt = stat.S_IFCHR if info.ischr() else stat.S_IFBLK if info.isblk() else stat.S_IFIFO
+        inode = self._metadata(info, fmt)
+        if fmt != stat.S_IFIFO:
+            inode.set_rdev(info.devmajor, info.devminor)
+        ino = self.fs.create(dir_ino, base, inode)
+        self.fs.set_xattrs(ino, _xattrs(info))
+
+    def _regular(self, tar: tarfile.TarFile, info, dir_ino, base: bytes) -> None:
+        inode = self._metadata(info, stat.S_IFREG)
+        inode.init_extents()
+        segments = file_segments(info)
+        mapped = self.mode == MODE_MAP and _mappable(segments, info.size)
+        if mapped:
+            inode.set_size(info.size)
+        ino = self.fs.create(dir_ino, base, inode)
+        self.fs.set_xattrs(ino, _xattrs(info))
+        if mapped:
+            for off, length, _tar in segments:
+                first = off // FS_BLOCK
+                self.fs.fallocate(ino, first, -(-(off + length) // FS_BLOCK) - first)
+        pieces = self._pieces(tar, info, segments)
+        if mapped and info.size % FS_BLOCK:
+            # zero the rest of the last block: libext2fs keeps stale bytes of a reused
+            # block there, the mapped layer serves the tar's zero padding instead
+            tail = (info.size, bytes(FS_BLOCK - info.size % FS_BLOCK))
+            pieces = itertools.chain(pieces, [tail])
+        self.fs.write_file(ino, pieces, info.size)
+        if mapped:
+            self._record_mappings(ino, segments)
+
+    def _pieces(self, tar: tarfile.TarFile, info, segments) -> Iterator[tuple[int, bytes]]:
+        """(file offset, bytes) of the stored data, read forward from the tar stream.
+
+        The stored pieces lie back to back from ``offset_data``; reading them straight
+        from the (forward-only) stream keeps sparse holes from ever being expanded.
+        """
+        src = tar.fileobj
+        for off, length, tar_off in segments:
+            src.seek(tar_off)
+            done = 0
+            while done < length:
+                data = src.read(min(CHUNK, length - done))
+                if not data:
+                    raise CorruptDataError(f"{info.name}: file data ends early", blob=self.name, offset=tar_off + done)
+                yield off + done, data
+                done += len(data)
+
+    def _record_mappings(self, ino: int, segments) -> None:
+        """Map each piece, rounded up to whole sectors, onto its physical extents (§4.2)."""
+        extents = self.fs.extents(ino)
+        bs = self.fs.block_size
+        for off, length, tar_off in segments:
+            start, end = off, off + -(-length // SECTOR) * SECTOR
+            for ext in extents:
+                lo = max(start, ext.logical * bs)
+                hi = min(end, (ext.logical + ext.count) * bs)
+                if lo >= hi:
+                    continue
+                if ext.uninit:
+                    raise ObdError(f"{self.fs.path}: fallocate left uninitialised extents in inode {ino}")
+                phys = ext.physical * bs + (lo - ext.logical * bs)
+                self.result.mappings.append(Mapping(phys, hi - lo, tar_off + (lo - off)))
+
+    def finish(self) -> None:
+        """Set the times of directories named in this layer (after their contents changed)."""
+        for path, (sec, nsec) in self.dir_times.items():
+            found = self.resolve_dir(path, create=False)
+            if found is None or found[1] != path:
+                continue
+            inode = self.fs.read_inode(found[0])
+            inode.set_times(sec, nsec)
+            self.fs.write_inode(found[0], inode)
+
+
+_STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, UnicodeError)
+
+
+def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: str = "layer") -> ApplyResult:
+    """Apply the layer blob ``stream`` (tar, tar+gzip or tar+zstd) to ``fs``."""
+    applier = LayerApplier(fs, mode, name)
+    tar = None
+    try:
+        tar = tarfile.open(fileobj=decompressed(stream), mode="r|", encoding="utf-8", errors="surrogateescape")
+        for info in tar:
+            applier.apply_entry(tar, info)
+        applier.finish()
+        applier.result.tar_size = tar.offset
+    except _STREAM_ERRORS as e:
+        offset = tar.offset if tar is not None else 0
+        raise CorruptDataError(f"not a valid layer tar: {e}", blob=name, offset=offset) from None
+    finally:
+        if tar is not None:
+            tar.close()
+    return applier.result
+
+
+def apply_layer_file(image: str, layer: str, mode: str = MODE_DATA) -> ApplyResult:
+    """Open the ext4 image file ``image``, apply the layer blob file ``layer``, close."""
+    with Filesystem(image) as fs, open(layer, "rb") as f:
+        return apply_layer(fs, f, mode, name=layer)
