@@ -232,3 +232,12 @@ def test_sigkilled_writers_never_leave_servable_bad_pages(tmp_path):
     view = GzipCache(cache_dir, refill_size=256 * 1024).open(DIGEST_A, src)
     assert view.read(0, len(data)) == data
     assert view.bytes_from_cache > 0 and src.bytes_read < len(data)  # the killed writers' pages were reused
+
+
+def test_cache_files_are_named_by_digest():
+    hexd = "ab" * 32
+    assert GzipCache.file_name("sha256:" + hexd) == "sha256:" + hexd
+    assert GzipCache.file_name("registry.local:5000/library/app@sha256:" + hexd) == "sha256:" + hexd
+    assert GzipCache.file_name("/var/lib/images/oci/blobs/sha256/" + hexd) == "sha256:" + hexd
+    other = GzipCache.file_name("/tmp/layer.tar.gz")
+    assert other.startswith("key-") and "/" not in other

@@ -44,7 +44,8 @@ LOW_WATER = 0.9
 #: a view refreshes its file's mtime (the LRU clock) at most this often on pure hits
 TOUCH_INTERVAL = 30.0
 
-_DIGEST = re.compile(r"^[a-z0-9]+:[a-f0-9]{32,128}$")
+#: a blob named ``registry/repo@<digest>`` or ``.../blobs/<algo>/<hex>`` (OCI layout) is that digest
+_NAMED_DIGEST = re.compile(r"(?:@|^)([a-z0-9]+:[a-f0-9]{32,128})$|/blobs/([a-z0-9]+)/([a-f0-9]{32,128})$")
 
 
 class GzipCache:
@@ -62,9 +63,14 @@ class GzipCache:
 
     @staticmethod
     def file_name(key: str) -> str:
-        """``sha256:<hex>`` keys are used as is (upstream naming); other keys are hashed."""
-        if _DIGEST.match(key):
-            return key
+        """The digest named by ``key`` (``sha256:<hex>``, ``host/repo@sha256:<hex>`` or an OCI
+        layout path ``.../blobs/sha256/<hex>``) as upstream names cache files; other keys are hashed.
+
+        Keying by digest lets every mount of a layer, from any registry, share one file.
+        """
+        m = _NAMED_DIGEST.search(key)
+        if m:
+            return m.group(1) or f"{m.group(2)}:{m.group(3)}"
         return "key-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
     def open(self, key: str, source: ByteSource) -> "CachedView":
