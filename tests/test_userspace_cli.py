@@ -77,7 +77,8 @@ def test_inspect_json(hello, capfdbinary):
     assert info["virtual_size"] == GIB64
     assert info["manifest"]["digest"] == "sha256:42caa56a19e082b872d43f645bb392e25c9e78bce429755bd709fac598265f88"
     assert info["layers"] == [{"kind": "overlaybd", "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                               "digest": HELLO_BLOB, "size": 642560}]
+                               "digest": HELLO_BLOB, "size": 642560, "vsize": GIB64,
+                               "uuid": "01BB4FCE-3EB1-B56B-05AD-F99504DAFD31"}]
     rc, out, _ = run(capfdbinary, "inspect", "--json", f"oci:{hello}:amd64")
     info = json.loads(out)
     assert (info["mode"], info["virtual_size"], info["layers"][0]["kind"]) == ("oci", None, "oci-gzip")

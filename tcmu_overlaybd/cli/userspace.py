@@ -69,7 +69,21 @@ def describe(image: Image, opts: OpenOptions) -> dict:
             entry["target"] = {"digest": layer.target.digest, "mediaType": layer.target.media_type}
         info["layers"].append(entry)
     if image.mode != "oci":
-        with _opened_disk(image, opts) as disk:
+        from ..block.stack import StackedDisk
+        from ..image.disk import open_layers
+
+        layers = open_layers(image, opts)
+        try:
+            disk = StackedDisk(layers)
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        with contextlib.closing(disk):
+            data_entries = [e for e in info["layers"] if e["kind"] != "acceleration"]
+            for entry, layer in zip(data_entries, layers):
+                entry["vsize"] = layer.vsize
+                entry["uuid"] = layer.uuid
             info["virtual_size"] = disk.size
     return info
 
@@ -102,6 +116,8 @@ def inspect(image: str, as_json: bool, opts: OpenOptions) -> None:
     click.echo("layers:")
     for i, layer in enumerate(info["layers"]):
         click.echo(f"  {i:>2} {layer['kind']:<12} {layer['digest']} {layer['size']:>12}  {layer['mediaType']}")
+        if layer.get("uuid"):
+            click.echo(f"     uuid         {layer['uuid']}")
         if "target" in layer:
             click.echo(f"     target       {layer['target']['digest']}  {layer['target']['mediaType']}")
 

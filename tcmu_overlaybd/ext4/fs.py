@@ -47,10 +47,6 @@ class Stat:
     rdev: tuple[int, int] | None
     blocks: int  # allocated 512-byte units
 
-    @property
-    def permissions(self) -> int:
-        return _stat.S_IMODE(self.mode)
-
 
 class _LRU(OrderedDict):
     def __init__(self, capacity: int):

@@ -102,10 +102,6 @@ class Superblock:
     first_meta_bg: int
     backup_bgs: tuple[int, int]
 
-    @property
-    def group_count(self) -> int:
-        return -(-(self.blocks_count - self.first_data_block) // self.blocks_per_group)
-
     def has_incompat(self, flag: int) -> bool:
         return bool(self.feature_incompat & flag)
 
