@@ -22,7 +22,7 @@ import logging
 import re
 import threading
 import time
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import requests
 import urllib3
@@ -407,7 +407,7 @@ class RegistryStore(BlobStore):
         """GET /v2/<repo>/referrers/<digest> (following Link pages); None on 404."""
         path = f"/v2/{self.repo}/referrers/{digest}"
         if artifact_type:
-            path += f"?artifactType={artifact_type}"
+            path += "?" + urlencode({"artifactType": artifact_type})
         out: list[Descriptor] = []
         while path:
             resp = self.client.call("GET", path, what=f"referrers of {digest}", scope=repo_scope(self.repo),

@@ -319,18 +319,18 @@ class Proxy:
         if fault and fault.action.startswith("status:"):
             code = int(fault.action.split(":")[1])
             msg = json.dumps({"errors": [{"code": "INJECTED", "message": "injected failure"}]}).encode()
-            self._reply(h, code, {"Content-Type": "application/json"}, msg, method)
             self._record(method, path, h, code)
+            self._reply(h, code, {"Content-Type": "application/json"}, msg, method)
             return
         if fault and fault.action.startswith("delay:"):
             time.sleep(float(fault.action.split(":")[1]))
         if self.referrers is not None and "/referrers/" in path and method == "GET":
-            digest = path.rsplit("/", 1)[1].split("?")[0]
+            digest = urllib.parse.urlparse(path).path.rsplit("/", 1)[1]
             doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                    "manifests": self.referrers.get(digest, [])}
+            self._record(method, path, h, 200)
             self._reply(h, 200, {"Content-Type": "application/vnd.oci.image.index.v1+json"},
                         json.dumps(doc).encode(), method)
-            self._record(method, path, h, 200)
             return
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "keep-alive")}
         conn = (http.client.HTTPSConnection(self.upstream_host, context=self.upstream_ctx, timeout=30)
@@ -353,6 +353,8 @@ class Proxy:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         if fault and fault.action.startswith("truncate:"):
             keep = int(fault.action.split(":")[1])
+            self._count(method, path, keep)
+            self._record(method, path, h, resp.status)
             h.send_response(resp.status)
             for k, v in out_headers.items():
                 h.send_header(k, v)
@@ -360,15 +362,13 @@ class Proxy:
             h.end_headers()
             h.wfile.write(data[:keep])
             h.wfile.flush()
-            self._count(method, path, keep)
-            self._record(method, path, h, resp.status)
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
-        self._reply(h, resp.status, out_headers, data, method)
-        if method == "GET":
-            self._count(method, path, len(data))
+        # counted before the reply leaves, so a client that saw the bytes sees the count
+        self._count(method, path, len(data))
         self._record(method, path, h, resp.status)
+        self._reply(h, resp.status, out_headers, data, method)
 
     def _reply(self, h, code: int, headers: dict, data: bytes, method: str) -> None:
         h.send_response(code)
