@@ -155,8 +155,15 @@ class Ext4:
             return inode.block[offset:end]
         bs = self.block_size
         runs, starts = self._block_map(inode)
-        out = bytearray(end - offset)
         i = max(bisect.bisect_right(starts, offset // bs) - 1, 0)
+        if i < len(runs):  # fast path: one written run covers the whole range, no copying
+            r = runs[i]
+            run_start = r.logical * bs
+            if not r.uninit and run_start <= offset and end <= run_start + r.count * bs:
+                disk = r.physical * bs + (offset - run_start)
+                return read_exact(self.source, disk, end - offset, f"inode {inode.ino} data")
+        pieces = []
+        pos = offset  # everything before pos is in pieces
         while i < len(runs):
             r = runs[i]
             run_start = r.logical * bs
@@ -165,10 +172,15 @@ class Ext4:
             lo = max(offset, run_start)
             hi = min(end, run_start + r.count * bs)
             if lo < hi and not r.uninit:
+                if lo > pos:
+                    pieces.append(bytes(lo - pos))  # a hole
                 disk = r.physical * bs + (lo - run_start)
-                out[lo - offset:hi - offset] = read_exact(self.source, disk, hi - lo, f"inode {inode.ino} data")
+                pieces.append(read_exact(self.source, disk, hi - lo, f"inode {inode.ino} data"))
+                pos = hi
             i += 1
-        return bytes(out)
+        if pos < end:
+            pieces.append(bytes(end - pos))
+        return b"".join(pieces)
 
     def open(self, inode: Inode) -> "Ext4File":
         """A seekable binary file object over the inode's data (reads on demand)."""
@@ -320,6 +332,15 @@ class Ext4File(io.RawIOBase):
     @property
     def size(self) -> int:
         return self._inode.size
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all remaining when negative), returned without extra copies."""
+        data = self._fs.read(self._inode, self._pos, None if size is None or size < 0 else size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def readinto(self, buffer) -> int:
         data = self._fs.read(self._inode, self._pos, len(buffer))
