@@ -36,6 +36,7 @@ Two modes:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import stat
 import tarfile
@@ -65,7 +66,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 Path = tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Mapping:
     """File data at ``physical`` (bytes in the ext4 image) is ``length`` bytes of the
     uncompressed layer tar starting at ``tar_offset`` (spec §4.2)."""
@@ -81,7 +82,8 @@ class ApplyResult:
 
     mappings: list[Mapping] = field(default_factory=list)
     entries: int = 0
-    tar_size: int = 0  # uncompressed bytes consumed
+    tar_size: int = 0  # bytes of the uncompressed tar stream
+    diff_id: str = ""  # "sha256:<hex>" of the uncompressed tar stream
 
 
 def clean_path(name: str | bytes) -> Path:
@@ -131,6 +133,25 @@ def decompressed(stream: BinaryIO) -> BinaryIO:
     if head.startswith(ZSTD_MAGIC):
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
     return raw  # type: ignore[return-value]
+
+
+class _Hashing:
+    """Counts and hashes every byte read through it (the layer's diff_id)."""
+
+    def __init__(self, inner: BinaryIO):
+        self._inner = inner
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._inner.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
 
 
 def _pax_time(info: tarfile.TarInfo) -> tuple[int, int]:
@@ -191,6 +212,9 @@ class LayerApplier:
         self.name = name
         self.kept: set[Path] = set()
         self.dir_times: dict[Path, tuple[int, int]] = {}
+        #: mappings by inode; dropped when the inode is released within the layer, so that
+        #: blocks it freed and something else reused are never served from the tar
+        self.mapped: dict[int, list[Mapping]] = {}
         self.result = ApplyResult()
 
     # -- path resolution --------------------------------------------------------------------
@@ -245,7 +269,8 @@ class LayerApplier:
         if self.fs.read_inode(ino).is_dir:
             for child, cino in self.fs.list_dir(ino):
                 self._remove(ino, child, cino)
-        self.fs.unlink(dir_ino, name, ino)
+        if self.fs.unlink(dir_ino, name, ino):
+            self.mapped.pop(ino, None)
 
     def _remove_lower(self, dir_ino: int, dir_path: Path, name: bytes, ino: int) -> None:
         """Remove ``name`` except what this layer extracted (whiteout semantics, §6.4)."""
@@ -400,6 +425,7 @@ class LayerApplier:
         """Map each piece, rounded up to whole sectors, onto its physical extents (§4.2)."""
         extents = self.fs.extents(ino)
         bs = self.fs.block_size
+        out = self.mapped.setdefault(ino, [])
         for off, length, tar_off in segments:
             start, end = off, off + -(-length // SECTOR) * SECTOR
             for ext in extents:
@@ -410,10 +436,12 @@ class LayerApplier:
                 if ext.uninit:
                     raise ObdError(f"{self.fs.path}: fallocate left uninitialised extents in inode {ino}")
                 phys = ext.physical * bs + (lo - ext.logical * bs)
-                self.result.mappings.append(Mapping(phys, hi - lo, tar_off + (lo - off)))
+                out.append(Mapping(phys, hi - lo, tar_off + (lo - off)))
 
     def finish(self) -> None:
-        """Set the times of directories named in this layer (after their contents changed)."""
+        """Set the times of directories named in this layer (after their contents changed)
+        and collect the mappings of the files that still exist, by physical offset."""
+        self.result.mappings = sorted(m for ms in self.mapped.values() for m in ms)
         for path, (sec, nsec) in self.dir_times.items():
             found = self.resolve_dir(path, create=False)
             if found is None or found[1] != path:
@@ -431,11 +459,14 @@ def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: s
     applier = LayerApplier(fs, mode, name)
     tar = None
     try:
-        tar = tarfile.open(fileobj=decompressed(stream), mode="r|", encoding="utf-8", errors="surrogateescape")
+        raw = _Hashing(decompressed(stream))
+        tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape")
         for info in tar:
             applier.apply_entry(tar, info)
         applier.finish()
-        applier.result.tar_size = tar.offset
+        raw.drain()  # end-of-archive blocks and any trailing bytes belong to the diff_id
+        applier.result.tar_size = raw.size
+        applier.result.diff_id = "sha256:" + raw.sha.hexdigest()
     except _STREAM_ERRORS as e:
         offset = tar.offset if tar is not None else 0
         raise CorruptDataError(f"not a valid layer tar: {e}", blob=name, offset=offset) from None

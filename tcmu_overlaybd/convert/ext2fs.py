@@ -437,10 +437,11 @@ class Filesystem:
         inode.set("i_links_count", inode.links + 1)
         self.write_inode(ino, inode)
 
-    def unlink(self, dir_ino: int, name: bytes, ino: int) -> None:
+    def unlink(self, dir_ino: int, name: bytes, ino: int) -> bool:
         """Remove one directory entry and drop the inode when its last link goes.
 
-        Directories must be empty (the caller removes children first).
+        Directories must be empty (the caller removes children first).  Returns
+        True when the inode (and its blocks) were released.
         """
         inode = self.read_inode(ino)
         self._check(_lib.ext2fs_unlink(self._fs, dir_ino, name, ino, 0), f"unlink {name!r}")
@@ -455,8 +456,9 @@ class Filesystem:
         if remaining > 0:
             inode.set("i_links_count", remaining)
             self.write_inode(ino, inode)
-            return
+            return False
         self._release(ino, inode)
+        return True
 
     def _release(self, ino: int, inode: Inode) -> None:
         """Free an unlinked inode's xattr block, data blocks and the inode itself."""
