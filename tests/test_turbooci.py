@@ -196,3 +196,35 @@ def test_bad_meta_tarballs(small):
     no_index = BytesSource(_targz({"ext4.fs.meta": fs_meta, ".turbo.ociv1": b""}), "n.tgz")
     with pytest.raises(CorruptDataError, match=r"^n\.tgz at offset 0: the original layer is gzip but .*no gzip\.meta"):
         open_turbo_layer(no_index, target, target_is_gzip=True)
+
+
+# --- writing the meta layer -----------------------------------------------------------------
+
+#: sha256 of the uncompressed meta tar that Go's archive/tar (go1.19, the convertor's
+#: tar.Header{Name, Mode, Size, Typeflag} of 0644 files) wrote for these members: the diff_id
+GO_META_TAR_SHA256 = {
+    "layer0 with gzip.meta": "fe677718470a510d0c71904241d8158774e11c9e0f8edda3bd7dbe26ecb54117",
+    "layer1 without gzip.meta": "8f001f91d184582c68dd137fb679f9e004e5a4e57a23f83909a31f4c255bf542",
+}
+
+
+def test_meta_tar_is_byte_identical_to_the_go_convertor(small):
+    from tcmu_overlaybd.format.turbooci import build_meta_tar
+
+    l0 = small / "turbooci" / "layer0"
+    tar0 = build_meta_tar((l0 / "ext4.fs.meta").read_bytes(), (l0 / "gzip.meta").read_bytes())
+    assert hashlib.sha256(tar0).hexdigest() == GO_META_TAR_SHA256["layer0 with gzip.meta"]
+    tar1 = build_meta_tar((small / "turbooci" / "layer1" / "ext4.fs.meta").read_bytes())
+    assert hashlib.sha256(tar1).hexdigest() == GO_META_TAR_SHA256["layer1 without gzip.meta"]
+    assert tar1.endswith(bytes(1024)) and len(tar1) % 512 == 0
+
+
+def test_built_tarball_opens_like_the_upstream_one(small):
+    from tcmu_overlaybd.format.turbooci import build_meta_tarball
+
+    l0 = small / "turbooci" / "layer0"
+    blob = build_meta_tarball((l0 / "ext4.fs.meta").read_bytes(), (l0 / "gzip.meta").read_bytes())
+    meta = read_meta_tarball(BytesSource(blob, "built.tgz"))
+    assert meta.has_marker and meta.fs_meta == (l0 / "ext4.fs.meta").read_bytes()
+    fs = Ext4(open_turbo_layer(BytesSource(blob, "built.tgz"), _target(small, 0), target_is_gzip=True))
+    assert fs.read(fs.lookup("etc/motd")) == _tar_member(small, 0, "etc/motd")

@@ -13,6 +13,12 @@ Layout (all little-endian, packed)::
     windows  one per checkpoint, consecutive from 333 (raw 32 KiB or one zlib stream)
     entries  ``index_num`` x 29 bytes at ``index_start`` (raw or one zlib stream)
 
+Integrity: deflate data carries no checksum until the gzip trailer, which random
+access never reaches, so damage that still decodes (common: most bit patterns are
+valid Huffman codes) cannot be detected here; only data zlib rejects raises
+``CorruptDataError``.  Whole blobs are checked against their digest where they are
+downloaded (``image.store.verify_digest``).
+
 Python's ``zlib`` module exposes neither ``inflate(Z_BLOCK)``/``data_type``
 (needed to find block boundaries) nor ``inflatePrime`` (needed to resume
 mid-byte), so both the writer and the reader drive ``libz.so.1`` through

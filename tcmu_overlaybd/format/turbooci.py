@@ -15,6 +15,7 @@ LSMT layer (a ByteSource of the virtual disk) ready for ``StackedDisk``.
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from dataclasses import dataclass
 
@@ -72,6 +73,53 @@ def read_meta_tarball(meta_blob: ByteSource) -> TurboMeta:
             f"not a TurboOCI meta layer: no {EXT4_META} among {sorted(members) or 'no members'}", blob=name, offset=0
         )
     return TurboMeta(fs_type, fs_meta, members.get(GZIP_META), MARKER in members)
+
+
+# --- writing the meta tarball (the convertor's Go archive/tar output) -------------------
+
+#: USTAR header as Go's archive/tar writes it for tar.Header{Name, Mode, Size, Typeflag}:
+#: octal fields zero-padded with a NUL (mtime 0, uid/gid 0, empty user/group names,
+#: devmajor/devminor "0000000"), checksum as 6 digits + NUL + space; the archive ends
+#: with exactly two zero blocks (no padding to a 10 KiB record)
+_GO_OCTAL_FIELDS = ((100, 8, "mode"), (108, 8, "uid"), (116, 8, "gid"), (124, 12, "size"),
+                    (136, 12, "mtime"), (329, 8, "devmajor"), (337, 8, "devminor"))
+
+
+def _go_ustar_header(name: str, size: int, mode: int) -> bytes:
+    block = bytearray(512)
+    raw_name = name.encode()
+    block[0 : len(raw_name)] = raw_name
+    values = {"mode": mode, "uid": 0, "gid": 0, "size": size, "mtime": 0, "devmajor": 0, "devminor": 0}
+    for at, width, field in _GO_OCTAL_FIELDS:
+        block[at : at + width - 1] = b"%0*o" % (width - 1, values[field])
+    block[156] = ord("0")
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
+    return bytes(block)
+
+
+def build_meta_tar(fs_meta: bytes, gzip_index: bytes | None = None, *, fs_type: str = "ext4",
+                   mode: int = 0o644) -> bytes:
+    """The uncompressed meta layer tar, byte for byte as ACI's convertor writes it.
+
+    Its sha256 is the layer's ``diff_id``; the gzip around it (Go's deflate) cannot be
+    reproduced, so ``build_meta_tarball`` compresses with zlib instead.
+    """
+    members = [(f"{fs_type}.fs.meta", fs_meta), (MARKER, b"")]
+    if gzip_index is not None:
+        members.append((GZIP_META, gzip_index))
+    out = bytearray()
+    for name, data in members:
+        out += _go_ustar_header(name, len(data), mode)
+        out += data
+        out += bytes(-len(data) % 512)
+    return bytes(out + bytes(1024))
+
+
+def build_meta_tarball(fs_meta: bytes, gzip_index: bytes | None = None, *, fs_type: str = "ext4") -> bytes:
+    """``turboOCIv1.tar.gz``: ``build_meta_tar`` gzip-compressed (no timestamp)."""
+    return gzip.compress(build_meta_tar(fs_meta, gzip_index, fs_type=fs_type), mtime=0)
 
 
 def _gunzip(raw: bytes, name: str) -> bytes:
