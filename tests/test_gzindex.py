@@ -214,6 +214,7 @@ def _recrc(data: bytes) -> bytes:
         (lambda m: _patch(m, 0, b"XX"), r"gzip\.meta at offset 0: bad gzip index magic"),
         (lambda m: _patch(m, 50, b"\x01"), r"gzip\.meta at offset 329: gzip index header CRC"),
         (lambda m: _recrc(_patch(m, 8, b"\x02")), r"gzip\.meta at offset 8: .*major version 2"),
+        (lambda m: _recrc(_patch(m, 25, struct.pack("<q", 10**6))), r"gzip\.meta at offset 25: implausible checkpoint"),
         (lambda m: m + b"\0", r"gzip\.meta at offset 41: gzip index says its size is 83431, file has 83432"),
         (lambda m: _patch(m, 83324 + 5, b"\xff\xff\xff"), r"gzip\.meta at offset 83324: entry table"),
         (lambda m: _patch(m, 400, b"\xff" * 8), r"gzip\.meta at offset 385: window does not inflate"),

@@ -253,10 +253,13 @@ class GzipIndex:
                 f"entry table [{h.index_start}, +{h.index_area_len}) does not end the {source.size}-byte file",
                 blob=name, offset=313,
             )
-        if h.index_num < 1 or h.index_num * ENTRY.size > 1 << 31:
-            raise CorruptDataError(f"implausible checkpoint count {h.index_num}", blob=name, offset=25)
         if h.gzip_file_size <= 0 or h.uncompress_file_size < 0:
             raise CorruptDataError("gzip index has no gzip or uncompressed size", blob=name, offset=33)
+        # the writer adds at most one checkpoint per span (>= MIN_SPAN) plus the first two
+        if not 1 <= h.index_num <= h.uncompress_file_size // MIN_SPAN + 2:
+            raise CorruptDataError(
+                f"implausible checkpoint count {h.index_num} for {h.uncompress_file_size} bytes", blob=name, offset=25
+            )
         area = read_exact(source, h.index_start, h.index_area_len, "gzip index entry table")
         want = h.index_num * ENTRY.size
         if h.dict_compress_algo == DICT_ZLIB:
