@@ -90,6 +90,7 @@ EXT2_FLAG_RW = 0x01
 EXT2_FLAG_64BITS = 0x20000
 EXT2_FLAG_DIRTY = 0x04
 EXT2_FLAG_CHANGED = 0x02
+EXT2_FLAG_MASTER_SB_ONLY = 0x200
 EXT2_FILE_WRITE = 0x0001
 EXT2_FALLOCATE_FORCE_INIT = 0x2
 EXT2_ET_FILE_NOT_FOUND = 2133571404
@@ -346,9 +347,10 @@ class Filesystem:
         self.close()
 
     def patch_super(self, offset: int, data: bytes) -> None:
-        """Overwrite bytes of the in-memory superblock; written back (all copies) on close."""
+        """Overwrite bytes of the in-memory superblock; written back to the primary AND the
+        backup superblocks on close (libext2fs opens with "master superblock only")."""
         _c.memmove(self._head.super + offset, data, len(data))
-        self._head.flags |= EXT2_FLAG_DIRTY | EXT2_FLAG_CHANGED
+        self._head.flags = (self._head.flags | EXT2_FLAG_DIRTY | EXT2_FLAG_CHANGED) & ~EXT2_FLAG_MASTER_SB_ONLY
 
     # -- inodes -----------------------------------------------------------------------------
     def read_inode(self, ino: int) -> Inode:
