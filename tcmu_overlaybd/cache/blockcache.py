@@ -123,6 +123,7 @@ class BlockCache:
         self._lock = threading.Lock()  # in-process: fd cache, touch map, stats
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._touched: dict[str, float] = {}
+        self._blob_dirs: dict[str, str] = {}  # digest -> its block directory (validated once)
         for d in (self.dir, self._blocks_dir, self._tmp_dir):
             self._mkdir(d)
         self._lock_path = os.path.join(self.dir, ".lock")
@@ -139,8 +140,11 @@ class BlockCache:
             raise StateError(f"cache directory {path}: {e.strerror}") from None
 
     def block_path(self, key: str, index: int) -> str:
-        algo, hexpart = _split_digest(key)
-        return os.path.join(self._blocks_dir, algo, hexpart, str(index))
+        d = self._blob_dirs.get(key)
+        if d is None:
+            algo, hexpart = _split_digest(key)
+            d = self._blob_dirs[key] = os.path.join(self._blocks_dir, algo, hexpart) + os.sep
+        return d + str(index)
 
     def _exclusive(self):
         return _FileLock(self._lock_path)
