@@ -241,3 +241,18 @@ def test_cache_files_are_named_by_digest():
     assert GzipCache.file_name("/var/lib/images/oci/blobs/sha256/" + hexd) == "sha256:" + hexd
     other = GzipCache.file_name("/tmp/layer.tar.gz")
     assert other.startswith("key-") and "/" not in other
+
+
+def test_prune_and_clear_one_digest(tmp_path):
+    pool = GzipCache(tmp_path / "gz")
+    for i, d in enumerate((DIGEST_A, DIGEST_B, DIGEST_C)):
+        view = pool.open(d, BytesSource(_data(2 * MiB, i), d))
+        view.read(0, 2 * MiB)
+        os.utime(view.path, (1_000_000 * (i + 1),) * 2)  # A oldest, C newest
+    assert pool.prune() == 0  # under the 4 GiB default cap: nothing to do
+    freed = pool.prune(4 * MiB + 100_000)
+    usage = {name: used for name, used, _ in pool.files()}
+    assert freed >= 2 * MiB and usage[DIGEST_A] == 0 and usage[DIGEST_C] >= 2 * MiB
+    assert pool.usage() <= 4 * MiB + 100_000
+    assert pool.clear(DIGEST_B) >= 2 * MiB
+    assert sorted(name for name, _, _ in pool.files()) == sorted([DIGEST_A, DIGEST_C])

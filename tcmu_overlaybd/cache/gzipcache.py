@@ -115,10 +115,12 @@ class GzipCache:
                 return
             self._estimate = self._evict(int(self.capacity * LOW_WATER))
 
-    def _evict(self, target: int) -> int:
+    def _evict(self, target: int, force: bool = False) -> int:
+        """Truncate least recently used files until the pool holds at most ``target`` bytes
+        (only when it is over the cap, unless ``force``); returns what it then holds."""
         files = self.files()
         total = sum(used for _, used, _ in files)
-        if total <= self.capacity:
+        if total <= (target if force else self.capacity):
             return total
         for name, used, _ in sorted(files, key=lambda f: f[2]):
             if total <= target:
@@ -133,11 +135,22 @@ class GzipCache:
             total -= used
         return total
 
-    def clear(self) -> int:
-        """Delete every cached layer; returns the bytes freed."""
+    def prune(self, max_bytes: int | None = None) -> int:
+        """Drop least recently used layers down to ``max_bytes`` (default: the cap); returns bytes freed."""
+        with self._lock:
+            before = self.usage()
+            limit = self.capacity if max_bytes is None else max_bytes
+            after = before if before <= limit else self._evict(limit, force=True)
+            self._estimate = after
+        return before - after
+
+    def clear(self, digest: str | None = None) -> int:
+        """Delete every cached layer (or the one of ``digest``); returns the bytes freed."""
         freed = 0
         with self._lock:
             for name, used, _ in self.files():
+                if digest is not None and name != self.file_name(digest):
+                    continue
                 for path in (os.path.join(self.dir, name), os.path.join(self.dir, name + SIDECAR_SUFFIX)):
                     try:
                         os.truncate(path, 0)
@@ -145,7 +158,7 @@ class GzipCache:
                     except FileNotFoundError:
                         pass
                 freed += used
-            self._estimate = 0
+            self._estimate = None
         return freed
 
 
