@@ -307,6 +307,14 @@ def test_good_synthetic_layer_opens():
     assert len(layer.index) == 2
 
 
+def test_invalid_entries_are_dropped_wherever_they_are():
+    entries = [(0, 4, 8, False, 0), (lsmt.INVALID_OFFSET, 0, 0, False, 0), (4, 4, 12, False, 0)]
+    layer = lsmt.LsmtFile.open(BytesSource(bytes(_sealed(entries))))
+    assert list(layer.segments()) == [(0, 4, 8, False, 0), (4, 4, 12, False, 0)]
+    bad = [(0, 4, 8, False, 0), (lsmt.INVALID_OFFSET, 0, 0, False, 0), (2, 4, 12, False, 0)]
+    assert _open_bad(_sealed(bad)).startswith(f"bad.lsmt at offset {4096 + 8 * S + 32}: index entries")
+
+
 def test_entry_past_the_data_area():
     msg = _open_bad(_sealed([(0, 4, 8, False, 0), (4, 8, 12, False, 0)]))
     ioff = 4096 + 8 * S

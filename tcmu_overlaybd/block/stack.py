@@ -32,51 +32,57 @@ def _layer_index(layer) -> SegmentIndex:
     return idx
 
 
+def _relabel(idx: SegmentIndex, level: int, identity: bool) -> SegmentIndex:
+    """A single layer's index as merged entries: tag := level (and moffset := offset if opaque)."""
+    return SegmentIndex(array("Q", idx.offsets), array("I", idx.lengths),
+                        array("Q", idx.offsets if identity else idx.moffsets), array("B", idx.zeroed),
+                        array("H", bytes(2 * len(idx.offsets))) if level == 0 else
+                        array("H", [level]) * len(idx.offsets))
+
+
 def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identity: bool) -> SegmentIndex:
-    """Merge ``lower`` (one layer) under ``upper`` (already merged): fill only upper's gaps."""
+    """Merge ``lower`` (one layer) under ``upper`` (already merged): fill only upper's gaps.
+
+    One pass over both sorted indexes; lower segments are trimmed to the gaps
+    (a trimmed data segment advances its moffset, a zeroed one keeps it).
+    """
+    if not len(upper):
+        return _relabel(lower, lower_level, identity)
     uo, ul, um, uz, ut = upper.offsets, upper.lengths, upper.moffsets, upper.zeroed, upper.tags
     lo_, ll, lm, lz = lower.offsets, lower.lengths, lower.moffsets, lower.zeroed
     oo, ol, om, oz, ot = array("Q"), array("I"), array("Q"), array("B"), array("H")
-    n_low = len(lo_)
+    o_app, l_app, m_app, z_app, t_app = oo.append, ol.append, om.append, oz.append, ot.append
+    n_low, n_up = len(lo_), len(uo)
     j = 0
     cursor = 0
-    inf = 1 << 62
-
-    def fill(gap_lo: int, gap_hi: int) -> None:
-        nonlocal j
-        while j < n_low and lo_[j] + ll[j] <= gap_lo:
-            j += 1
-        k = j
-        while k < n_low and lo_[k] < gap_hi:
-            s, e = lo_[k], lo_[k] + ll[k]
-            a = s if s > gap_lo else gap_lo
-            b = e if e < gap_hi else gap_hi
-            z = lz[k]
-            oo.append(a)
-            ol.append(b - a)
-            if identity:
-                om.append(a)
-            else:
-                om.append(lm[k] if z else lm[k] + (a - s))
-            oz.append(z)
-            ot.append(lower_level)
-            if e > gap_hi:
-                break
-            k += 1
-        j = k
-
-    for i in range(len(uo) + 1):
-        start = uo[i] if i < len(uo) else inf
+    for i in range(n_up + 1):
+        start = uo[i] if i < n_up else 1 << 62
         if start > cursor and j < n_low:
-            fill(cursor, start)
-        if i == len(uo):
+            # fill the gap [cursor, start) from the lower layer
+            while j < n_low and lo_[j] + ll[j] <= cursor:
+                j += 1
+            while j < n_low and lo_[j] < start:
+                s, e = lo_[j], lo_[j] + ll[j]
+                a = s if s > cursor else cursor
+                b = e if e < start else start
+                z = lz[j]
+                o_app(a)
+                l_app(b - a)
+                m_app(a if identity else (lm[j] if z else lm[j] + (a - s)))
+                z_app(z)
+                t_app(lower_level)
+                if e > start:
+                    break
+                j += 1
+        if i == n_up:
             break
-        oo.append(start)
-        ol.append(ul[i])
-        om.append(um[i])
-        oz.append(uz[i])
-        ot.append(ut[i])
-        cursor = start + ul[i]
+        ln = ul[i]
+        o_app(start)
+        l_app(ln)
+        m_app(um[i])
+        z_app(uz[i])
+        t_app(ut[i])
+        cursor = start + ln
     if len(oo) > MAX_RW_INDEX_SIZE:
         raise UsageError(f"merged index has {len(oo)} segments, more than {MAX_RW_INDEX_SIZE}")
     return SegmentIndex(oo, ol, om, oz, ot)

@@ -22,6 +22,8 @@ import threading
 import uuid as _uuid
 from array import array
 from dataclasses import dataclass, replace
+from itertools import islice, repeat
+from operator import add, and_, le, mul, rshift
 from typing import BinaryIO, Callable, Iterator, Mapping
 
 from ..block.source import ByteSource, FileSource, read_exact
@@ -288,26 +290,36 @@ def _checked(data: bytes, want: int, name: str, voffset: int, pos: int) -> bytes
 
 
 def _columns_from_entries(raw: bytes, name: str, base: int, keep_tags: bool):
-    """Decode a packed entry table into columns, dropping invalid entries."""
+    """Decode a packed entry table into columns, dropping invalid entries.
+
+    ``map`` with ``operator`` functions keeps the per-entry work in C; a
+    million entries decode in a fraction of a second.
+    """
     words = array("Q")
     words.frombytes(raw)
-    if words.itemsize != 8:  # pragma: no cover - array('Q') is 8 bytes on every supported platform
-        raise RuntimeError("array('Q') is not 64-bit")
-    if sys.byteorder != "little":  # pragma: no cover
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
         words.byteswap()
     w0, w1 = words[0::2], words[1::2]
-    offsets = array("Q", [w & _OFFSET_MASK for w in w0])
+    offsets = array("Q", map(and_, w0, repeat(_OFFSET_MASK)))
     positions = None
-    if INVALID_OFFSET in offsets:
+    invalid = offsets.count(INVALID_OFFSET)
+    if invalid and offsets.index(INVALID_OFFSET) == len(offsets) - invalid:
+        # the usual case: padding only at the end
+        keep_n = len(offsets) - invalid
+        w0, w1, offsets = w0[:keep_n], w1[:keep_n], offsets[:keep_n]
+    elif invalid:
         keep = [i for i, o in enumerate(offsets) if o != INVALID_OFFSET]
         positions = keep
         w0 = array("Q", [w0[i] for i in keep])
         w1 = array("Q", [w1[i] for i in keep])
         offsets = array("Q", [offsets[i] for i in keep])
-    lengths = array("I", [w >> 50 for w in w0])
-    moffsets = array("Q", [w & _MOFFSET_MASK for w in w1])
-    zeroed = array("B", [(w >> 55) & 1 for w in w1])
-    tags = array("H", [w >> 56 for w in w1]) if keep_tags else array("H", bytes(2 * len(w1)))
+    lengths = array("I", map(rshift, w0, repeat(50)))
+    moffsets = array("Q", map(and_, w1, repeat(_MOFFSET_MASK)))
+    zeroed = array("B", map(and_, map(rshift, w1, repeat(55)), repeat(1)))
+    if keep_tags:
+        tags = array("H", map(rshift, w1, repeat(56)))
+    else:
+        tags = array("H", bytes(2 * len(w1)))
     return SegmentIndex(offsets, lengths, moffsets, zeroed, tags), positions
 
 
@@ -316,23 +328,36 @@ def _entry_pos(base: int, positions, i: int) -> int:
 
 
 def _check_sorted(idx: SegmentIndex, name: str, base: int, positions) -> None:
+    """Every entry non-empty, sorted by offset and not overlapping the next (spec §1.2)."""
     offs, lens = idx.offsets, idx.lengths
-    for i, ln in enumerate(lens):
-        if ln == 0:
-            raise CorruptDataError("index entry has length 0", blob=name, offset=_entry_pos(base, positions, i))
-    ends = [o + n for o, n in zip(offs, lens)]
-    bad = next((i for i in range(1, len(offs)) if ends[i - 1] > offs[i]), None)
-    if bad is not None:
-        raise CorruptDataError(
-            f"index entries out of order or overlapping (sector {offs[bad - 1]}+{lens[bad - 1]} "
-            f"> {offs[bad]})",
-            blob=name,
-            offset=_entry_pos(base, positions, bad),
-        )
+    if 0 in lens:
+        i = lens.index(0)
+        raise CorruptDataError("index entry has length 0", blob=name, offset=_entry_pos(base, positions, i))
+    if len(offs) < 2:
+        return
+    ends = array("Q", map(add, offs, lens))
+    if all(map(le, islice(ends, 0, len(ends) - 1), islice(offs, 1, None))):
+        return
+    bad = next(i for i in range(1, len(offs)) if ends[i - 1] > offs[i])
+    raise CorruptDataError(
+        f"index entries out of order or overlapping (sector {offs[bad - 1]}+{lens[bad - 1]} "
+        f"> {offs[bad]})",
+        blob=name,
+        offset=_entry_pos(base, positions, bad),
+    )
+
+
+_NOT = bytes.maketrans(b"\x00\x01", b"\x01\x00")
 
 
 def _check_ranges(idx: SegmentIndex, name: str, base: int, positions, data_end: int) -> None:
     """Sealed range check (spec §1.2): mappings must lie in [sector 8, data_end)."""
+    if not len(idx.offsets):
+        return
+    data_len = array("I", map(mul, idx.lengths, idx.zeroed.tobytes().translate(_NOT)))
+    mends = map(add, idx.moffsets, data_len)  # zeroed: moffset itself; data: moffset+length
+    if min(idx.moffsets) >= DATA_START_SECTOR and max(mends) <= data_end:
+        return
     for i, (n, m, z) in enumerate(zip(idx.lengths, idx.moffsets, idx.zeroed)):
         if m < DATA_START_SECTOR or (m > data_end if z else m + n > data_end):
             raise CorruptDataError(
