@@ -209,8 +209,7 @@ class ZFileReader:
         payload = stored[:payload_len]
         pos = self._starts[n]
         if self._crc and self.verify:
-            (want,) = struct.unpack_from("<I", stored, payload_len)
-            if crc32c_raw(payload, ZFILE_BLOCK_CRC_INIT) != want:
+            if crc32c_raw(payload, ZFILE_BLOCK_CRC_INIT) != int.from_bytes(stored[payload_len:], "little"):
                 raise CorruptDataError(f"ZFile block {n} CRC mismatch", blob=self.name, offset=pos)
         expect = min(self.block_size, self.size - n * self.block_size)
         try:
@@ -267,7 +266,8 @@ class ZFileReader:
         if len(blocks) == 1:
             data = blocks[0]
             return data if skip == 0 and n == len(data) else data[skip : skip + n]
-        return b"".join(blocks)[skip : skip + n]
+        joined = b"".join(blocks)
+        return joined if skip == 0 and len(joined) == n else joined[skip : skip + n]
 
     def close(self) -> None:
         self.source.close()
