@@ -89,7 +89,11 @@ def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identit
 
 
 class StackedDisk:
-    """A stack of layers (bottom first) as one byte source; reads are thread-safe."""
+    """A stack of layers (bottom first) as one byte source; reads are thread-safe.
+
+    The indexes are merged once, here: a writable layer written to afterwards
+    needs a new ``StackedDisk`` for the stack to see the new mappings.
+    """
 
     def __init__(self, layers: Sequence):
         if not layers:
@@ -97,8 +101,8 @@ class StackedDisk:
         if len(layers) > MAX_LAYERS:
             raise UsageError(f"{len(layers)} layers in a stack, at most {MAX_LAYERS} allowed")
         self.layers = list(layers)
-        self.name = "+".join(getattr(layer, "name", "?") for layer in self.layers[-1:]) \
-            + (f" (+{len(self.layers) - 1} lower)" if len(self.layers) > 1 else "")
+        top = getattr(self.layers[-1], "name", "?")
+        self.name = top if len(self.layers) == 1 else f"{top} (+{len(self.layers) - 1} lower layers)"
         self.vsize = next((layer.vsize for layer in reversed(self.layers) if layer.vsize), 0)
         self.size = self.vsize
         self._readers: list[Callable[[int, int], bytes]] = []

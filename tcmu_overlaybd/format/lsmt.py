@@ -447,6 +447,8 @@ class LsmtFile:
         return target.read(byte_offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
         n = max(0, min(length, self.vsize - offset))
         return self.index.read(offset, n, self.read_mapped, self.name)
 
@@ -593,6 +595,8 @@ class RwLayer:
         return self._data.read(byte_offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative read: offset={offset} length={length}")
         n = max(0, min(length, self.vsize - offset))
         with self._lock:
             return self.index.read(offset, n, self.read_mapped, self.name)
