@@ -256,3 +256,21 @@ def test_prune_and_clear_one_digest(tmp_path):
     assert pool.usage() <= 4 * MiB + 100_000
     assert pool.clear(DIGEST_B) >= 2 * MiB
     assert sorted(name for name, _, _ in pool.files()) == sorted([DIGEST_A, DIGEST_C])
+
+
+def test_only_layers_known_by_digest_are_cached(tmp_path):
+    # a path may later hold another gzip: like upstream (targetDigest), no digest, no cache
+    from tcmu_overlaybd.format.gzindex import build_gzip_index
+
+    pool = GzipCache(tmp_path / "gz")
+    path = tmp_path / "layer.tar.gz"
+    for seed in (1, 2):  # same sizes, same (all-zero) first window: only the bytes differ
+        plain = _data(300_000, seed)
+        path.write_bytes(gzip.compress(plain, mtime=0))
+        idx = GzipIndex.from_bytes(build_gzip_index(FileSource(path)))
+        src = GzipIndexedSource(FileSource(path), idx, cache=pool)
+        assert src.cached_view is None
+        assert src.read(1000, 5000) == plain[1000:6000]
+        keyed = GzipIndexedSource(FileSource(path), idx, cache=pool, cache_key=f"sha256:{seed:064x}")
+        assert keyed.read(1000, 5000) == plain[1000:6000] and keyed.cached_view.bytes_from_source > 0
+    assert sorted(n for n, _, _ in pool.files()) == [f"sha256:{1:064x}", f"sha256:{2:064x}"]

@@ -48,6 +48,15 @@ TOUCH_INTERVAL = 30.0
 _NAMED_DIGEST = re.compile(r"(?:@|^)([a-z0-9]+:[a-f0-9]{32,128})$|/blobs/([a-z0-9]+)/([a-f0-9]{32,128})$")
 
 
+def digest_in(name: str) -> str | None:
+    """The digest a blob name carries: ``sha256:<hex>``, ``host/repo@sha256:<hex>`` or an OCI
+    layout path ``.../blobs/sha256/<hex>``; None for other names (plain paths)."""
+    m = _NAMED_DIGEST.search(name)
+    if not m:
+        return None
+    return m.group(1) or f"{m.group(2)}:{m.group(3)}"
+
+
 class GzipCache:
     """A pool directory of decompressed layer views with a size cap and LRU eviction."""
 
@@ -63,14 +72,15 @@ class GzipCache:
 
     @staticmethod
     def file_name(key: str) -> str:
-        """The digest named by ``key`` (``sha256:<hex>``, ``host/repo@sha256:<hex>`` or an OCI
-        layout path ``.../blobs/sha256/<hex>``) as upstream names cache files; other keys are hashed.
+        """The digest ``key`` carries, as upstream names cache files; other keys are hashed.
 
         Keying by digest lets every mount of a layer, from any registry, share one file.
+        A key must identify the *content*: pages are checked against their own CRC, not
+        against the source, so a key reused for other bytes would serve stale pages.
         """
-        m = _NAMED_DIGEST.search(key)
-        if m:
-            return m.group(1) or f"{m.group(2)}:{m.group(3)}"
+        digest = digest_in(key)
+        if digest:
+            return digest
         return "key-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
     def open(self, key: str, source: ByteSource) -> "CachedView":
@@ -228,10 +238,11 @@ class CachedView:
         if len(buf) < hi - lo:
             buf += bytes(hi - lo - len(buf))
         entries = os.pread(self._side, (last - first + 1) * PAGE_ENTRY.size, first * PAGE_ENTRY.size)
-        missing = [
-            p for p in range(first, last + 1) if not self._page_ok(buf, p * PAGE - lo, min(PAGE, self.size - p * PAGE),
-                                                                   entries, (p - first) * PAGE_ENTRY.size)
-        ]
+        missing = []
+        for p in range(first, last + 1):
+            page_size = min(PAGE, self.size - p * PAGE)
+            if not self._page_ok(buf, p * PAGE - lo, page_size, entries, (p - first) * PAGE_ENTRY.size):
+                missing.append(p)
         missed_bytes = 0
         for unit in sorted({p * PAGE // self.pool.refill_size for p in missing}):
             u_lo = unit * self.pool.refill_size

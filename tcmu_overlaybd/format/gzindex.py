@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..block.source import ByteSource, BytesSource, read_exact
+from ..cache.gzipcache import digest_in
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, UsageError
 
@@ -405,8 +406,8 @@ class GzipIndexedSource:
     Reads start from the nearest checkpoint, or continue an inflater parked by an
     earlier read when that is closer (sequential reads then cost only their own
     length).  With ``cache`` (a ``cache.gzipcache.GzipCache``) reads go through the
-    decompressed-data cache keyed by ``cache_key`` (default: ``gz_source.name``,
-    normally the layer digest).
+    decompressed-data cache keyed by ``cache_key`` (default: the digest carried by
+    ``gz_source.name``; a source known only by path is not cached).
     """
 
     #: inflaters kept for continuation (each holds ~40 KiB of zlib state)
@@ -426,7 +427,12 @@ class GzipIndexedSource:
         self._parked: list[_RawInflater] = []
         self._lock = threading.Lock()
         #: the ``cache.gzipcache.CachedView`` reads go through (its counters show hits and refills)
-        self.cached_view = cache.open(cache_key or gz_source.name, _UncachedView(self)) if cache is not None else None
+        self.cached_view = None
+        key = cache_key or digest_in(gz_source.name)
+        if cache is not None and key:
+            # like upstream, only a layer known by digest is cached: a path may later hold
+            # other bytes, and cached pages are checked against their CRC, not the source
+            self.cached_view = cache.open(key, _UncachedView(self))
 
     def read(self, offset: int, length: int) -> bytes:
         if self.cached_view is not None:

@@ -186,7 +186,8 @@ def open_turbo_layer(
     ``target`` is the original layer blob (gzip or plain tar per ``target_is_gzip``);
     gzip targets are read through the tarball's ``gzip.meta`` and, with
     ``gzip_cache`` (a ``cache.gzipcache.GzipCache``), through the decompressed-data
-    cache keyed by ``cache_key`` (default: ``target.name``, normally its digest).
+    cache keyed by ``cache_key`` (default: the digest in ``target.name``; a target
+    known only by path is not cached).
     """
     meta = read_meta_tarball(meta_blob)
     if meta.fs_type != "ext4":
