@@ -312,11 +312,11 @@ class _Lz4BlockCompressor:
     def compress(self, block) -> bytes:
         if _LZ4_COMPRESS_DEFAULT is None:
             return lz4.block.compress(block, mode="default", store_size=False)
-        data = bytes(block)
+        data = block if isinstance(block, bytes) else bytes(block)
         n = _LZ4_COMPRESS_DEFAULT(data, self._buf, len(data), self._cap)
         if n <= 0:
             raise RuntimeError(f"LZ4_compress_default failed for a {len(data)}-byte block")
-        return self._buf.raw[:n]
+        return ctypes.string_at(self._buf, n)
 
 
 
