@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import pathlib
 import tarfile
 
 import pytest
@@ -15,6 +16,12 @@ from tcmu_overlaybd.cache.gzipcache import GzipCache
 from tcmu_overlaybd.errors import CorruptDataError, UnsupportedError
 from tcmu_overlaybd.ext4.fs import Ext4
 from tcmu_overlaybd.format.turbooci import open_turbo_layer, open_warp_layer, read_meta_tarball
+from tcmu_overlaybd.image.manifest import (
+    ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_TURBO_TARGET_DIGEST, ANN_TURBO_TARGET_MEDIA_TYPE, ANN_VERSION, OCI_LAYER_GZIP,
+    VERSION_TURBO,
+)
+
+from .helpers.layouts import add_blob, add_manifest
 
 ORIGINAL = {
     0: "571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1",
@@ -228,3 +235,61 @@ def test_built_tarball_opens_like_the_upstream_one(small):
     assert meta.has_marker and meta.fs_meta == (l0 / "ext4.fs.meta").read_bytes()
     fs = Ext4(open_turbo_layer(BytesSource(blob, "built.tgz"), _target(small, 0), target_is_gzip=True))
     assert fs.read(fs.lookup("etc/motd")) == _tar_member(small, 0, "etc/motd")
+
+
+# --- end to end: a TurboOCI image in an OCI layout, read with the obd CLI --------------------
+
+
+def _turbo_layout(small, dst, meta_blobs: dict[int, bytes] | None = None):
+    """An OCI layout of the TurboOCI image: meta layers referencing the untouched originals."""
+    layers, diff_ids = [], []
+    for n in (0, 1):
+        add_blob(dst, (small / "original" / "blobs" / "sha256" / ORIGINAL[n]).read_bytes())
+        meta = (meta_blobs or {}).get(n) or (small / "turbooci" / f"layer{n}" / "turboOCIv1.tar.gz").read_bytes()
+        digest, size = add_blob(dst, meta)
+        diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(meta)).hexdigest())
+        layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size, "annotations": {
+            ANN_VERSION: VERSION_TURBO, ANN_BLOB_DIGEST: digest, ANN_BLOB_SIZE: str(size),
+            ANN_TURBO_TARGET_DIGEST: "sha256:" + ORIGINAL[n], ANN_TURBO_TARGET_MEDIA_TYPE: OCI_LAYER_GZIP}})
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    add_manifest(dst, config, layers, "turbo")
+    return dst
+
+
+def _obd(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OBD_GZIP_CACHE_DIR=str(tmp_path / "gzcache"), OBD_CACHE_DIR=str(tmp_path / "blocks"),
+               OBD_CONFIG=str(tmp_path / "no-config.json"))
+    (tmp_path / "no-config.json").write_text("{}")
+    obd = pathlib.Path(sys.executable).with_name("obd")
+    return subprocess.run([str(obd), *args], capture_output=True, env=env, timeout=120)
+
+
+def test_obd_cat_and_ls_read_a_turbooci_image(small, tmp_path):
+    layout = _turbo_layout(small, tmp_path / "layout")
+    ref = f"oci:{layout}:turbo"
+    res = _obd(tmp_path, "cat", ref, "/data/big.txt")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == _tar_member(small, 0, "data/big.txt")
+    res = _obd(tmp_path, "ls", ref, "/data/b")
+    assert (res.returncode, res.stdout) == (0, b"new.txt\n")
+    # the decompressed view of layer 0 landed in the gzip cache, named by the original's digest
+    assert (tmp_path / "gzcache" / ("sha256:" + ORIGINAL[0])).stat().st_size > 1_000_000
+
+
+def test_obd_reports_a_damaged_meta_layer_in_one_line(small, tmp_path):
+    from tcmu_overlaybd.format.turbooci import build_meta_tarball
+
+    l0 = small / "turbooci" / "layer0"
+    fs_meta = bytearray((l0 / "ext4.fs.meta").read_bytes())
+    fs_meta[-1000:-992] = b"\xde\xad\xbe\xef" * 2  # the ZFile jump table
+    layout = _turbo_layout(small, tmp_path / "layout",
+                           {0: build_meta_tarball(bytes(fs_meta), (l0 / "gzip.meta").read_bytes())})
+    res = _obd(tmp_path, "cat", f"oci:{layout}:turbo", "/etc/motd")
+    assert res.returncode == 6 and res.stdout == b""
+    err = res.stderr.decode().strip()
+    assert "\n" not in err and err.startswith("obd: ") and "ext4.fs.meta at offset" in err
+    assert "ZFile jump table CRC mismatch" in err
