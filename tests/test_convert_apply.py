@@ -284,3 +284,20 @@ def test_filesystem_handle_rejects_a_missing_image(tmp_path):
     with pytest.raises(Exception) as e:
         Filesystem(str(tmp_path / "nope"))
     assert "nope" in str(e.value)
+
+
+def test_large_directories_grow_and_shrink_cleanly(tmp_path):
+    """Thousands of long names: directories expand past one block; whiteouts in a lower one."""
+    names = [f"{i:05d}-" + "n" * 100 for i in range(1500)]
+    l1 = [Entry("big", "dir")] + [Entry(f"big/{n}", data=n.encode()) for n in names]
+    l2 = [Entry(f"big/{n}", "whiteout") for n in names[::2]] + [Entry("big/added", data=b"new")]
+    blobs = [compress(build_tar(l1), "gzip"), build_tar(l2)]
+    image = str(tmp_path / "img")
+    make_ext4(image, 256 << 20)
+    for i, blob in enumerate(blobs):
+        apply_layer_file(image, _blob_file(tmp_path, blob, f"l{i}"), MODE_MAP)
+    rc, out = fsck_clean(image)
+    assert rc == 0, out
+    tree = read_tree(image)
+    assert tree == reference_tree(blobs)
+    assert len([p for p in tree if p.startswith("/big/")]) == 751

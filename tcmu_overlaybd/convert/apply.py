@@ -215,6 +215,8 @@ class LayerApplier:
         #: mappings by inode; dropped when the inode is released within the layer, so that
         #: blocks it freed and something else reused are never served from the tar
         self.mapped: dict[int, list[Mapping]] = {}
+        #: directory paths resolved so far (path -> inode, real path); cleared by any removal
+        self._resolved: dict[Path, tuple[int, Path]] = {}
         self.result = ApplyResult()
 
     # -- path resolution --------------------------------------------------------------------
@@ -235,9 +237,16 @@ class LayerApplier:
         With ``create`` missing components become 0755 directories and non-directories
         in the way are replaced; without it a missing component gives None.
         """
+        hit = self._resolved.get(path)
+        if hit is not None:
+            return hit
         hops = 0
-        todo = list(path)
-        ino, real = ROOT_INO, ()
+        # continue from the longest prefix already resolved
+        k = len(path) - 1
+        while k > 0 and path[:k] not in self._resolved:
+            k -= 1
+        ino, real = self._resolved[path[:k]] if k > 0 else (ROOT_INO, ())
+        todo = list(path[k:])
         while todo:
             comp = todo.pop(0)
             child = self.fs.lookup(ino, comp)
@@ -261,11 +270,13 @@ class LayerApplier:
             elif not create:
                 return None
             ino, real = self.fs.mkdir(ino, comp), real + (comp,)
+        self._resolved[path] = (ino, real)
         return ino, real
 
     # -- removal ----------------------------------------------------------------------------
     def _remove(self, dir_ino: int, name: bytes, ino: int) -> None:
         """Remove ``name`` (recursively for directories)."""
+        self._resolved.clear()
         if self.fs.read_inode(ino).is_dir:
             for child, cino in self.fs.list_dir(ino):
                 self._remove(ino, child, cino)

@@ -324,6 +324,9 @@ class Filesystem:
         self._head = _FilsysHead.from_address(self._fs.value)
         self.block_size = self._head.blocksize
         self._head.now = now
+        #: entries of the directories made through this handle (name -> inode): lookups in
+        #: them skip libext2fs's linear directory scan, which is O(entries) per call
+        self._made: dict[int, dict[bytes, int]] = {}
         self._check(_lib.ext2fs_read_bitmaps(self._fs), "read bitmaps")
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -365,6 +368,9 @@ class Filesystem:
 
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         """Inode number of ``name`` in directory ``dir_ino``, or None."""
+        made = self._made.get(dir_ino)
+        if made is not None:
+            return made.get(name)
         out = _ino()
         err = _lib.ext2fs_lookup(self._fs, dir_ino, name, len(name), None, _c.byref(out))
         if err == EXT2_ET_FILE_NOT_FOUND:
@@ -407,6 +413,12 @@ class Filesystem:
         self._with_dir_space(
             dir_ino, f"link {name!r}", lambda: _lib.ext2fs_link(self._fs, dir_ino, name, ino, ftype)
         )
+        self._linked(dir_ino, name, ino)
+
+    def _linked(self, dir_ino: int, name: bytes, ino: int) -> None:
+        made = self._made.get(dir_ino)
+        if made is not None:
+            made[name] = ino
 
     def create(self, dir_ino: int, name: bytes, inode: Inode) -> int:
         """Allocate an inode, write ``inode`` to it and link it as ``name``."""
@@ -420,6 +432,8 @@ class Filesystem:
         """Create an empty directory (mode 0755, root-owned; callers set the rest)."""
         ino = self._new_inode_number(dir_ino, stat.S_IFDIR | 0o755)
         self._with_dir_space(dir_ino, f"mkdir {name!r}", lambda: _lib.ext2fs_mkdir(self._fs, dir_ino, ino, name))
+        self._linked(dir_ino, name, ino)
+        self._made[ino] = {}
         return ino
 
     def symlink(self, dir_ino: int, name: bytes, target: bytes) -> int:
@@ -430,6 +444,7 @@ class Filesystem:
         self._with_dir_space(
             dir_ino, f"symlink {name!r}", lambda: _lib.ext2fs_symlink(self._fs, dir_ino, ino, name, target)
         )
+        self._linked(dir_ino, name, ino)
         return ino
 
     def hardlink(self, dir_ino: int, name: bytes, ino: int) -> None:
@@ -447,6 +462,9 @@ class Filesystem:
         """
         inode = self.read_inode(ino)
         self._check(_lib.ext2fs_unlink(self._fs, dir_ino, name, ino, 0), f"unlink {name!r}")
+        made = self._made.get(dir_ino)
+        if made is not None:
+            made.pop(name, None)
         if inode.is_dir:
             parent = self.read_inode(dir_ino)
             if parent.links > 2:  # the child's ".." no longer points at the parent
@@ -459,6 +477,7 @@ class Filesystem:
             inode.set("i_links_count", remaining)
             self.write_inode(ino, inode)
             return False
+        self._made.pop(ino, None)
         self._release(ino, inode)
         return True
 

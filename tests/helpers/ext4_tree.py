@@ -73,6 +73,8 @@ def read_tree(image: str, skip: tuple[str, ...] = ("/lost+found",)) -> dict[str,
                     continue
                 _, ino, mode, uid, gid, rest = line.split("/", 5)
                 name = rest.rsplit("/", 2)[0]
+                if int(ino) == 0:  # an unused slot left by a removed entry
+                    continue
                 if name in (".", ".."):
                     if name == "." and d == "/":
                         entries["/"] = (int(ino), int(mode, 8), int(uid), int(gid))
