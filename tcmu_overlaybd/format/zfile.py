@@ -127,6 +127,8 @@ def is_zfile(source: ByteSource) -> bool:
 
 # --- reader (spec §2.4) ---------------------------------------------------------------------
 
+_lz4_decompress = lz4.block.decompress
+
 
 class ZFileReader:
     """The decompressed bytes of a ZFile, as a thread-safe byte source."""
@@ -199,33 +201,35 @@ class ZFileReader:
         self.block_size = bs
         self.size = info.original_file_size
         self.algorithm = "lz4" if info.algo == ALGO_LZ4 else "zstd"
+        self._is_lz4 = info.algo == ALGO_LZ4
+        self._last_block = nblocks - 1
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = cache_blocks
         self._lock = threading.Lock()
         self._local = threading.local()
 
     def _decompress(self, n: int, stored: memoryview | bytes) -> bytes:
-        payload_len = len(stored) - self._crc
-        payload = stored[:payload_len]
-        pos = self._starts[n]
-        if self._crc and self.verify:
-            if crc32c_raw(payload, ZFILE_BLOCK_CRC_INIT) != int.from_bytes(stored[payload_len:], "little"):
-                raise CorruptDataError(f"ZFile block {n} CRC mismatch", blob=self.name, offset=pos)
-        expect = min(self.block_size, self.size - n * self.block_size)
+        crc = self._crc
+        payload = stored[: len(stored) - crc] if crc else stored
+        if crc and self.verify and crc32c_raw(payload, ZFILE_BLOCK_CRC_INIT) != int.from_bytes(
+                stored[-crc:], "little"):
+            raise CorruptDataError(f"ZFile block {n} CRC mismatch", blob=self.name, offset=self._starts[n])
+        bs = self.block_size
         try:
-            if self.algorithm == "lz4":
-                out = lz4.block.decompress(payload, uncompressed_size=self.block_size)
+            if self._is_lz4:
+                out = _lz4_decompress(payload, uncompressed_size=bs)
             else:
                 dec = getattr(self._local, "zstd", None)
                 if dec is None:
                     dec = self._local.zstd = zstandard.ZstdDecompressor()
-                out = dec.decompress(payload, max_output_size=self.block_size)
+                out = dec.decompress(payload, max_output_size=bs)
         except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
             raise CorruptDataError(f"ZFile block {n} does not decompress: {e}", blob=self.name,
-                                   offset=pos) from None
+                                   offset=self._starts[n]) from None
+        expect = bs if n != self._last_block else self.size - n * bs
         if len(out) != expect:
             raise CorruptDataError(f"ZFile block {n} decompresses to {len(out)} bytes, expected {expect}",
-                                   blob=self.name, offset=pos)
+                                   blob=self.name, offset=self._starts[n])
         return out
 
     def read(self, offset: int, length: int) -> bytes:
