@@ -1,5 +1,91 @@
-"""Commands of this group are added in their own change."""
+"""The kernel-path commands: ``mount``, ``umount``, ``list``, ``recover``, ``doctor``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import KernelError
+from ..image.options import OpenOptions
+from .options import image_options
+
+
+@click.command("mount")
+@click.argument("image")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--upper", default=None, type=click.Path(file_okay=False),
+              help="Directory that receives the writes (default: a fresh one under state.upperDir, "
+                   "removed by umount).")
+@click.option("-f", "--foreground", is_flag=True,
+              help="Stay in the foreground; Ctrl-C unmounts.")
+@click.option("--raw", is_flag=True, help="IMAGE is a raw disk image file (ext4), not a reference.")
+@image_options
+def mount_cmd(image: str, mountpoint: str, upper: str | None, foreground: bool, raw: bool,
+              opts: OpenOptions) -> None:
+    """Mount IMAGE as a writable rootfs on MOUNTPOINT (ext4 read-only + overlayfs)."""
+    from ..mount import mounter
+
+    st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw)
+    click.echo(st.mountpoint)
+    if foreground:
+        mounter.foreground(st)
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+def umount_cmd(mountpoint: str) -> None:
+    """Unmount MOUNTPOINT and remove its device, LUN, backstore and handler."""
+    from ..mount import mounter
+
+    mounter.umount(mountpoint)
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of mounts.")
+def list_cmd(as_json: bool) -> None:
+    """Show obd mounts: mountpoint, device, image, handler pid."""
+    from ..mount import mounter
+
+    mounts = mounter.list_mounts()
+    if as_json:
+        click.echo(json.dumps(mounts, indent=1))
+        return
+    if not mounts:
+        return
+    click.echo(f"{'MOUNTPOINT':30} {'DEVICE':10} {'HANDLER':>8} {'RESTARTS':>8}  IMAGE")
+    for m in mounts:
+        pid = str(m["handler_pid"]) if m["handler_alive"] else "dead"
+        click.echo(f"{m['mountpoint']:30} {m['device'] or '-':10} {pid:>8} {m['restarts']:>8}  {m['image']}")
+
+
+@click.command("recover")
+def recover_cmd() -> None:
+    """Restart the handler of every mount whose handler process is gone."""
+    from ..mount import mounter
+
+    failed = False
+    for st, outcome in mounter.recover():
+        click.echo(f"{st.mountpoint}: {outcome}")
+        failed = failed or outcome.startswith(("restart failed", "backstore gone"))
+    if failed:
+        raise KernelError("some mounts could not be recovered")
+
+
+@click.command("doctor")
+def doctor_cmd() -> None:
+    """Check that this host can run obd mount, and say what to do if not."""
+    from ..lio import host
+
+    bad = 0
+    for c in host.checks():
+        click.echo(f"{'ok  ' if c.ok else 'FAIL'} {c.what}" + ("" if c.ok else f": {c.fix}"))
+        bad += not c.ok
+    if bad:
+        raise KernelError(f"{bad} check(s) failed")
 
 
 def register(group) -> None:
     """Attach this module's commands to the ``obd`` group."""
+    for cmd in (mount_cmd, umount_cmd, list_cmd, recover_cmd, doctor_cmd):
+        group.add_command(cmd)

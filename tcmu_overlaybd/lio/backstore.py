@@ -1,0 +1,101 @@
+"""The LIO ``user`` (TCMU) backstore of one mounted image, through rtslib-fb (tcmu.md §4.1-§4.5, §5)."""
+
+from __future__ import annotations
+
+import os
+
+import rtslib_fb as rtslib
+
+from ..errors import KernelError, NotFoundError
+
+#: dev_config subtype: ``obd/<name>``; other TCMU daemons never claim it (§2.3)
+SUBTYPE = "obd"
+BLOCK_SIZE = 512
+#: 1 MiB requests (tcm_loop's cap), advertised in VPD 0xB0
+MAX_SECTORS = 2048
+#: data area: room for 64 x 1 MiB commands in flight; pages are allocated lazily
+MAX_DATA_AREA_MB = 64
+#: LIO and the SCSI midlayer wait this long for a (restarting) handler before failing I/O;
+#: overlaybd's value (INT32_MAX / 1000 s).  Reads that wait for a registry fail earlier,
+#: after ``io.timeout``, with a MEDIUM ERROR from the handler.
+WAIT_FOR_HANDLER_S = 2147483
+
+
+def _control(block_size: int) -> str:
+    # nl_reply_supported=-1: the kernel never waits for a netlink reply for this device (§3.4)
+    return f"nl_reply_supported=-1,max_data_area_mb={MAX_DATA_AREA_MB},hw_block_size={block_size}"
+
+
+def create(name: str, size: int, block_size: int = BLOCK_SIZE) -> str:
+    """Create and enable backstore ``name`` of ``size`` bytes; returns its configfs path.
+
+    The kernel registers ``/dev/uioN`` during ``enable``.  Timeouts are raised
+    here, before any LUN exists (``cmd_time_out`` is frozen once exported).
+    """
+    size = -(-size // block_size) * block_size
+    try:
+        rtslib.RTSRoot().invalidate_caches()  # other tools may have created backstores meanwhile
+        so = rtslib.UserBackedStorageObject(name, config=f"{SUBTYPE}/{name}", size=size,
+                                            hw_max_sectors=MAX_SECTORS, control=_control(block_size))
+    except (rtslib.RTSLibError, OSError) as e:
+        raise KernelError(f"cannot create TCMU backstore {name}: {e}") from None
+    try:
+        so.set_attribute("cmd_time_out", str(WAIT_FOR_HANDLER_S))
+        so.set_attribute("qfull_time_out", str(WAIT_FOR_HANDLER_S))
+    except (rtslib.RTSLibError, OSError) as e:
+        so.delete()
+        raise KernelError(f"backstore {name}: cannot raise cmd_time_out: {e}") from None
+    return so.path
+
+
+def _find(name: str):
+    for so in rtslib.RTSRoot().storage_objects:
+        if so.plugin == "user" and so.name == name:
+            return so
+    return None
+
+
+def find(name: str):
+    """The rtslib storage object of backstore ``name`` or raise NotFoundError."""
+    so = _find(name)
+    if so is None:
+        raise NotFoundError(f"no TCMU backstore named {name}")
+    return so
+
+
+def exists(name: str) -> bool:
+    return _find(name) is not None
+
+
+def delete(name: str) -> None:
+    """Delete the backstore (after its LUN is gone; the handler then sees EIO)."""
+    so = _find(name)
+    if so is not None:
+        try:
+            so.delete()
+        except (rtslib.RTSLibError, OSError) as e:
+            raise KernelError(f"cannot delete backstore {name}: {e}") from None
+
+
+def _action(path: str, action: str, value: str) -> None:
+    try:
+        with open(os.path.join(path, "action", action), "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if action == "block_dev":  # old kernels: no block/reset (§4.5)
+            return
+        raise KernelError(f"{path}: kernel has no action/{action}") from None
+    except OSError as e:
+        raise KernelError(f"{path}: action/{action}={value} failed: {e.strerror}") from None
+
+
+def reset_for_new_handler(path: str) -> None:
+    """Before a restarted handler opens the device (§4.5): block, fail in-ring commands
+    with BUSY so the initiator retries them, empty the ring.  Call ``unblock`` once the
+    new handler serves."""
+    _action(path, "block_dev", "1")
+    _action(path, "reset_ring", "1")
+
+
+def unblock(path: str) -> None:
+    _action(path, "block_dev", "0")

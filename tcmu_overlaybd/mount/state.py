@@ -1,0 +1,131 @@
+"""Per-mount state files under ``/run/obd`` (config ``state.dir``): one JSON file per mount.
+
+The file is the handler process's only input (image reference and open
+options, never on a command line) and what ``obd list``/``umount``/``recover``
+read.  It may hold registry credentials, so it is written 0600 by root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import StateError
+
+
+@dataclass
+class MountState:
+    id: str
+    mountpoint: str
+    #: image reference, or the path of a raw disk image when ``raw``
+    image: str
+    raw: bool
+    #: ``OpenOptions`` fields used to re-open the image in the handler process
+    options: dict
+    size: int
+    backstore: str
+    wwn: str
+    lower: str
+    upper: str
+    work: str
+    #: upper/work were created by obd (removed on umount)
+    own_upper: bool
+    device: str = ""
+    backstore_path: str = ""
+    #: starting | mounted
+    phase: str = "starting"
+    extra: dict = field(default_factory=dict)
+
+    def public(self) -> dict:
+        """The fields ``obd list --json`` shows (no options: they may hold credentials)."""
+        d = dataclasses.asdict(self)
+        d.pop("options")
+        d.pop("extra")
+        return d
+
+
+def mount_id(mountpoint: str) -> str:
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
+
+
+class StateDir:
+    """The directory of state files (``<id>.json``) and handler logs (``<id>.log``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, mid: str) -> str:
+        return os.path.join(self.path, f"{mid}.json")
+
+    def log(self, mid: str) -> str:
+        return os.path.join(self.path, f"{mid}.log")
+
+    def pids_file(self, mid: str) -> str:
+        return os.path.join(self.path, f"{mid}.pids")
+
+    def write_pids(self, mid: str, supervisor: int, handler: int, restarts: int) -> None:
+        """Written by the supervisor only (the state file belongs to obd mount)."""
+        tmp = self.pids_file(mid) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"supervisor_pid": supervisor, "handler_pid": handler, "restarts": restarts}, f)
+        os.replace(tmp, self.pids_file(mid))
+
+    def read_pids(self, mid: str) -> dict:
+        try:
+            with open(self.pids_file(mid)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {"supervisor_pid": 0, "handler_pid": 0, "restarts": 0}
+
+    def save(self, st: MountState) -> None:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        tmp = self.file(st.id) + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(st), f, indent=1)
+        os.replace(tmp, self.file(st.id))
+
+    def load_file(self, path: str) -> MountState:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return MountState(**data)
+        except FileNotFoundError:
+            raise StateError(f"{path}: no such mount state") from None
+        except (ValueError, TypeError) as e:
+            raise StateError(f"{path}: unreadable mount state: {e}") from None
+
+    def load(self, mid: str) -> MountState:
+        return self.load_file(self.file(mid))
+
+    def all(self) -> list[MountState]:
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        return [self.load_file(os.path.join(self.path, n)) for n in names if n.endswith(".json")]
+
+    def find_mountpoint(self, mountpoint: str) -> MountState | None:
+        mid = mount_id(mountpoint)
+        return self.load(mid) if os.path.exists(self.file(mid)) else None
+
+    def remove(self, mid: str) -> None:
+        for p in (self.file(mid), self.log(mid), self.pids_file(mid)):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -1,0 +1,184 @@
+"""The handler process of one mount and its supervisor.
+
+``python -m tcmu_overlaybd.mount.supervisor STATE_FILE READY_FD [--recover]``
+
+The supervisor forks the handler (which re-opens the image from the state
+file, opens ``/dev/uioN`` and serves the ring) and restarts it whenever it dies
+abnormally (SIGKILL, crash): the kernel keeps the ring and in-flight commands,
+the new handler resets the ring so they are retried (tcmu.md §4.5), and readers
+only see a slow read.  The first handler's outcome is written to READY_FD as
+one line: ``ready`` or ``error <exit code> <message>``.  SIGTERM stops both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from .. import config
+from ..errors import ObdError
+from ..logs import setup_logging
+from ..tcmu.handler import Handler
+from ..tcmu.scsi import DiskInfo, Target
+from ..tcmu.uio import UioDevice, find_uio
+from ..lio import backstore
+from .state import MountState, StateDir
+
+log = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 0.2
+REOPEN_RETRY_S = 1.0
+
+
+def open_source(st: MountState):
+    """The virtual disk of the mount as a ByteSource (re-opened in every handler)."""
+    if st.raw:
+        from ..block.source import FileSource
+
+        return FileSource(st.image)
+    from ..image.disk import open_disk
+    from ..image.options import OpenOptions
+    from ..image.resolve import open_image
+
+    opts = OpenOptions(**st.options)
+    image = open_image(st.image, opts)
+    try:
+        return _ImageDisk(open_disk(image, opts), image.store)
+    except BaseException:
+        image.store.close()
+        raise
+
+
+class _ImageDisk:
+    """An image's virtual disk that also closes the image's blob store."""
+
+    def __init__(self, disk, store):
+        self.name, self.size = disk.name, disk.size
+        self.read = disk.read  # bound method: no extra call per read
+        self._disk, self._store = disk, store
+
+    def close(self) -> None:
+        self._disk.close()
+        self._store.close()
+
+
+def run_handler(st: MountState, ready_fd: int, reset: bool) -> int:
+    """Child process body: serve the device until it goes away or SIGTERM."""
+    try:
+        source = open_source(st)
+        if reset:
+            backstore.reset_for_new_handler(st.backstore_path)
+        dev = UioDevice(find_uio(st.backstore))
+        info = DiskInfo.for_size(st.size, st.id, backstore.BLOCK_SIZE, backstore.MAX_SECTORS)
+        handler = Handler(dev.fd, dev.buf, Target(info), source, workers=config.load()["io.threads"])
+    except ObdError as e:
+        os.write(ready_fd, f"error {e.exit_code} {e}\n".encode())
+        return e.exit_code
+    signal.signal(signal.SIGTERM, lambda *_: handler.stop())
+    if reset:
+        backstore.unblock(st.backstore_path)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    log.info("handler %d serving %s (%s)", os.getpid(), st.backstore, st.image)
+    handler.serve()
+    dev.close()
+    source.close()
+    log.info("handler %d done after %d commands", os.getpid(), handler.commands)
+    return 0
+
+
+def _read_line(fd: int) -> str:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = os.read(fd, 512)
+        if not chunk:
+            break
+        out += chunk
+    return out.decode(errors="replace").strip()
+
+
+class Supervisor:
+    def __init__(self, state_path: str):
+        self.state_dir = StateDir(os.path.dirname(state_path))
+        self.state_path = state_path
+        self.child = 0
+        self.stopping = False
+
+    def _on_term(self, *_):
+        self.stopping = True
+        if self.child:
+            try:
+                os.kill(self.child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _spawn(self, st: MountState, reset: bool) -> tuple[int, str]:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_handler(st, w, reset)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(w)
+        self.child = pid
+        msg = _read_line(r)
+        os.close(r)
+        return pid, msg or "error 1 handler exited before it was ready"
+
+    def run(self, ready_fd: int, recover: bool) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        st = self.state_dir.load_file(self.state_path)
+        me, restarts = os.getpid(), 0
+        reset = recover
+        first = True
+        while not self.stopping:
+            self.state_dir.write_pids(st.id, me, 0, restarts)
+            pid, msg = self._spawn(st, reset)
+            if first:
+                os.write(ready_fd, (msg + "\n").encode())
+                os.close(ready_fd)
+            if msg != "ready":
+                os.waitpid(pid, 0)
+                self.child = 0
+                if first and not recover:
+                    return 1  # obd mount reports the error and tears down
+                log.warning("handler failed to start: %s; retrying", msg)
+                first = False
+                reset = True
+                time.sleep(REOPEN_RETRY_S)
+                continue
+            first = False
+            self.state_dir.write_pids(st.id, me, pid, restarts)
+            _, status = os.waitpid(pid, 0)
+            self.child = 0
+            if self.stopping or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                break
+            why = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit {os.WEXITSTATUS(status)}")
+            restarts += 1
+            log.warning("handler %d died (%s); restarting (restart #%d)", pid, why, restarts)
+            reset = True
+            time.sleep(RESTART_DELAY_S)
+        self.state_dir.write_pids(st.id, me, 0, restarts)
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    state_path, ready_fd = argv[0], int(argv[1])
+    recover = "--recover" in argv[2:]
+    cfg = config.load()
+    setup_logging(cfg["log.level"])
+    return Supervisor(state_path).run(ready_fd, recover)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
