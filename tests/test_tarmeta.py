@@ -203,3 +203,13 @@ def test_any_tar_round_trips_with_exact_offsets(members, fmt):
         (e.name, e.typeflag, e.size, e.data_offset) for e in scanned
     ]
     assert write_tar_meta(again) == meta
+
+
+def test_a_lone_zero_block_is_skipped_two_end_the_archive():
+    a = _tar(tarfile.USTAR_FORMAT, [_file("a", b"1" * 10)])[:1024]  # header + data, no EOF blocks
+    b = _tar(tarfile.USTAR_FORMAT, [_file("b", b"2" * 10)])[:1024]
+    tar = a + bytes(BLOCK) + b + bytes(2 * BLOCK) + _tar(tarfile.USTAR_FORMAT, [_file("after-eof", b"x")])
+    entries = list(scan_tar(BytesSource(tar)))
+    assert [(e.name, e.data_offset) for e in entries] == [("a", 512), ("b", 2048)]
+    meta = export_tar_meta(BytesSource(tar))
+    assert len(meta) == 2 * BLOCK  # the lone zero block is not exported

@@ -195,11 +195,11 @@ class _Input:
 
 def _iter_entries(src: ByteSource | BinaryIO, *, from_meta: bool) -> Iterator[TarEntry]:
     inp = _Input(src)
-    zero_blocks = 0
     while True:
         ext_blocks = bytearray()
         longname = longlink = None
         pax: dict[str, bytes] = {}
+        zero_blocks = 0
         while True:
             at = inp.pos
             block = inp.read(BLOCK)
@@ -208,10 +208,12 @@ def _iter_entries(src: ByteSource | BinaryIO, *, from_meta: bool) -> Iterator[Ta
             if len(block) < BLOCK:
                 raise CorruptDataError(f"truncated tar header ({len(block)} of {BLOCK} bytes)", blob=inp.name, offset=at)
             if block == _ZERO_BLOCK:
-                zero_blocks += 1  # upstream counts zero blocks anywhere; two end the archive
+                # two zero blocks in a row end the archive; a lone one is skipped (not exported)
+                zero_blocks += 1
                 if zero_blocks >= 2:
                     return
                 continue
+            zero_blocks = 0
             typeflag = chr(block[TYPEFLAG])
             mode = _octal(block[MODE])
             # upstream patches every header block it calls regular, extension headers included
