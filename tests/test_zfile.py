@@ -223,3 +223,16 @@ def test_unsupported_algorithm():
     blob[:512] = zfile.ZFileHeader(**{**h.__dict__, "algo": 0, "digest": 0, "raw_flags": 0}).to_bytes()
     with pytest.raises(UnsupportedError, match="mini-LZO"):
         zfile.ZFileReader(BytesSource(bytes(blob), name="lzo.zfile"))
+
+
+def test_block_that_decompresses_to_the_wrong_size():
+    blob = bytearray(_small_zfile())  # 16384 bytes in four 4 KiB blocks
+    h = zfile.ZFileHeader.from_bytes(bytes(blob[:512]))
+    blob[:512] = zfile.ZFileHeader(**{**h.__dict__, "original_file_size": 16000}).to_bytes()
+    reader = zfile.ZFileReader(BytesSource(bytes(blob), name="s.zfile"))
+    assert reader.size == 16000
+    assert reader.read(0, 100) == bytes(range(100))
+    with pytest.raises(CorruptDataError) as e:
+        reader.read(15000, 100)
+    assert str(e.value) == (f"s.zfile at offset {reader._starts[3]}: ZFile block 3 decompresses "
+                            f"to 4096 bytes, expected 3712")
