@@ -104,9 +104,12 @@ def test_eviction_drops_least_recently_used_first(tmp_path):
     src_b = CachedSource(BytesSource(b), cache, DIGEST_B)
     for i in range(4):
         src_a.read(i * BS, 1)
-        time.sleep(0.02)
-    src_a.read(0, 1)  # block 0 of A becomes the most recently used
-    time.sleep(0.02)
+        # as if written an hour ago, block 0 first (recency has TOUCH_INTERVAL resolution)
+        old = time.time() - 3600 + i
+        os.utime(cache.block_path(DIGEST_A, i), (old, old))
+    cache.close_fds()
+    fresh = CachedSource(BytesSource(a), BlockCache(tmp_path / "cache", cap, BS), DIGEST_A)
+    fresh.read(0, 1)  # block 0 of A becomes the most recently used
     src_b.read(0, 1)  # needs room: evicts down to 90 % of the cap
     kept = {(e.digest, e.index) for e in cache.scan()}
     assert (DIGEST_A, 0) in kept and (DIGEST_B, 0) in kept
@@ -245,3 +248,27 @@ def test_obd_cache_rejects_bad_arguments(tmp_path, capsys):
     assert rc == 2 and err == "obd: invalid size 'lots' (examples: 500M, 2G, 1048576)\n"
     rc, _, err = _obd(capsys, "cache", "clear", "sha256:xyz", "--cache-dir", str(tmp_path))
     assert rc == 2 and err.startswith("obd: invalid digest") and err.count("\n") == 1
+
+
+def test_concurrent_misses_of_one_block_fetch_it_once(tmp_path):
+    data = blob(4 * BS, 16)
+
+    class Slow(BytesSource):
+        def read(self, offset, length):
+            time.sleep(0.2)
+            return super().read(offset, length)
+
+    base = CountingSource(Slow(data))
+    src = CachedSource(base, BlockCache(tmp_path / "cache", 64 << 20, BS), DIGEST_A)
+    results = {}
+
+    def worker(i):
+        results[i] = src.read(BS + i * 100, 4096)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] == data[BS + i * 100 : BS + i * 100 + 4096] for i in range(6))
+    assert base.calls == 1 and base.bytes_read == BS

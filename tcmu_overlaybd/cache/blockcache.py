@@ -124,6 +124,7 @@ class BlockCache:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._blob_dirs: dict[str, str] = {}  # digest -> its block directory (validated once)
+        self._inflight: dict[tuple[str, int], threading.Event] = {}  # blocks being fetched here
         for d in (self.dir, self._blocks_dir, self._tmp_dir):
             self._mkdir(d)
         self._lock_path = os.path.join(self.dir, ".lock")
@@ -190,11 +191,14 @@ class BlockCache:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if os.fstat(fd).st_size != expected_len:
+        st = os.fstat(fd)
+        if st.st_size != expected_len:
             os.close(fd)
             self._discard_torn(path, expected_len)
             return None
         with self._lock:
+            if time.time() - st.st_mtime < TOUCH_INTERVAL:  # recent enough for LRU: skip utime
+                self._touched[path] = time.monotonic()
             data = os.pread(fd, length, offset)
             if path in self._fds:
                 os.close(fd)
@@ -229,6 +233,24 @@ class BlockCache:
             if st.st_size != expected_len:
                 os.unlink(path)
                 self._write_usage(self._read_usage() - st.st_size)
+
+    def _claim(self, key: str, indexes: list[int]) -> tuple[list[int], list[tuple[int, threading.Event]]]:
+        """Split ``indexes`` into blocks this thread must fetch and (block, event) pairs in flight elsewhere."""
+        mine, theirs = [], []
+        with self._lock:
+            for idx in indexes:
+                ev = self._inflight.get((key, idx))
+                if ev is None:
+                    self._inflight[(key, idx)] = threading.Event()
+                    mine.append(idx)
+                else:
+                    theirs.append((idx, ev))
+        return mine, theirs
+
+    def _release(self, key: str, indexes: list[int]) -> None:
+        with self._lock:
+            for idx in indexes:
+                self._inflight.pop((key, idx)).set()
 
     def contains(self, key: str, index: int) -> bool:
         return os.path.exists(self.block_path(key, index))
@@ -427,37 +449,59 @@ class CachedSource:
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
     def _fill(self, missing: list[int], offset: int, end: int, first: int, parts: list) -> None:
-        """Fetch runs of adjacent missing blocks, store them, and fill ``parts``."""
+        """Fetch the missing blocks, store them and fill ``parts``.
+
+        Blocks another thread of this process is already fetching are waited for,
+        not fetched twice; the rest go out as one request per run of adjacent blocks.
+        """
         bs = self.cache.block_size
-        runs: list[list[int]] = []
-        for idx in missing:
-            if runs and runs[-1][-1] == idx - 1:
-                runs[-1].append(idx)
+        mine, theirs = self.cache._claim(self.key, missing)
+        try:
+            runs: list[list[int]] = []
+            for idx in mine:
+                if runs and runs[-1][-1] == idx - 1:
+                    runs[-1].append(idx)
+                else:
+                    runs.append([idx])
+            for run in runs:
+                self._fetch_run(run, offset, end, first, parts)
+        finally:
+            self.cache._release(self.key, mine)
+        for idx, done in theirs:
+            done.wait()
+            lo = max(offset, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            data = self.cache.get(self.key, idx, self._block_len(idx), lo, hi - lo)
+            if data is None:  # that fetch failed or the block was evicted at once: our turn
+                self._fill([idx], offset, end, first, parts)
             else:
-                runs.append([idx])
+                parts[idx - first] = data
+
+    def _fetch_run(self, run: list[int], offset: int, end: int, first: int, parts: list) -> None:
+        """One base read for adjacent blocks ``run``; every block is stored."""
+        bs = self.cache.block_size
         stats = self.cache.stats
-        for run in runs:
-            start = run[0] * bs
-            want = sum(self._block_len(i) for i in run)
-            data = self.base.read(start, want)
-            if len(data) != want:
-                raise CorruptDataError(
-                    f"source returned {len(data)} bytes for a {want}-byte range", blob=self.name, offset=start
-                )
+        start = run[0] * bs
+        want = sum(self._block_len(i) for i in run)
+        data = self.base.read(start, want)
+        if len(data) != want:
+            raise CorruptDataError(
+                f"source returned {len(data)} bytes for a {want}-byte range", blob=self.name, offset=start
+            )
+        with self.cache._lock:
+            stats.misses += len(run)
+            stats.bytes_fetched += want
+            stats.fetch_requests += 1
+        view = memoryview(data)
+        for idx in run:
+            rel = idx * bs - start
+            block = view[rel : rel + self._block_len(idx)]
+            self.cache.put(self.key, idx, block)
+            lo = max(offset, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            parts[idx - first] = bytes(block[lo:hi])
             with self.cache._lock:
-                stats.misses += len(run)
-                stats.bytes_fetched += want
-                stats.fetch_requests += 1
-            view = memoryview(data)
-            for idx in run:
-                rel = idx * bs - start
-                block = view[rel : rel + self._block_len(idx)]
-                self.cache.put(self.key, idx, block)
-                lo = max(offset, idx * bs) - idx * bs
-                hi = min(end, (idx + 1) * bs) - idx * bs
-                parts[idx - first] = bytes(block[lo:hi])
-                with self.cache._lock:
-                    stats.bytes_served += hi - lo
+                stats.bytes_served += hi - lo
 
     def close(self) -> None:
         self.base.close()
