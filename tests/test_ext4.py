@@ -231,3 +231,54 @@ def test_corrupt_and_unsupported_filesystems(tree, tmp_path):
 
     with pytest.raises(CorruptDataError, match="truncated"):
         Ext4(BytesSource(bytes(good[:1500]), name="disk.img"))
+
+
+def _walk_everything(fs):
+    """Touch every structure reachable from the root (names, stats, data, links, xattrs)."""
+    seen = set()
+    pending = [fs.root]
+    while pending:
+        ino = pending.pop()
+        if ino.ino in seen:
+            continue
+        seen.add(ino.ino)
+        fs.stat(ino)
+        fs.xattrs(ino)
+        if ino.is_dir:
+            pending.extend(fs.inode(e.ino) for e in fs.listdir(ino))
+        elif ino.is_symlink:
+            fs.readlink(ino)
+        elif ino.is_reg:
+            fs.read(ino, 0, 1 << 20)
+            fs.file_extents(ino)
+
+
+def test_random_metadata_damage_never_leaks_a_python_error(tree, tmp_path):
+    """Flip bytes in inodes and directory blocks: every failure must be a one-line ObdError."""
+    import random
+
+    from tcmu_overlaybd.errors import ObdError
+
+    img = _mkfs(tree, tmp_path / "t.img", "-t", "ext4", "-b", "1024", "-O", "inline_data", size="8M")
+    good = img.read_bytes()
+    fs = Ext4(BytesSource(good))
+    targets = []  # (start, length) of metadata the reader interprets
+    for path, _ in _walk(tree):
+        ino = fs.lookup(path, follow=False)
+        targets.append((ino.offset, fs.sb.inode_size))
+        if ino.is_dir and not ino.has_inline_data:
+            targets += [(phys, length) for _, phys, length in fs.file_extents(ino)]
+    targets.append((1024, 1024))
+    rng = random.Random(1234)
+    failures = 0
+    for _ in range(300):
+        bad = bytearray(good)
+        start, length = rng.choice(targets)
+        for _ in range(rng.randint(1, 8)):
+            bad[start + rng.randrange(length)] = rng.randrange(256)
+        try:
+            _walk_everything(Ext4(BytesSource(bytes(bad), name="disk.img")))
+        except ObdError as e:
+            failures += 1
+            assert "\n" not in str(e)
+    assert failures > 0  # the damage was noticed at least sometimes

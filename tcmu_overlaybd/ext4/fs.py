@@ -26,6 +26,10 @@ from .xattr import XattrEntry, parse_xattrs
 MAX_SYMLINKS = 40
 INLINE_DATA_XATTR = "system.data"
 _I_BLOCK_SIZE = 60
+#: longest symlink target (PATH_MAX - 1; ext4 also keeps it below one block)
+SYMLINK_MAX = 4096
+#: largest xattr value Linux accepts (XATTR_SIZE_MAX)
+XATTR_SIZE_MAX = 65536
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,9 @@ class Ext4:
         """The target of a symlink inode."""
         if not inode.is_symlink:
             raise UsageError(f"inode {inode.ino} is not a symbolic link")
+        if inode.size >= min(SYMLINK_MAX, self.block_size):
+            raise CorruptDataError(f"symlink inode {inode.ino} claims a {inode.size}-byte target",
+                                   blob=self.name, offset=inode.offset + 4)
         return self.read(inode).decode("utf-8", "surrogateescape")
 
     def _xattr_entries(self, inode: Inode) -> list[XattrEntry]:
@@ -227,6 +234,9 @@ class Ext4:
         for x in self._xattr_entries(inode):
             if x.name == INLINE_DATA_XATTR:
                 continue  # storage for inline data, hidden like the kernel does
+            if x.value_size > XATTR_SIZE_MAX:
+                raise CorruptDataError(f"inode {inode.ino}: xattr {x.name!r} claims {x.value_size} bytes",
+                                       blob=self.name, offset=inode.offset)
             if x.value_inum:
                 holder = self.inode(x.value_inum)
                 value = self.read(holder, 0, x.value_size)

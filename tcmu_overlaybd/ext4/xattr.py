@@ -60,9 +60,10 @@ def parse_xattrs(area: bytes, area_offset: int, in_inode: bool, blob: str, owner
         if name_end > len(area):
             raise CorruptDataError(f"inode {owner}: xattr name runs past its area",
                                    blob=blob, offset=area_offset + pos)
-        if index not in NAME_PREFIXES:
-            raise CorruptDataError(f"inode {owner}: unknown xattr name index {index}",
-                                   blob=blob, offset=area_offset + pos)
+        pos_next = (name_end + 3) & ~3
+        if index not in NAME_PREFIXES:  # e.g. Lustre or Hurd attributes: not shown, like the kernel
+            pos = pos_next
+            continue
         name = NAME_PREFIXES[index] + area[pos + _ENTRY.size:name_end].decode("utf-8", "surrogateescape")
         value = b""
         if not value_inum:
@@ -72,5 +73,5 @@ def parse_xattrs(area: bytes, area_offset: int, in_inode: bool, blob: str, owner
                                        blob=blob, offset=area_offset + pos)
             value = bytes(area[start:start + value_size])
         out.append(XattrEntry(name, value, value_inum, value_size))
-        pos = (name_end + 3) & ~3
+        pos = pos_next
     return out
