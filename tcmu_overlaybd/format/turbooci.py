@@ -69,8 +69,10 @@ def read_meta_tarball(meta_blob: ByteSource) -> TurboMeta:
     elif EROFS_META in members:
         fs_type, fs_meta = "erofs", members[EROFS_META]
     else:
+        names = sorted(members)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         raise CorruptDataError(
-            f"not a TurboOCI meta layer: no {EXT4_META} among {sorted(members) or 'no members'}", blob=name, offset=0
+            f"not a TurboOCI meta layer: no {EXT4_META} among its files ({shown or 'none'})", blob=name, offset=0
         )
     return TurboMeta(fs_type, fs_meta, members.get(GZIP_META), MARKER in members)
 
