@@ -8,7 +8,11 @@ import pytest
 
 from tcmu_overlaybd.errors import CorruptDataError, NotFoundError, UnsupportedError, UsageError
 from tcmu_overlaybd.image import manifest as m
+from tcmu_overlaybd.image.options import OpenOptions
+from tcmu_overlaybd.image.resolve import open_image
 from tcmu_overlaybd.image.store import Descriptor
+
+from .helpers.layouts import add_manifest
 
 IMAGES = ("centos", "nginx", "redis", "ubuntu", "wordpress")
 
@@ -103,3 +107,16 @@ def test_host_platform(monkeypatch):
     assert str(m.Platform.host()) == "linux/arm64/v8"
     monkeypatch.setattr(m._platform, "machine", lambda: "x86_64")
     assert str(m.Platform.host()) == "linux/amd64"
+
+
+@pytest.mark.parametrize("layer", [
+    {"digest": 5},
+    {"digest": "sha256:" + "a" * 64, "size": "big"},
+    {"digest": "sha256:" + "a" * 64, "size": 1, "annotations": {m.ANN_TURBO_TARGET_DIGEST: 7}},
+    {"digest": "sha256:" + "a" * 64, "size": 1, "mediaType": ["x"]},
+    "not-an-object",
+])
+def test_malformed_layer_descriptors_are_corrupt_data(layer, tmp_path):
+    desc = add_manifest(tmp_path, {"os": "linux", "architecture": "amd64"}, [layer], "bad")
+    with pytest.raises(CorruptDataError, match=rf"oci:{tmp_path}:bad \({desc.digest}\): descriptor"):
+        open_image(f"oci:{tmp_path}:bad", OpenOptions(discover_accelerated=False))

@@ -130,9 +130,14 @@ def _descriptor(d, what: str) -> Descriptor:
     if not isinstance(d, dict) or not isinstance(d.get("digest"), str):
         raise CorruptDataError(f"descriptor without a digest: {json.dumps(d)[:80]}", blob=what)
     try:
-        return Descriptor.from_json(d)
+        desc = Descriptor.from_json(d)
     except (TypeError, ValueError):
         raise CorruptDataError(f"descriptor with a bad size: {json.dumps(d)[:80]}", blob=what) from None
+    if not isinstance(desc.media_type, str) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in desc.annotations.items()):
+        raise CorruptDataError(f"descriptor {desc.digest}: media type and annotations must be strings",
+                               blob=what)
+    return desc
 
 
 def manifest_kind(doc: dict, desc: Descriptor, what: str) -> str:
