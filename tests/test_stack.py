@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -58,6 +59,39 @@ def test_upstream_stack_holds_the_upstream_tree(vectors, small_raw):
     listing = subprocess.run(["debugfs", "-R", "ls -l /data/a", str(path)], capture_output=True,
                              text=True, check=True).stdout
     assert "f002.txt" not in listing  # whiteout applied by layer 1
+
+
+ORIGINAL_LAYERS = ["571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1",
+                   "ed5169527c7317edecd662ed75cada0b65adc02a4431825bccc713dcb0dd6c07"]
+
+
+def _dump_and_compare(vectors, raw, tmp_path) -> int:
+    """rdump the image's tree with debugfs and compare every file of tree.txt."""
+    dest = tmp_path / "tree"
+    dest.mkdir()
+    for top in ("data", "etc"):
+        subprocess.run(["debugfs", "-R", f"rdump /{top} {dest}", str(raw)], capture_output=True, check=True)
+    tree = _tree(vectors)
+    for name, (size, digest) in tree.items():
+        data = (dest / name.lstrip("/")).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), name
+    return len(tree)
+
+
+def test_native_stack_holds_every_file_of_the_tree(vectors, small_raw, tmp_path):
+    assert _dump_and_compare(vectors, small_raw[0], tmp_path) == 83  # every regular file of tree.txt
+
+
+def test_turbooci_warp_stack_holds_the_same_tree(vectors, tmp_path):
+    layers = []
+    for i, digest in enumerate(ORIGINAL_LAYERS):
+        tar = gzip.decompress((vectors / "upstream-small/original/blobs/sha256" / digest).read_bytes())
+        layers.append(open_layer_blob(FileSource(vectors / f"upstream-small/turbooci/layer{i}/ext4.fs.meta"),
+                                      warp=True, targets={1: BytesSource(tar, name=f"layer{i}.tar")}))
+    disk = StackedDisk(layers)
+    raw = tmp_path / "turbo.raw"
+    export_raw(disk, raw)
+    assert _dump_and_compare(vectors, raw, tmp_path) == 83  # every regular file of tree.txt
 
 
 def test_export_is_sparse_and_equals_stack_reads(small_stack, small_raw):
