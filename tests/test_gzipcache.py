@@ -274,3 +274,17 @@ def test_only_layers_known_by_digest_are_cached(tmp_path):
         keyed = GzipIndexedSource(FileSource(path), idx, cache=pool, cache_key=f"sha256:{seed:064x}")
         assert keyed.read(1000, 5000) == plain[1000:6000] and keyed.cached_view.bytes_from_source > 0
     assert sorted(n for n, _, _ in pool.files()) == [f"sha256:{1:064x}", f"sha256:{2:064x}"]
+
+
+def test_two_handlers_sharing_a_pool_keep_it_near_the_cap(tmp_path):
+    # two processes = two GzipCache objects on one directory, each seeing only its own writes
+    cap = 8 * MiB
+    pools = [GzipCache(tmp_path / "gz", capacity_gb=cap / (1 << 30)) for _ in range(2)]
+    digests = [f"sha256:{i:064x}" for i in range(1, 9)]
+    for i, d in enumerate(digests):
+        view = pools[i % 2].open(d, BytesSource(_data(2 * MiB, i), d))
+        view.read(0, 2 * MiB)
+        os.utime(view.path, (1_000_000 + i, 1_000_000 + i))
+        assert pools[0].usage() <= cap + cap // 16 + MiB  # overshoot bounded by one rescan interval
+    usage = {name: used for name, used, _ in pools[0].files()}
+    assert usage[digests[0]] == 0 and usage[digests[-1]] >= 2 * MiB  # LRU across both writers

@@ -41,6 +41,9 @@ PAGE_PRESENT = 0x50444247  # "GBDP"
 SIDECAR_SUFFIX = ".pages"
 #: after an eviction the pool is brought down to this fraction of the cap (hysteresis)
 LOW_WATER = 0.9
+#: the pool's size is re-read from disk after this fraction of the cap was written, or this often
+RESCAN_FRACTION = 1 / 16
+RESCAN_SECONDS = 60.0
 #: a view refreshes its file's mtime (the LRU clock) at most this often on pure hits
 TOUCH_INTERVAL = 30.0
 
@@ -68,6 +71,8 @@ class GzipCache:
         self.refill_size = refill_size
         self._lock = threading.Lock()
         self._estimate: int | None = None
+        self._since_scan = 0
+        self._scanned_at = 0.0
         _prepare_dir(self.dir)
 
     @staticmethod
@@ -116,11 +121,22 @@ class GzipCache:
         return sum(used for _, used, _ in self.files())
 
     def note_written(self, nbytes: int) -> None:
-        """Account a refill; evict when the pool may be over its cap."""
+        """Account a refill; evict when the pool may be over its cap.
+
+        Other handler processes fill the same directory, so the running estimate is
+        refreshed from disk after every ``RESCAN_FRACTION`` of the cap written here or
+        ``RESCAN_SECONDS``; the pool may overshoot by about that much between scans.
+        """
         with self._lock:
-            if self._estimate is None:
+            now = time.monotonic()
+            self._since_scan += nbytes
+            if (self._estimate is None or self._since_scan > self.capacity * RESCAN_FRACTION
+                    or now - self._scanned_at > RESCAN_SECONDS):
                 self._estimate = self.usage()
-            self._estimate += nbytes
+                self._since_scan = 0
+                self._scanned_at = now
+            else:
+                self._estimate += nbytes
             if self._estimate <= self.capacity:
                 return
             self._estimate = self._evict(int(self.capacity * LOW_WATER))
