@@ -287,3 +287,35 @@ def test_concurrent_reads_from_many_threads(small):
     for t in threads:
         t.join()
     assert failures == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.integers(0, 400_000),
+    level=st.integers(0, 9),
+    span=st.sampled_from([65536, 100_000, 1 << 20]),
+    algo=st.sampled_from([0, 1]),
+)
+def test_any_gzip_stream_round_trips(seed, size, level, span, algo):
+    rnd = random.Random(seed)
+    chunks = []
+    while sum(map(len, chunks)) < size:  # mixes text-like, repetitive and random runs
+        kind = rnd.random()
+        if kind < 0.4:
+            chunks.append(bytes(rnd.choices(b"the quick brown fox\n", k=rnd.randint(1, 20000))))
+        elif kind < 0.7:
+            chunks.append(bytes([rnd.randrange(256)]) * rnd.randint(1, 30000))
+        else:
+            chunks.append(rnd.randbytes(rnd.randint(1, 20000)))
+    plain = b"".join(chunks)[:size]
+    blob = gzip.compress(plain, compresslevel=level, mtime=0)
+    meta = build_gzip_index(BytesSource(blob), span=span, dict_algo=algo)
+    idx = GzipIndex.from_bytes(meta)
+    assert idx.uncompressed_size == size and idx.gzip_size == len(blob)
+    assert idx.checkpoints[0].de_pos == 0 and len(idx.checkpoints) <= size // 65536 + 2
+    src = GzipIndexedSource(BytesSource(blob, "g"), idx)
+    for _ in range(6):
+        a = rnd.randrange(size + 1)
+        n = rnd.randrange(70000)
+        assert src.read(a, n) == plain[a : a + n]
