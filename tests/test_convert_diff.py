@@ -79,3 +79,12 @@ def test_diff_of_a_real_layer_rebuilds_the_after_image(tmp_path):
     for m in res.mappings:
         assert all(c.offset + c.length <= m.physical or c.offset >= m.physical + m.length for c in meta)
     assert sum(m.length for m in res.mappings) == 50_176 + 9216
+
+
+def test_the_rest_of_a_cut_block_is_compared_sector_by_sector(tmp_path):
+    """A mapped file's last block: only sectors that really changed remain."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _sparse(a, MIB, [(4096, b"d" * 600)])  # data in sectors 0-1 of block 1, zeros after
+    assert changed_extents(None, a, exclude=[(4096, 1024)]) == []
+    _sparse(b, MIB, [(4096, b"s" * 4096)])  # below: stale bytes in the whole block
+    assert changed_extents(b, a, exclude=[(4096, 1024)]) == [Change(4096 + 1024, 3072, True)]

@@ -81,7 +81,9 @@ def changed_extents(
 ) -> list[Change]:
     """Runs of 4 KiB blocks of ``after`` that differ from ``before`` (None: all zeros).
 
-    ``exclude`` are (offset, length) byte ranges, 512-aligned, left out of the result.
+    ``exclude`` are (offset, length) byte ranges, 512-aligned, left out of the
+    result; what remains of a block they cut is compared again sector by sector,
+    so the zero tail after a mapped file's last sector is not reported.
     """
     fa = os.open(after, os.O_RDONLY | os.O_CLOEXEC)
     fb = os.open(before, os.O_RDONLY | os.O_CLOEXEC) if before else -1
@@ -96,19 +98,67 @@ def changed_extents(
         for start, end in ranges:
             for pos in range(start, min(end, size), CHUNK):
                 n = min(CHUNK, end - pos, size - pos)
-                new = os.pread(fa, n, pos)
-                old = os.pread(fb, n, pos) if fb >= 0 else b""
-                if len(old) < n:
-                    old += bytes(n - len(old))
+                new = _pread(fa, n, pos)
+                old = _pread(fb, n, pos)
                 if new == old:
                     continue
                 _collect(changes, pos, memoryview(new), memoryview(old))
+        cut = sorted((o, o + n) for o, n in exclude)
+        if not cut:
+            return changes
+        out: list[Change] = []
+        for piece in _subtract(changes, cut):
+            for ch in _refine(fa, fb, piece):
+                last = out[-1] if out else None
+                if last and last.offset + last.length == ch.offset and last.zero == ch.zero:
+                    out[-1] = Change(last.offset, last.length + ch.length, ch.zero)
+                else:
+                    out.append(ch)
+        return out
     finally:
         os.close(fa)
         if fb >= 0:
             os.close(fb)
-    cut = sorted((o, o + n) for o, n in exclude)
-    return _subtract(changes, cut) if cut else changes
+
+
+def _pread(fd: int, n: int, pos: int) -> bytes:
+    """``n`` bytes at ``pos`` (zeros past EOF or for no file)."""
+    data = os.pread(fd, n, pos) if fd >= 0 else b""
+    return data if len(data) == n else data + bytes(n - len(data))
+
+
+def _refine(fa: int, fb: int, piece: Change) -> Iterator[Change]:
+    """Re-compare the partial blocks at the ends of a cut piece sector by sector."""
+    s, e = piece.offset, piece.offset + piece.length
+    head_end = min(e, -(-s // BLOCK) * BLOCK)
+    tail_start = max(head_end, e // BLOCK * BLOCK)
+    if s < head_end:
+        yield from _sectors(fa, fb, s, head_end)
+    if head_end < tail_start:
+        yield Change(head_end, tail_start - head_end, piece.zero)
+    if tail_start < e:
+        yield from _sectors(fa, fb, tail_start, e)
+
+
+def _sectors(fa: int, fb: int, s: int, e: int) -> Iterator[Change]:
+    new, old = _pread(fa, e - s, s), _pread(fb, e - s, s)
+    run: Change | None = None
+    for k in range(0, e - s, SECTOR):
+        a = new[k : k + SECTOR]
+        if a == old[k : k + SECTOR]:
+            if run:
+                yield run
+            run = None
+            continue
+        zero = not any(a)
+        if run and run.zero == zero:
+            run = Change(run.offset, run.length + SECTOR, zero)
+        else:
+            if run:
+                yield run
+            run = Change(s + k, SECTOR, zero)
+    if run:
+        yield run
 
 
 def _collect(changes: list[Change], pos: int, new: memoryview, old: memoryview) -> None:
