@@ -319,3 +319,17 @@ def test_any_gzip_stream_round_trips(seed, size, level, span, algo):
         a = rnd.randrange(size + 1)
         n = rnd.randrange(70000)
         assert src.read(a, n) == plain[a : a + n]
+
+
+def test_gzip_cli_stream_with_file_name_header(tmp_path):
+    import subprocess
+
+    plain = gzip.decompress(_blocky_gzip(2_500_000, seed=9))
+    (tmp_path / "layer.tar").write_bytes(plain)
+    blob = subprocess.run(["gzip", "-9", "-c", str(tmp_path / "layer.tar")], capture_output=True, check=True).stdout
+    assert blob[3] & 0x08  # FNAME set: the deflate data starts after "layer.tar\0"
+    idx = GzipIndex.from_bytes(build_gzip_index(BytesSource(blob)))
+    assert idx.checkpoints[0].en_pos == 10 + len(b"layer.tar\0")
+    src = GzipIndexedSource(BytesSource(blob, "cli.gz"), idx)
+    for a in (0, 1, 999_999, 1_048_576, len(plain) - 5):
+        assert src.read(a, 100_000) == plain[a : a + 100_000]
