@@ -20,6 +20,7 @@ from tcmu_overlaybd.image.registry import RegistryClient, RegistryStore
 
 from .helpers.registry import (  # noqa: F401 - fixtures
     BASIC_USERS,
+    Proxy,
     RegistryServer,
     basic_registry,
     needs_registry,
@@ -228,3 +229,21 @@ def test_expired_token_is_refreshed(token_registry, tmp_path):
     time.sleep(1.2)
     assert store.fetch_blob(sha256_digest(b"x")) == b"x"
     assert tokens.issued == issued + 1
+
+
+@needs_registry
+def test_token_rejected_before_expiry_is_fetched_again(token_registry, tmp_path):
+    registry, tokens = token_registry
+    good = opts(tmp_path, plain_http=True, username="alice", password=PASSWORD)
+    push_blob(RegistryClient(registry.host, good), "t/r", b"y", sha256_digest(b"y"), 1)
+    proxy = Proxy(registry.host)
+    try:
+        store = RegistryStore(parse_reference(f"{proxy.host}/t/r:v1"), good)
+        assert store.fetch_blob(sha256_digest(b"y")) == b"y"
+        issued = tokens.issued
+        proxy.add_fault("strip-auth", "/blobs/", "GET")
+        assert store.fetch_blob(sha256_digest(b"y")) == b"y"
+        assert tokens.issued == issued + 1
+        assert [s for m, _p, _r, s in proxy.log.requests if m == "GET"][-2:] == [401, 200]
+    finally:
+        proxy.stop()

@@ -251,3 +251,30 @@ def test_concurrent_readers_share_connections(proxied_registry, tmp_path):
         t.join()
     assert bad == []
     assert hashlib.sha256(src.read(0, len(data))).hexdigest() == sha256_digest(data)[7:]
+
+
+def test_blob_redirects_to_storage_keep_the_range(proxied_registry, tmp_path):
+    registry, proxy = proxied_registry
+    data, src, _store = _layer(proxy, registry, tmp_path)
+    proxy.redirect_blobs = True
+    assert src.read(270 * 1024, 4096) == data[270 * 1024 : 274 * 1024]
+    gets = [(p.split("/v2/")[0], r, s) for m, p, r, s in proxy.log.requests if m == "GET"]
+    assert gets[-2:] == [("", "bytes=262144-524287", 307), ("/storage", "bytes=262144-524287", 206)]
+
+
+def test_download_progress_is_silent_off_a_terminal(proxied_registry, tmp_path, capfd):
+    import os
+
+    from tcmu_overlaybd.progress import bars_visible, progress_bar
+
+    registry, proxy = proxied_registry
+    data, _src, store = _layer(proxy, registry, tmp_path, size=3 << 20, quiet=False)
+    assert store.fetch_blob(sha256_digest(data), len(data)) == data
+    assert capfd.readouterr().err == ""
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty:
+        assert bars_visible(False, tty) and not bars_visible(True, tty)
+    os.close(master)
+    with progress_bar(10, "x", quiet=True) as bar:
+        bar.update(4)
+        assert bar.n == 4

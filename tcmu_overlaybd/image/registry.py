@@ -28,7 +28,7 @@ import requests
 import urllib3
 
 from ..block.source import ByteSource
-from ..cache.blockcache import CachedSource, shared_cache
+from ..cache.blockcache import DEFAULT_BLOCK_SIZE, CachedSource, shared_cache
 from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, ObdError, UsageError
 from ..progress import progress_bar
 from .auth import Authenticator
@@ -386,8 +386,10 @@ class RegistryStore(BlobStore):
 
     @property
     def cache(self):
+        """The process-wide block cache of ``opts.cache_dir`` (created on first use)."""
         if self._cache is None:
-            self._cache = shared_cache(self.opts.cache_dir, self.opts.cache_size)
+            block_size = getattr(self.opts, "cache_block_size", None) or DEFAULT_BLOCK_SIZE
+            self._cache = shared_cache(self.opts.cache_dir, self.opts.cache_size, block_size)
         return self._cache
 
     def open_blob(self, digest: str, size: int) -> ByteSource:

@@ -239,7 +239,8 @@ class Fault:
 
     ``action``: ``"status:<code>"``, ``"truncate:<n>"`` (send n body bytes then close),
     ``"corrupt"`` (flip a byte of the body), ``"drop"`` (close without answering),
-    ``"delay:<seconds>"``.
+    ``"delay:<seconds>"``, ``"strip-auth"`` (forward without the Authorization header, so
+    the registry answers with its own 401 challenge, as it does when a token is revoked).
     """
 
     action: str
@@ -269,6 +270,9 @@ class Proxy:
         self.log = ProxyLog()
         #: digest -> list of descriptor dicts: answered on /v2/<repo>/referrers/<digest>
         self.referrers: dict[str, list[dict]] | None = None
+        #: answer blob GETs with a 307 to ``http://localhost:<port>/storage/...`` (another host name),
+        #: as registries backed by object storage do
+        self.redirect_blobs = False
         self._lock = threading.Lock()
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -332,7 +336,14 @@ class Proxy:
             self._reply(h, 200, {"Content-Type": "application/vnd.oci.image.index.v1+json"},
                         json.dumps(doc).encode(), method)
             return
-        headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        if self.redirect_blobs and method == "GET" and path.startswith("/v2/") and "/blobs/sha256:" in path:
+            self._record(method, path, h, 307)
+            self._reply(h, 307, {"Location": f"http://localhost:{self.port}/storage{path}"}, b"", method)
+            return
+        if path.startswith("/storage/"):
+            path = path[len("/storage"):]
+        dropped = ("connection", "keep-alive") + (("authorization",) if fault and fault.action == "strip-auth" else ())
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in dropped}
         conn = (http.client.HTTPSConnection(self.upstream_host, context=self.upstream_ctx, timeout=30)
                 if self.upstream_ctx else http.client.HTTPConnection(self.upstream_host, timeout=30))
         try:
@@ -387,7 +398,7 @@ class Proxy:
 
     def _record(self, method: str, path: str, h, status: int) -> None:
         with self._lock:
-            self.log.requests.append((method, path, h.headers.get("Range"), status))
+            self.log.requests.append((method, h.path, h.headers.get("Range"), status))
 
     def stop(self) -> None:
         self.httpd.shutdown()
