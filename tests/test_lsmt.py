@@ -386,3 +386,15 @@ def test_zfile_inside_layer_blob_is_decoded(vectors):
     layer = open_layer_blob(FileSource(vectors / "upstream-small/overlaybd/layer1.commit"))
     assert isinstance(layer.source, ZFileReader)
     assert layer.parent_uuid == "2A183E6A-E7A5-B6CE-577D-F2F14C995B32"
+
+
+@settings(max_examples=60, deadline=None)
+@given(log=st.lists(st.tuples(st.integers(0, 300), st.integers(1, 60), st.integers(8, 1000), st.booleans()),
+                    max_size=40))
+def test_log_replay_equals_inserting_one_by_one(log):
+    """The O(n log n) replay used by open_rw gives the same pieces as ordered-set inserts."""
+    one_by_one = lsmt.SegmentMap.empty()
+    for o, n, m, z in log:
+        one_by_one.insert(o, n, m, z)
+    replayed = lsmt.replay_log([(o, o + n, m, z) for o, n, m, z in log])
+    assert list(replayed) == list(one_by_one)

@@ -15,6 +15,7 @@ O(log n).  A layer is itself a byte source over its virtual disk.
 from __future__ import annotations
 
 import bisect
+import heapq
 import os
 import struct
 import sys
@@ -514,6 +515,45 @@ class SegmentMap(SegmentIndex):
             col[i:j] = vals
 
 
+def replay_log(log: list[tuple[int, int, int, bool]]) -> SegmentMap:
+    """Resolve a write log of (offset, end, moffset, zeroed) in sectors; later entries win.
+
+    A sweep over the sorted boundaries with a heap of the live entries keyed
+    by log position: O(n log n), where inserting one by one would be O(n^2).
+    Each elementary range takes the newest entry covering it; consecutive
+    ranges from one entry are joined again, so an entry overwritten in its
+    middle leaves two trimmed pieces, as in upstream's ordered set.
+    """
+    order = sorted(range(len(log)), key=lambda k: log[k][0])
+    points = sorted({p for o, e, _m, _z in log for p in (o, e)})
+    heap: list[int] = []  # -log position
+    out = SegmentMap.empty()
+    offs, lens, moffs, zer, tags = out.offsets, out.lengths, out.moffsets, out.zeroed, out.tags
+    k = 0
+    last_entry, last_end = -1, -1
+    for p, q in zip(points, points[1:]):
+        while k < len(order) and log[order[k]][0] <= p:
+            heapq.heappush(heap, -order[k])
+            k += 1
+        while heap and log[-heap[0]][1] <= p:
+            heapq.heappop(heap)
+        if not heap:
+            continue
+        top = -heap[0]
+        if top == last_entry and last_end == p:
+            lens[-1] += q - p
+        else:
+            o, _e, m, z = log[top]
+            offs.append(p)
+            lens.append(q - p)
+            moffs.append(m if z else m + (p - o))
+            zer.append(int(z))
+            tags.append(0)
+            last_entry = top
+        last_end = q
+    return out
+
+
 def _split(offset: int, length: int, limit: int = MAX_LENGTH) -> Iterator[tuple[int, int]]:
     while length > 0:
         n = min(length, limit)
@@ -735,16 +775,17 @@ def open_rw(data_source: ByteSource | str | os.PathLike,
                                blob=index.name, offset=HEADER_SIZE)
     raw = read_exact(index, HEADER_SIZE, count * ENTRY_SIZE, "LSMT index log")
     data_end = data.size // SECTOR
-    idx = SegmentMap.empty()
+    log = []
     for k in range(count):
         o, n, m, z, _t = unpack_entry(raw, k * ENTRY_SIZE)
-        if o == INVALID_OFFSET:
+        if o == INVALID_OFFSET or n == 0:
             continue
         if m < DATA_START_SECTOR or (m if z else m + n) > data_end:
             raise CorruptDataError(
                 f"index log entry maps sectors [{m}, {m + n}) outside the data file (8..{data_end})",
                 blob=index.name, offset=HEADER_SIZE + k * ENTRY_SIZE)
-        idx.insert(o, n, m, z, 0)
+        log.append((o, o + n, m, z))
+    idx = replay_log(log)
     index.close()
     return RwLayer(data_path, data, ih, dh, idx, writable=False, index_path=getattr(index, "path", None))
 
