@@ -218,3 +218,15 @@ def test_concurrent_reads(small_stack):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_writable_layer_on_top_of_a_sealed_one(tmp_path):
+    base = lsmt.LsmtFile.open(BytesSource(_build(1 << 20, [("d", 0, 64, 9)])))
+    rw = lsmt.create_rw(tmp_path / "data", tmp_path / "index", 1 << 20)
+    rw.pwrite(b"u" * 1024, 4096)
+    rw.discard(16 * S, 8 * S)
+    disk = StackedDisk([base, rw])
+    got = disk.read(0, 64 * S)
+    assert got == bytes([9]) * 4096 + b"u" * 1024 + bytes([9]) * (3 * 1024) + bytes(4096) + \
+        bytes([9]) * (64 * S - 12288)
+    rw.close()
