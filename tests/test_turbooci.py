@@ -84,6 +84,15 @@ def test_meta_tarball_members_are_the_upstream_files(small):
         assert meta.gzip_index == (small / "turbooci" / f"layer{n}" / "gzip.meta").read_bytes()
 
 
+def test_legacy_fastoci_meta_layer(small):
+    l1 = small / "turbooci" / "layer1"
+    legacy = _targz({"ext4.fs.meta": (l1 / "ext4.fs.meta").read_bytes(), ".fastoci.overlaybd": b"",
+                     "gzip.meta": (l1 / "gzip.meta").read_bytes()})
+    meta = read_meta_tarball(BytesSource(legacy, "foci.tar.gz"))
+    assert meta.has_marker and meta.gzip_index == (l1 / "gzip.meta").read_bytes()
+    assert not read_meta_tarball(BytesSource(_targz({"ext4.fs.meta": b"x"}), "bare.tgz")).has_marker
+
+
 def test_whole_tree_matches_upstream_export(small):
     disk, targets = _stack(small)
     expected = sorted(line.rstrip("\n") for line in (small / "tree.txt").read_text().splitlines() if line.strip())

@@ -6,7 +6,7 @@ meta layer ``turboOCIv1.tar.gz`` (§4.1): a gzip tar holding
 * ``ext4.fs.meta`` (or ``erofs.fs.meta``): a ZFile'd sealed *warp* LSMT (§4.3)
   whose tag-0 entries hold ext4 metadata and whose tag-1 entries point into the
   original layer's *uncompressed* tar (``moffset`` in sectors);
-* ``.turbo.ociv1``: an empty marker;
+* ``.turbo.ociv1``: an empty marker (legacy FastOCI: ``.fastoci.overlaybd``);
 * ``gzip.meta``: the gzip index of the original layer when it is gzip (§4.4).
 
 ``open_turbo_layer`` turns a meta blob plus the original layer blob into one
@@ -29,6 +29,8 @@ EXT4_META = "ext4.fs.meta"
 EROFS_META = "erofs.fs.meta"
 GZIP_META = "gzip.meta"
 MARKER = ".turbo.ociv1"
+#: the identifier of legacy FastOCI meta layers (``foci.tar.gz``, version ``0.1.0-fastoci``)
+LEGACY_MARKER = ".fastoci.overlaybd"
 #: tag of warp-LSMT entries that point into the original layer's uncompressed tar
 TARGET_TAG = 1
 #: a meta layer is ~3% of its layer; refuse to inflate absurd ones into memory
@@ -43,7 +45,7 @@ class TurboMeta:
     fs_type: str  # "ext4" (or "erofs")
     fs_meta: bytes  # the ZFile'd warp LSMT
     gzip_index: bytes | None  # ``gzip.meta`` when the original layer is gzip
-    has_marker: bool  # ``.turbo.ociv1`` present
+    has_marker: bool  # ``.turbo.ociv1`` (or legacy ``.fastoci.overlaybd``) present
 
 
 def read_meta_tarball(meta_blob: ByteSource) -> TurboMeta:
@@ -74,7 +76,7 @@ def read_meta_tarball(meta_blob: ByteSource) -> TurboMeta:
         raise CorruptDataError(
             f"not a TurboOCI meta layer: no {EXT4_META} among its files ({shown or 'none'})", blob=name, offset=0
         )
-    return TurboMeta(fs_type, fs_meta, members.get(GZIP_META), MARKER in members)
+    return TurboMeta(fs_type, fs_meta, members.get(GZIP_META), MARKER in members or LEGACY_MARKER in members)
 
 
 # --- writing the meta tarball (the convertor's Go archive/tar output) -------------------
