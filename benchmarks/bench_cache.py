@@ -80,7 +80,7 @@ def main() -> None:
                 base = timed(lambda o: os.pread(fd, READ, o), offsets)
             finally:
                 os.close(fd)
-            fetched = cache.stats.bytes_fetched
+            fetched = cache.counters.bytes_fetched
         finally:
             registry.stop()
 

@@ -54,7 +54,9 @@ def test_second_read_is_served_from_disk(tmp_path):
     assert base.bytes_read == BS  # one whole block fetched for a 4 KiB read
     assert src.read(200, 4096) == data[200:4296]
     assert base.bytes_read == BS
-    assert cache.stats.hits == 1 and cache.stats.misses == 1
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["bytes_fetched"]) == (1, 1, BS)
+    assert stats["usage"] == BS and stats["capacity"] == 64 << 20
     # a second cache object (another process would do the same) sees the blocks too
     other = CachedSource(CountingSource(BytesSource(data)), BlockCache(tmp_path / "cache", 64 << 20, BS), DIGEST_A)
     assert other.read(0, BS) == data[:BS]
@@ -69,7 +71,7 @@ def test_adjacent_misses_become_one_request(tmp_path):
     assert src.read(BS, 6 * BS) == data[BS : 7 * BS]
     # blocks 1-2 and 4-6 are missing: two merged requests, not five
     assert base.calls == 2
-    assert cache.stats.fetch_requests == 3
+    assert cache.counters.fetch_requests == 3
 
 
 def test_files_are_private(tmp_path):
@@ -93,7 +95,7 @@ def test_cap_holds_under_a_larger_workload(tmp_path):
         owned = sum(e.size for e in cache.scan())
         assert owned <= cap
     assert cache.usage() == sum(e.size for e in cache.scan())
-    assert cache.stats.evicted_bytes > 0
+    assert cache.counters.evicted_bytes > 0
 
 
 def test_eviction_drops_least_recently_used_first(tmp_path):

@@ -16,13 +16,16 @@ length the block must have (``block_size`` or the blob's tail), so a block
 truncated by a power cut reads as a miss and is fetched again.  Temp files of
 dead writers are removed by the next eviction scan.
 
-Size cap: every insert takes the lock and charges the block to ``.usage``; when
-the insert would exceed the cap, the cache scans its block files (the bytes it
-owns, nothing else in the file system), deletes least recently used blocks down
-to ``LOW_WATER`` of the cap and rewrites ``.usage`` from the scan.  Recency is
-the block file's mtime, refreshed on hits (at most once per ``TOUCH_INTERVAL``
-per block and process).  Readers in other processes that lose a block to
-eviction see a miss, or keep reading the same bytes from an fd they hold.
+Size cap: every insert takes the lock and charges the block to ``.usage``
+before renaming it into place (a crash in between over-counts, never
+under-counts); when the insert would exceed the cap, the cache scans its block
+files (the bytes it owns, nothing else in the file system), deletes least
+recently used blocks down to ``LOW_WATER`` of the cap and rewrites ``.usage``
+from the scan.  Recency is the block file's mtime, refreshed by a hit when it is
+older than ``TOUCH_INTERVAL`` (so LRU order has that resolution).  Readers in
+other processes that lose a block to eviction see a miss, or keep reading the
+same bytes from an fd they hold.  Threads of one process that miss the same
+block wait for one fetch instead of each fetching it.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class BlockCache:
         self.dir = os.path.abspath(os.fspath(dir or DEFAULT_DIR))
         self.capacity = int(capacity_bytes)
         self.block_size = block_size
-        self.stats = CacheStats()
+        self.counters = CacheStats()
         self._blocks_dir = os.path.join(self.dir, f"{FORMAT_PREFIX}{block_size}")
         self._tmp_dir = os.path.join(self.dir, "tmp")
         self._seq = itertools.count()
@@ -212,8 +215,8 @@ class BlockCache:
 
     def _note_hit(self, path: str, n: int) -> None:
         """Count a hit and refresh the block's LRU time now and then (lock held)."""
-        self.stats.hits += 1
-        self.stats.bytes_served += n
+        self.counters.hits += 1
+        self.counters.bytes_served += n
         now = time.monotonic()
         if now - self._touched.get(path, -TOUCH_INTERVAL) >= TOUCH_INTERVAL:
             self._touched[path] = now
@@ -282,9 +285,10 @@ class BlockCache:
             usage = self._read_usage()
             if usage + n > self.capacity:
                 usage = self._evict_locked(self.capacity - n)
+            # charge first: a crash before the rename over-counts, which only evicts early
+            self._write_usage(usage + n)
             _makedirs_private(os.path.dirname(path))
             os.rename(tmp, path)
-            self._write_usage(usage + n)
 
     def scan(self) -> list[BlockEntry]:
         """Every block file of every block size, with size and last-use time."""
@@ -329,7 +333,7 @@ class BlockCache:
             except FileNotFoundError:
                 pass
             total -= e.size
-            self.stats.evicted_bytes += e.size
+            self.counters.evicted_bytes += e.size
             try:
                 os.rmdir(os.path.dirname(e.path))
             except OSError:
@@ -344,6 +348,13 @@ class BlockCache:
                     os.unlink(e.path)
                 except FileNotFoundError:
                     pass
+
+    def stats(self) -> dict:
+        """This process's hits, misses, bytes fetched/served/evicted, plus usage and capacity."""
+        with self._lock:
+            out = self.counters.as_dict()
+        out.update(usage=self.usage(), capacity=self.capacity, block_size=self.block_size)
+        return out
 
     def usage(self) -> int:
         """Bytes of block files, as charged (exact unless a writer crashed mid-insert)."""
@@ -480,7 +491,7 @@ class CachedSource:
     def _fetch_run(self, run: list[int], offset: int, end: int, first: int, parts: list) -> None:
         """One base read for adjacent blocks ``run``; every block is stored."""
         bs = self.cache.block_size
-        stats = self.cache.stats
+        stats = self.cache.counters
         start = run[0] * bs
         want = sum(self._block_len(i) for i in run)
         data = self.base.read(start, want)
