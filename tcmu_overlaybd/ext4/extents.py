@@ -27,7 +27,8 @@ UNINIT_BIAS = 32768
 #: i_block slots of the legacy map: 12 direct, then single, double, triple indirect
 DIRECT_SLOTS = 12
 
-ReadBlock = Callable[[int], bytes]
+#: read_block(block_number, offset_of_the_pointer_on_disk) -> one block of bytes
+ReadBlock = Callable[[int, int], bytes]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def extent_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str)
             for i in range(entries):
                 _lblk, lo, hi = _INDEX.unpack_from(node, 12 + i * ENTRY_SIZE)
                 child = lo | (hi << 32)
-                children.append((read_block(child), child * block_size, depth - 1))
+                children.append((read_block(child, where + 12 + i * ENTRY_SIZE), child * block_size, depth - 1))
             pending.extend(reversed(children))  # keep logical order
     return runs
 
@@ -96,12 +97,12 @@ def blockmap_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: st
             _append(runs, logical, slots[slot], 1, False)
         logical += 1
 
-    def walk(pointer: int, level: int, logical: int) -> int:
+    def walk(pointer: int, where: int, level: int, logical: int) -> int:
         span = per_block ** level
         if pointer == 0:
             return logical + span
-        table = struct.unpack(f"<{per_block}I", read_block(pointer))
-        for ptr in table:
+        table = struct.unpack(f"<{per_block}I", read_block(pointer, where))
+        for i, ptr in enumerate(table):
             if logical >= nblocks:
                 break
             if level == 1:
@@ -109,11 +110,11 @@ def blockmap_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: st
                     _append(runs, logical, ptr, 1, False)
                 logical += 1
             else:
-                logical = walk(ptr, level - 1, logical)
+                logical = walk(ptr, pointer * block_size + 4 * i, level - 1, logical)
         return logical
 
     for level, slot in ((1, 12), (2, 13), (3, 14)):
         if logical >= nblocks:
             break
-        logical = walk(slots[slot], level, logical)
+        logical = walk(slots[slot], inode.offset + 0x28 + 4 * slot, level, logical)
     return runs

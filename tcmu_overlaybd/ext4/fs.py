@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import io
 import stat as _stat
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -52,23 +53,28 @@ class Stat:
     blocks: int  # allocated 512-byte units
 
 
-class _LRU(OrderedDict):
+class _LRU:
+    """A small thread-safe LRU map (prefetchers may share one Ext4 between threads)."""
+
     def __init__(self, capacity: int):
-        super().__init__()
         self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     def put(self, key, value):
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.capacity:
-            self.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
         return value
 
-    def get_fresh(self, key):
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
 
 
 class Ext4:
@@ -88,10 +94,11 @@ class Ext4:
 
     # -- blocks and inodes ------------------------------------------------------------------
 
-    def _read_block(self, block: int) -> bytes:
+    def _read_block(self, block: int, pointer_at: int) -> bytes:
+        """One block; ``pointer_at`` is where its number was read (named if it is out of range)."""
         if block >= self.sb.blocks_count or block == 0:
             raise CorruptDataError(f"block number {block} outside the filesystem "
-                                   f"({self.sb.blocks_count} blocks)", blob=self.name)
+                                   f"({self.sb.blocks_count} blocks)", blob=self.name, offset=pointer_at)
         return read_exact(self.source, block * self.block_size, self.block_size, f"ext4 block {block}")
 
     def _inode_table(self, group: int) -> int:
@@ -108,7 +115,7 @@ class Ext4:
 
     def inode(self, ino: int) -> Inode:
         """Inode number ``ino`` (1-based)."""
-        cached = self._inodes.get_fresh(ino)
+        cached = self._inodes.get(ino)
         if cached is not None:
             return cached
         if not 1 <= ino <= self.sb.inodes_count:
@@ -128,7 +135,7 @@ class Ext4:
 
     def _block_map(self, inode: Inode) -> tuple[list[Run], list[int]]:
         """The inode's runs and, for bisecting, their first logical blocks."""
-        cached = self._runs.get_fresh(inode.ino)
+        cached = self._runs.get(inode.ino)
         if cached is None:
             walk = extent_runs if inode.has_extents else blockmap_runs
             runs = walk(inode, self._read_block, self.block_size, self.name)
@@ -224,7 +231,7 @@ class Ext4:
     def _xattr_entries(self, inode: Inode) -> list[XattrEntry]:
         entries = parse_xattrs(inode.xattr_area, inode.xattr_area_offset, True, self.name, inode.ino)
         if inode.file_acl:
-            block = self._read_block(inode.file_acl)
+            block = self._read_block(inode.file_acl, inode.offset + 0x68)
             entries += parse_xattrs(block, inode.file_acl * self.block_size, False, self.name, inode.ino)
         return entries
 
@@ -261,7 +268,7 @@ class Ext4:
     # -- directories and paths --------------------------------------------------------------
 
     def _entries(self, inode: Inode) -> dict[bytes, DirEntry]:
-        cached = self._dirs.get_fresh(inode.ino)
+        cached = self._dirs.get(inode.ino)
         if cached is not None:
             return cached
         if not inode.is_dir:
