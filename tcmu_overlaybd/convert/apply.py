@@ -220,17 +220,6 @@ class LayerApplier:
         self.result = ApplyResult()
 
     # -- path resolution --------------------------------------------------------------------
-    def _read_link(self, ino: int, inode: Inode) -> bytes:
-        size = inode.size
-        if inode.get("i_blocks_lo") == 0 or size < 60:  # fast symlink: target in i_block
-            return bytes(inode.buf[0x28 : 0x28 + size])
-        blocks = self.fs.extents(ino)
-        if not blocks:
-            return b""
-        with open(self.fs.path, "rb") as f:
-            f.seek(blocks[0].physical * self.fs.block_size)
-            return f.read(size)
-
     def resolve_dir(self, path: Path, create: bool) -> tuple[int, Path] | None:
         """Inode and real path of directory ``path``, following symlinks inside the root.
 
@@ -259,7 +248,7 @@ class LayerApplier:
                     hops += 1
                     if hops > MAX_SYMLINK_HOPS:
                         raise CorruptDataError(f"too many levels of symbolic links in {_show(path)}", blob=self.name)
-                    target = self._read_link(child, inode)
+                    target = self.fs.read_link(child)
                     base = () if target.startswith(b"/") else real
                     todo = list(clean_path(b"/".join(base) + b"/" + target)) + todo
                     ino, real = ROOT_INO, ()

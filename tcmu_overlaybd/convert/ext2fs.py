@@ -66,6 +66,7 @@ _PROTOTYPES = [
     ("ext2fs_fallocate", _errcode, [_P, _c.c_int, _ino, _c.c_char_p, _blk64, _blk64, _blk64]),
     ("ext2fs_file_open", _errcode, [_P, _ino, _c.c_int, _c.POINTER(_P)]),
     ("ext2fs_file_llseek", _errcode, [_P, _c.c_uint64, _c.c_int, _c.POINTER(_c.c_uint64)]),
+    ("ext2fs_file_read", _errcode, [_P, _c.c_char_p, _c.c_uint, _c.POINTER(_c.c_uint)]),
     ("ext2fs_file_write", _errcode, [_P, _c.c_char_p, _c.c_uint, _c.POINTER(_c.c_uint)]),
     ("ext2fs_file_set_size2", _errcode, [_P, _c.c_uint64]),
     ("ext2fs_file_close", _errcode, [_P]),
@@ -492,6 +493,23 @@ class Filesystem:
         freed.set("i_dtime", max(freed.get("i_mtime"), 1))
         self.write_inode(ino, freed)
         _lib.ext2fs_inode_alloc_stats2(self._fs, ino, -1, int(freed.is_dir))
+
+    def read_link(self, ino: int) -> bytes:
+        """The target of a symbolic link (fast: in i_block; slow: its data block)."""
+        inode = self.read_inode(ino)
+        size = inode.size
+        if size < 60 and not inode.get("i_flags") & EXT4_EXTENTS_FL:
+            return bytes(inode.buf[_I_BLOCK][:size])
+        fh = _P()
+        self._check(_lib.ext2fs_file_open(self._fs, ino, 0, _c.byref(fh)), f"open symlink inode {ino}")
+        try:
+            buf = _c.create_string_buffer(size)
+            got = _c.c_uint()
+            err = _lib.ext2fs_file_read(fh, buf, size, _c.byref(got))
+        finally:
+            _lib.ext2fs_file_close(fh)
+        self._check(err, f"read symlink inode {ino}")
+        return buf.raw[: got.value]
 
     # -- data -------------------------------------------------------------------------------
     def write_file(self, ino: int, chunks: Iterator[tuple[int, bytes]], size: int) -> None:
