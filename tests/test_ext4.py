@@ -37,6 +37,10 @@ def _write_tree(root):
         f.write(b"island")
         f.seek((50 << 20) - 3)
         f.write(b"end")
+    with open(root / "islands", "wb") as f:  # 20 separate extents: the tree needs depth > 0
+        for i in range(20):
+            f.seek(i * 65536)
+            f.write(bytes([65 + i]) * 5000)
     os.symlink("small.txt", root / "fast.link")
     os.symlink(LONG_TARGET, root / "slow.link")
     os.symlink("dir/sub", root / "sub.link")
@@ -122,6 +126,9 @@ def test_tree_matches_source(tree, image):
     # hard links share the inode
     assert fs.lookup("/big.bin").ino == fs.lookup("/dir/big.hard").ino
     assert fs.stat(fs.lookup("/big.bin")).nlink == 2
+    if variant.startswith("ext4"):
+        depth = struct.unpack_from("<HHHH", fs.lookup("/islands").block)[3]
+        assert depth > 0
     if variant == "ext3-blockmap":
         assert not fs.lookup("/big.bin").flags & FL_EXTENTS
     if variant == "inline-data":
