@@ -474,45 +474,33 @@ class SegmentMap(SegmentIndex):
     def empty(cls) -> "SegmentMap":
         return cls([], [], [], [], [])
 
-    def insert(self, offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> None:
-        """Add a mapping; any overlapped part of existing mappings is trimmed or split."""
-        end = offset + length
+    def _cut(self, offset: int, end: int) -> int:
+        """Trim or split the mappings overlapping ``[offset, end)``; return the index at ``offset``."""
         offs, lens, moffs, zer, tags = self.offsets, self.lengths, self.moffsets, self.zeroed, self.tags
-        i = self.first_at_or_after(offset)
-        j = i
-        new = []
+        i = j = self.first_at_or_after(offset)
+        kept = []
         while j < len(offs) and offs[j] < end:
             o, n, m, z, t = offs[j], lens[j], moffs[j], zer[j], tags[j]
             if o < offset:
-                new.append((o, offset - o, m, z, t))
-            j += 1
-        if length:
-            new.append((offset, length, moffset, int(zeroed), tag))
-        if j > i:
-            o, n, m, z, t = offs[j - 1], lens[j - 1], moffs[j - 1], zer[j - 1], tags[j - 1]
+                kept.append((o, offset - o, m, z, t))
             if o + n > end:
-                new.append((end, o + n - end, m if z else m + (end - o), z, t))
-        cols = list(zip(*new)) if new else [(), (), (), (), ()]
+                kept.append((end, o + n - end, m if z else m + (end - o), z, t))
+            j += 1
+        cols = list(zip(*kept)) if kept else [()] * 5
         for col, vals in zip((offs, lens, moffs, zer, tags), cols):
             col[i:j] = vals
+        return i + 1 if kept and kept[0][0] < offset else i
+
+    def insert(self, offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> None:
+        """Add a mapping; any overlapped part of existing mappings is trimmed or split."""
+        i = self._cut(offset, offset + length)
+        for col, v in zip((self.offsets, self.lengths, self.moffsets, self.zeroed, self.tags),
+                          (offset, length, moffset, int(zeroed), tag)):
+            col.insert(i, v)
 
     def remove(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` a hole."""
-        end = offset + length
-        i = self.first_at_or_after(offset)
-        j = i
-        offs, lens, moffs, zer, tags = self.offsets, self.lengths, self.moffsets, self.zeroed, self.tags
-        new = []
-        while j < len(offs) and offs[j] < end:
-            o, n, m, z, t = offs[j], lens[j], moffs[j], zer[j], tags[j]
-            if o < offset:
-                new.append((o, offset - o, m, z, t))
-            if o + n > end:
-                new.append((end, o + n - end, m if z else m + (end - o), z, t))
-            j += 1
-        cols = list(zip(*new)) if new else [(), (), (), (), ()]
-        for col, vals in zip((offs, lens, moffs, zer, tags), cols):
-            col[i:j] = vals
+        self._cut(offset, offset + length)
 
 
 def replay_log(log: list[tuple[int, int, int, bool]]) -> SegmentMap:
