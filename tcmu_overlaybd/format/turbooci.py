@@ -196,6 +196,12 @@ def open_turbo_layer(
     meta = read_meta_tarball(meta_blob)
     if meta.fs_type != "ext4":
         raise UnsupportedError(f"{meta_blob.name}: {meta.fs_type} TurboOCI layers are not supported (only ext4)")
+    # a mislabelled layer would hand compressed bytes to ext4 as file contents: check up front
+    is_gzip = target.read(0, 2) == _GZIP_MAGIC
+    if is_gzip != target_is_gzip:
+        said, found = ("gzip", "plain tar") if target_is_gzip else ("plain tar", "gzip")
+        raise CorruptDataError(f"the original layer is {found} but its media type says {said}",
+                               blob=target.name, offset=0)
     if target_is_gzip:
         if meta.gzip_index is None:
             raise CorruptDataError(
