@@ -138,13 +138,16 @@ def test_reading_4k_of_a_100mb_blob_moves_under_one_percent(proxied_registry, tm
     proxy.reset_counters()
 
     store = store_for(proxy.host, "big:v1", opts)
-    manifest = json.loads(store.fetch_manifest(store.resolve(store.ref)))
+    raw_manifest = store.fetch_manifest(store.resolve(store.ref))
+    manifest = json.loads(raw_manifest)
     layer = manifest["layers"][0]
     src = store.open_blob(layer["digest"], layer["size"])
     for off in (0, 77 * 1024 * 1024 + 123, size - 4096):
         assert src.read(off, 4096) == big[off : off + 4096]
     assert proxy.log.blob_bytes < size // 100
     assert proxy.log.blob_bytes == 3 * 256 * 1024  # three cache blocks
+    assert store.client.bytes_received == proxy.log.blob_bytes + len(raw_manifest)
+    assert store.client.requests_sent == 5  # HEAD and GET of the manifest, three Range GETs
 
 
 def _layer(proxy, registry, tmp_path, size=600 * 1024, **kw):

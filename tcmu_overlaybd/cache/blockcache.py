@@ -255,9 +255,6 @@ class BlockCache:
             for idx in indexes:
                 self._inflight.pop((key, idx)).set()
 
-    def contains(self, key: str, index: int) -> bool:
-        return os.path.exists(self.block_path(key, index))
-
     # ---- writes and eviction ---------------------------------------------------------
     def put(self, key: str, index: int, data: bytes | memoryview) -> None:
         """Store one complete block (write to tmp, then rename under the lock)."""
