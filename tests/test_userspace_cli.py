@@ -18,15 +18,10 @@ from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import UsageError
 from tcmu_overlaybd.ext4.fs import Ext4
 from tcmu_overlaybd.image.disk import open_disk
-from tcmu_overlaybd.image.manifest import (
-    ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_TURBO_TARGET_DIGEST, ANN_TURBO_TARGET_MEDIA_TYPE, ANN_VERSION,
-    OCI_LAYER_GZIP, VERSION_TURBO,
-)
-from tcmu_overlaybd.image.oci_layout import OciLayoutStore
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 
-from .helpers.layouts import add_file_blob, add_manifest, layout_from_flat, native_layout
+from .helpers.layouts import add_manifest, layout_from_flat, native_layout, turbo_layout
 
 HELLO_SHA256 = "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
 HELLO_LAYER = "sha256_719385e32844401d57ecfd3eacab360bf551a1491c05b85806ed8f1b08d792f6"
@@ -45,6 +40,14 @@ def run(capfdbinary, *args) -> tuple[int, bytes, str]:
 def hello(vectors, tmp_path_factory) -> str:
     path = layout_from_flat(vectors / "aci-hello-world", tmp_path_factory.mktemp("hw") / "layout")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_turbo(vectors, tmp_path_factory) -> str:
+    turbo = vectors / "upstream-small" / "turbooci"
+    return str(turbo_layout(tmp_path_factory.mktemp("turbo") / "layout", vectors / "upstream-small" / "original",
+                            [turbo / "layer0" / "turboOCIv1.tar.gz", turbo / "layer1" / "turboOCIv1.tar.gz"],
+                            "small", "small_turbo"))
 
 
 @pytest.fixture(scope="module")
@@ -160,26 +163,11 @@ def test_upstream_small_native_stack_matches_tree(small, vectors):
     assert sorted(ours) == sorted(expected)
 
 
-def test_upstream_small_turbooci_stack_matches_tree(vectors, tmp_path):
+def test_upstream_small_turbooci_stack_matches_tree(small_turbo, vectors):
     """Meta layers (turboOCIv1.tar.gz) over the unmodified gzip layers of the original layout."""
-    original = vectors / "upstream-small" / "original"
-    layout = tmp_path / "layout"
-    shutil.copytree(original, layout)
-    src_manifest = json.loads((original / "blobs" / "sha256" /
-                               "3af4961be27ccc2c9b218ab76c3eef5b92cb81b48c28eaffc2b7ab5783d1fc03").read_bytes())
-    layers = []
-    for i, target in enumerate(src_manifest["layers"]):
-        digest, size = add_file_blob(layout, vectors / "upstream-small" / "turbooci" / f"layer{i}" /
-                                     "turboOCIv1.tar.gz")
-        layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size, "annotations": {
-            ANN_BLOB_DIGEST: digest, ANN_BLOB_SIZE: str(size), ANN_VERSION: VERSION_TURBO,
-            ANN_TURBO_TARGET_DIGEST: target["digest"], ANN_TURBO_TARGET_MEDIA_TYPE: target["mediaType"]}})
-    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
-    add_manifest(layout, config, layers, "small_turbo", entries=OciLayoutStore(layout).entries)
     opts = OpenOptions(gzip_cache_enable=False)
-    image = open_image(f"oci:{layout}:small_turbo", opts)
+    image = open_image(f"oci:{small_turbo}:small_turbo", opts)
     assert image.mode == "fastoci"
-    assert [layer.target.digest for layer in image.layers] == [t["digest"] for t in src_manifest["layers"]]
     disk = open_disk(image, opts)
     try:
         ours = _tree_lines(Ext4(disk))
@@ -187,6 +175,22 @@ def test_upstream_small_turbooci_stack_matches_tree(vectors, tmp_path):
         disk.close()
     expected = (vectors / "upstream-small" / "tree.txt").read_text().splitlines()
     assert sorted(ours) == sorted(expected)
+
+
+def test_turbooci_through_the_cli_with_gzip_cache(small_turbo, vectors, tmp_path, monkeypatch, capfdbinary):
+    monkeypatch.setenv("OBD_GZIP_CACHE_DIR", str(tmp_path / "gz"))
+    ref = f"oci:{small_turbo}:small_turbo"
+    rc, out, err = run(capfdbinary, "inspect", "--json", ref)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["mode"] == "fastoci" and info["virtual_size"] == GIB64
+    assert [layer["target"]["digest"] for layer in info["layers"]] == [
+        "sha256:571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1",
+        "sha256:ed5169527c7317edecd662ed75cada0b65adc02a4431825bccc713dcb0dd6c07"]
+    rc, out, err = run(capfdbinary, "cat", ref, "/etc/motd.link")
+    assert (rc, hashlib.sha256(out).hexdigest()) == (
+        0, "57e4f8eceba7601188ab4c6dc19b211eae89b70b8c883056ca07241fac20552c"), err
+    assert os.listdir(tmp_path / "gz")  # decompressed gzip data went through the cache
 
 
 # -- errors: one line, an exit code, never a traceback ----------------------------------------

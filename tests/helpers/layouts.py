@@ -78,3 +78,26 @@ def native_layout(dst: pathlib.Path, commits: list[pathlib.Path], tag: str) -> p
               "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]}}
     add_manifest(dst, config, layers, tag)
     return dst
+
+
+def turbo_layout(dst: pathlib.Path, original: pathlib.Path, meta_blobs: list[pathlib.Path],
+                 source_tag: str, tag: str) -> pathlib.Path:
+    """A TurboOCI image (spec §4.1) added to a copy of ``original``: one meta tarball per source layer."""
+    from tcmu_overlaybd.image.manifest import (
+        ANN_TURBO_TARGET_DIGEST, ANN_TURBO_TARGET_MEDIA_TYPE, OCI_LAYER_GZIP, VERSION_TURBO,
+    )
+    from tcmu_overlaybd.image.oci_layout import OciLayoutStore
+
+    shutil.copytree(original, dst)
+    store = OciLayoutStore(dst)
+    [source] = [d for d in store.entries if d.annotations.get(REF_NAME) == source_tag]
+    targets = json.loads(store.fetch_manifest(source))["layers"]
+    layers = []
+    for meta, target in zip(meta_blobs, targets, strict=True):
+        digest, size = add_file_blob(dst, meta)
+        layers.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size, "annotations": {
+            ANN_BLOB_DIGEST: digest, ANN_BLOB_SIZE: str(size), ANN_VERSION: VERSION_TURBO,
+            ANN_TURBO_TARGET_DIGEST: target["digest"], ANN_TURBO_TARGET_MEDIA_TYPE: target["mediaType"]}})
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    add_manifest(dst, config, layers, tag, entries=store.entries)
+    return dst
