@@ -165,7 +165,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _names = st.text(alphabet="abcdefghij_.-/é", min_size=1, max_size=140).filter(
-    lambda s: s.strip("/") and "//" not in s and not s.startswith("/") and ".." not in s
+    lambda s: s.strip("/") and "//" not in s and not s.startswith("/") and not s.endswith("/") and ".." not in s
 )
 _members = st.lists(
     st.tuples(_names, st.sampled_from(["file", "dir", "symlink", "hardlink"]), st.integers(0, 3000)),

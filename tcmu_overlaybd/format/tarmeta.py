@@ -133,6 +133,11 @@ def _checksum_ok(block: bytes) -> bool:
     return stored in (unsigned, signed)
 
 
+def is_tar_header(block: bytes) -> bool:
+    """True for a 512-byte block that starts a tar: a header with a valid checksum, or zeros."""
+    return len(block) == BLOCK and (block == _ZERO_BLOCK or _checksum_ok(block))
+
+
 def _parse_pax(data: bytes, blob: str, offset: int) -> dict[str, bytes]:
     """PAX records ``"<len> <key>=<value>\\n"``."""
     records: dict[str, bytes] = {}

@@ -23,7 +23,7 @@ from ..block.source import ByteSource, BytesSource
 from ..errors import CorruptDataError, UnsupportedError
 from . import layer, lsmt
 from .gzindex import GzipIndex, GzipIndexedSource
-from .tarmeta import scan_tar
+from .tarmeta import is_tar_header, scan_tar
 
 EXT4_META = "ext4.fs.meta"
 EROFS_META = "erofs.fs.meta"
@@ -36,6 +36,7 @@ TARGET_TAG = 1
 #: a meta layer is ~3% of its layer; refuse to inflate absurd ones into memory
 MAX_META_TAR = 1 << 30
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,23 @@ def open_warp_layer(fs_meta: ByteSource, tar_view: ByteSource) -> lsmt.LsmtFile:
     return warp
 
 
+def _check_target_kind(target: ByteSource, target_is_gzip: bool) -> None:
+    """A mislabelled layer would hand compressed bytes to ext4 as file contents: check up front."""
+    head = target.read(0, 512)
+    if head[:4] == _ZSTD_MAGIC:
+        raise UnsupportedError(f"{target.name}: TurboOCI over a zstd-compressed layer is not supported")
+    if head[:2] == _GZIP_MAGIC:
+        found = "gzip"
+    elif is_tar_header(head):
+        found = "plain tar"
+    else:
+        raise CorruptDataError("the original layer is neither gzip nor a tar", blob=target.name, offset=0)
+    said = "gzip" if target_is_gzip else "plain tar"
+    if found != said:
+        raise CorruptDataError(f"the original layer is {found} but its media type says {said}",
+                               blob=target.name, offset=0)
+
+
 def open_turbo_layer(
     meta_blob: ByteSource,
     target: ByteSource,
@@ -196,12 +214,7 @@ def open_turbo_layer(
     meta = read_meta_tarball(meta_blob)
     if meta.fs_type != "ext4":
         raise UnsupportedError(f"{meta_blob.name}: {meta.fs_type} TurboOCI layers are not supported (only ext4)")
-    # a mislabelled layer would hand compressed bytes to ext4 as file contents: check up front
-    is_gzip = target.read(0, 2) == _GZIP_MAGIC
-    if is_gzip != target_is_gzip:
-        said, found = ("gzip", "plain tar") if target_is_gzip else ("plain tar", "gzip")
-        raise CorruptDataError(f"the original layer is {found} but its media type says {said}",
-                               blob=target.name, offset=0)
+    _check_target_kind(target, target_is_gzip)
     if target_is_gzip:
         if meta.gzip_index is None:
             raise CorruptDataError(
