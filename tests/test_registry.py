@@ -281,3 +281,13 @@ def test_download_progress_is_silent_off_a_terminal(proxied_registry, tmp_path, 
     with progress_bar(10, "x", quiet=True) as bar:
         bar.update(4)
         assert bar.n == 4
+
+
+def test_slow_registry_times_out_then_retries(proxied_registry, tmp_path):
+    registry, proxy = proxied_registry
+    data, src, _store = _layer(proxy, registry, tmp_path, read_timeout=0.5)
+    proxy.add_fault("delay:1.5", "/blobs/", "GET", times=1)
+    assert src.read(5, 10) == data[5:15]
+    proxy.add_fault("delay:1.5", "/blobs/", "GET", times=3)
+    with pytest.raises(NetworkError, match=r"bytes 262144-524287: ReadTimeout: Read timed out \(gave up after 3 attempts\)$"):
+        src.read(300 * 1024, 10)

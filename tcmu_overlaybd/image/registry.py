@@ -128,6 +128,8 @@ class RegistryClient:
             except requests.exceptions.SSLError as e:
                 raise NetworkError(f"registry {self.host}: {what}: TLS error: {_short(e)} "
                                    "(see --tlscacert, --tlscert/--tlskey, -k, --plain-http)") from None
+            except (requests.TooManyRedirects, requests.exceptions.InvalidURL) as e:
+                raise NetworkError(f"registry {self.host}: {what}: {type(e).__name__}: {_short(e)}") from None
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {_short(e)}"
                 attempt += 1

@@ -233,6 +233,13 @@ class RegistryServer:
         self.proc = None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that give up (timeouts, faults) are expected: no tracebacks on stderr."""
+
+    def handle_error(self, request, client_address):
+        pass
+
+
 @dataclass
 class Fault:
     """Do ``action`` to the next ``times`` requests whose method and path match.
@@ -289,7 +296,7 @@ class Proxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = handle_one
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", self.port), Handler)
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
