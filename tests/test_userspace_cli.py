@@ -18,10 +18,14 @@ from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import UsageError
 from tcmu_overlaybd.ext4.fs import Ext4
 from tcmu_overlaybd.image.disk import open_disk
+from tcmu_overlaybd.image.manifest import (
+    ANN_ACCELERATION, ANN_BLOB_DIGEST, ANN_BLOB_SIZE, ANN_VERSION, OCI_LAYER_TAR,
+)
+from tcmu_overlaybd.image.oci_layout import OciLayoutStore
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 
-from .helpers.layouts import add_manifest, layout_from_flat, native_layout, turbo_layout
+from .helpers.layouts import add_blob, add_manifest, layout_from_flat, native_layout, turbo_layout
 
 HELLO_SHA256 = "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
 HELLO_LAYER = "sha256_719385e32844401d57ecfd3eacab360bf551a1491c05b85806ed8f1b08d792f6"
@@ -191,6 +195,27 @@ def test_turbooci_through_the_cli_with_gzip_cache(small_turbo, vectors, tmp_path
     assert (rc, hashlib.sha256(out).hexdigest()) == (
         0, "57e4f8eceba7601188ab4c6dc19b211eae89b70b8c883056ca07241fac20552c"), err
     assert os.listdir(tmp_path / "gz")  # decompressed gzip data went through the cache
+
+
+def test_acceleration_layer_is_listed_but_not_stacked(hello, tmp_path, capfdbinary):
+    """``ctr record-trace`` appends a tar holding ``trace`` (spec §7.2); it carries no disk data."""
+    layout = native_layout(tmp_path / "layout", [pathlib.Path(hello) / "blobs" / "sha256" / HELLO_BLOB[7:]], "x")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("trace")
+        info.size, info.mode = 6, 0o444
+        tar.addfile(info, io.BytesIO(b"/hello"))
+    digest, size = add_blob(layout, buf.getvalue())
+    manifest = json.loads((layout / "blobs" / "sha256" / OciLayoutStore(layout).entries[0].digest[7:]).read_text())
+    layers = manifest["layers"] + [{"mediaType": OCI_LAYER_TAR, "digest": digest, "size": size, "annotations": {
+        ANN_BLOB_DIGEST: digest, ANN_BLOB_SIZE: str(size), ANN_VERSION: "0.1.0", ANN_ACCELERATION: "yes"}}]
+    add_manifest(layout, {"os": "linux", "architecture": "amd64"}, layers, "traced")
+    rc, out, err = run(capfdbinary, "inspect", "--json", f"oci:{layout}:traced")
+    info = json.loads(out)
+    assert [layer["kind"] for layer in info["layers"]] == ["overlaybd", "acceleration"]
+    assert info["virtual_size"] == GIB64 and "uuid" not in info["layers"][1]
+    rc, out, err = run(capfdbinary, "cat", f"oci:{layout}:traced", "/hello")
+    assert (rc, hashlib.sha256(out).hexdigest()) == (0, HELLO_SHA256)
 
 
 # -- errors: one line, an exit code, never a traceback ----------------------------------------
