@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -202,3 +203,20 @@ def test_cat_of_a_small_file_from_a_100mb_image_moves_under_one_percent(proxied_
     moved = proxy.log.blob_bytes
     assert moved < size // 100, f"{moved} bytes of {size} moved"
     print(f"cat of a 43-byte file from a {size}-byte layer moved {moved} bytes")
+
+
+def test_cat_from_a_tls_registry_with_a_login(basic_registry, test_ca, vectors, tmp_path, capfdbinary):
+    password = BASIC_USERS["alice"]
+    client = RegistryClient(basic_registry.host, OpenOptions(tls_ca_cert=test_ca.ca_cert, username="alice",
+                                                             password=password))
+    push_hello_world(client, vectors, "private/hello", "obd")
+    ref = f"{basic_registry.host}/private/hello:obd"
+    common = ["--tlscacert", test_ca.ca_cert, "--cache-dir", str(tmp_path / "cache"), "-q"]
+    rc, out, err = obd(capfdbinary, "cat", ref, "/hello", "-u", f"alice:{password}", *common)
+    assert (rc, err) == (0, "")
+    assert hashlib.sha256(out).hexdigest() == HELLO_SHA256
+    authfile = tmp_path / "auth.json"
+    token = base64.b64encode(f"alice:{password}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {basic_registry.host: {"auth": token}}}))
+    rc, out, err = obd(capfdbinary, "ls", ref, "/", "--authfile", str(authfile), *common)
+    assert (rc, err) == (0, "") and b"hello" in out
