@@ -289,3 +289,19 @@ def test_random_metadata_damage_never_leaks_a_python_error(tree, tmp_path):
             failures += 1
             assert "\n" not in str(e)
     assert failures > 0  # the damage was noticed at least sometimes
+
+
+def test_kernel_made_base_layer(vectors):
+    """The ext4_64 base layer (kernel mkfs, has_journal, 64bit, flex_bg) read through its LSMT layer."""
+    from tcmu_overlaybd.format.layer import open_layer_blob
+
+    layer = open_layer_blob(FileSource(vectors / "overlaybd" / "ext4_64.zfile"))
+    try:
+        fs = Ext4(layer)
+        assert (fs.sb.block_size, fs.sb.inode_size, fs.sb.desc_size, fs.sb.blocks_count) == (4096, 256, 64, 1 << 24)
+        assert [e.name for e in fs.listdir(fs.root)] == ["lost+found"]
+        journal = fs.stat(fs.inode(8))
+        assert (journal.type, journal.size) == ("-", 512 << 20)
+        assert sum(length for _, _, length in fs.file_extents(fs.inode(8))) == 512 << 20
+    finally:
+        layer.close()
