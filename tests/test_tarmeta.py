@@ -213,3 +213,20 @@ def test_a_lone_zero_block_is_skipped_two_end_the_archive():
     assert [(e.name, e.data_offset) for e in entries] == [("a", 512), ("b", 2048)]
     meta = export_tar_meta(BytesSource(tar))
     assert len(meta) == 2 * BLOCK  # the lone zero block is not exported
+
+
+def test_signed_checksums_and_base256_sizes():
+    from tcmu_overlaybd.format.tarmeta import _octal
+
+    info, data = _file("héllo-\xff", b"abc")
+    block = bytearray(_tar(tarfile.USTAR_FORMAT, [(info, data)])[:BLOCK])
+    # rewrite the checksum the way old signed-char tars did
+    block[148:156] = b" " * 8
+    signed = sum(b - 256 if b & 0x80 else b for b in block)
+    block[148:156] = b"%06o\0 " % signed
+    tar = bytes(block) + data + bytes(BLOCK - len(data)) + bytes(1024)
+    (e,) = scan_tar(BytesSource(tar))
+    assert e.name == "héllo-\xff" and e.size == 3 and e.data_offset == 512
+    assert _octal(b"\x80" + (5 << 33).to_bytes(11, "big")) == 5 << 33  # > 8 GiB size field
+    assert _octal(b"\xff" * 12) == -1
+    assert _octal(b"  0000644\0") == 0o644

@@ -112,9 +112,9 @@ def _is_regular(typeflag: str, mode: int) -> bool:
 
 def _octal(raw: bytes) -> int:
     """A numeric field: octal text (leading spaces, stops at the first non-digit) or base-256."""
-    if raw and raw[0] & 0x80:
-        value = int.from_bytes(raw[1:], "big") | ((raw[0] & 0x3F) << (8 * (len(raw) - 1)))
-        return -value if raw[0] & 0x40 else value
+    if raw and raw[0] in (0x80, 0xFF):  # GNU base-256: 0x80 positive, 0xFF two's complement negative
+        value = int.from_bytes(raw[1:], "big")
+        return value - 256 ** (len(raw) - 1) if raw[0] == 0xFF else value
     text = raw.lstrip(b" ")
     end = 0
     while end < len(text) and 0x30 <= text[end] <= 0x37:
@@ -126,11 +126,18 @@ def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+
+
 def _checksum_ok(block: bytes) -> bool:
+    """The header sum with the checksum field as spaces, bytes unsigned or (old tars) signed."""
     stored = _octal(block[CHKSUM])
     unsigned = sum(block) - sum(block[CHKSUM]) + 8 * 0x20
-    signed = unsigned - 256 * sum(1 for b in block if b & 0x80) + 256 * sum(1 for b in block[CHKSUM] if b & 0x80)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    rest = block[:CHKSUM.start] + block[CHKSUM.stop :]
+    high = len(rest) - len(rest.translate(None, _HIGH_BYTES))
+    return stored == unsigned - 256 * high
 
 
 def is_tar_header(block: bytes) -> bool:
