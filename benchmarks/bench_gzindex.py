@@ -31,7 +31,7 @@ import zlib
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tcmu_overlaybd.block.source import BytesSource, FileSource  # noqa: E402
+from tcmu_overlaybd.block.source import FileSource  # noqa: E402
 from tcmu_overlaybd.cache.gzipcache import GzipCache  # noqa: E402
 from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource, build_gzip_index  # noqa: E402
 
