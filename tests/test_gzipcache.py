@@ -7,7 +7,6 @@ import os
 import random
 import stat
 
-
 from tcmu_overlaybd.block.source import BytesSource, CountingSource, FileSource
 from tcmu_overlaybd.cache.gzipcache import PAGE, PAGE_ENTRY, SIDECAR_SUFFIX, GzipCache
 from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource
