@@ -41,8 +41,8 @@ LONG = "L" * 255
 UNI = "données/ünïcödé-文件.txt"
 
 
-def torture_layers() -> list[tuple[bytes, bytes]]:
-    """[(blob, uncompressed tar)] of the torture image, bottom layer first."""
+def torture_entries() -> list[list[Entry]]:
+    """The torture image's layers as entry lists, bottom layer first."""
     l1 = [
         Entry("etc", "dir"),
         Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\n"),
@@ -110,6 +110,12 @@ def torture_layers() -> list[tuple[bytes, bytes]]:
         Entry("gnu/" + "n" * 150 + "/file", data=b"gnu long name"),
         Entry("gnu/" + "t" * 120, "symlink", link="../" + "y" * 150),
     ]
+    return [l1, l2, l3]
+
+
+def torture_layers() -> list[tuple[bytes, bytes]]:
+    """[(blob, uncompressed tar)] of the torture image: gzip, zstd and plain GNU tar layers."""
+    l1, l2, l3 = torture_entries()
     return [
         (compress(build_tar(l1), "gzip"), build_tar(l1)),
         (compress(build_tar(l2), "zstd"), build_tar(l2)),

@@ -1,0 +1,66 @@
+"""Whole-image conversion into an OCI layout, read back through obd's own image code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tcmu_overlaybd.block.export import export_raw
+from tcmu_overlaybd.convert.image import FORMAT_FASTOCI, FORMAT_OVERLAYBD, ConvertOptions, convert_image
+from tcmu_overlaybd.errors import UnsupportedError
+from tcmu_overlaybd.image.disk import open_disk
+from tcmu_overlaybd.image.oci_layout import OciLayoutStore
+from tcmu_overlaybd.image.options import OpenOptions
+from tcmu_overlaybd.image.resolve import open_image
+
+from .helpers.ext4_tree import fsck_clean, read_tree
+from .helpers.oci_build import write_oci_layout
+from .helpers.reference_tree import reference_tree
+from .test_convert_apply import VSIZE, torture_entries
+
+PLAIN = OpenOptions(discover_accelerated=False, gzip_cache_enable=False)
+
+
+@pytest.fixture()
+def source(tmp_path):
+    layout = str(tmp_path / "src")
+    manifest = write_oci_layout(layout, torture_entries(), "gzip", tag="v1")
+    blobs = []
+    for layer in manifest["layers"]:
+        with open(os.path.join(layout, "blobs", "sha256", layer["digest"][7:]), "rb") as f:
+            blobs.append(f.read())
+    return layout, blobs
+
+
+@pytest.mark.parametrize("fmt", [FORMAT_OVERLAYBD, FORMAT_FASTOCI])
+def test_converted_layout_reads_back_as_the_source_tree(tmp_path, source, fmt):
+    layout, blobs = source
+    out = str(tmp_path / "out")
+    res = convert_image(open_image(f"oci:{layout}:v1", PLAIN), out, str(tmp_path / "work"),
+                        ConvertOptions(fmt=fmt, tag="acc", vsize=VSIZE, oci=False))
+    image = open_image(f"oci:{out}:acc", PLAIN)
+    assert image.mode == fmt and len(image.layers) == len(blobs)
+    assert image.manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert image.config["rootfs"]["diff_ids"] == res.config["rootfs"]["diff_ids"]
+    raw = str(tmp_path / "disk.img")
+    export_raw(open_disk(image, PLAIN), raw)
+    rc, msg = fsck_clean(raw)
+    assert rc == 0, msg
+    assert read_tree(raw) == reference_tree(blobs)
+    assert os.listdir(str(tmp_path / "work")) == []  # sources and the working image are cleaned up
+
+
+def test_referrer_makes_the_plain_reference_find_the_accelerated_image(tmp_path, source):
+    layout, blobs = source
+    plain = open_image(f"oci:{layout}:v1", PLAIN)
+    res = convert_image(plain, layout, str(tmp_path / "work"), ConvertOptions(vsize=VSIZE, referrer=True, oci=False))
+    assert res.manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"  # --referrer forces OCI
+    assert res.manifest["subject"]["digest"] == plain.manifest_descriptor.digest
+    assert [d.digest for d in OciLayoutStore(layout).referrers(plain.manifest_descriptor.digest)] == [
+        res.manifest_descriptor.digest
+    ]
+    found = open_image(f"oci:{layout}:v1", OpenOptions(gzip_cache_enable=False))
+    assert found.mode == "overlaybd" and found.manifest_descriptor.digest == res.manifest_descriptor.digest
+    with pytest.raises(UnsupportedError, match="already overlaybd"):
+        convert_image(found, str(tmp_path / "again"), str(tmp_path / "w2"), ConvertOptions(vsize=VSIZE))
