@@ -35,7 +35,8 @@ def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
     size = None if target.size == UNKNOWN_SIZE else target.size
     original = image.store.open_blob(target.digest, size)
     opened.append(original)
-    return open_turbo_layer(meta, original, target_is_gzip=layer.target_is_gzip, gzip_cache=gzip_cache)
+    return open_turbo_layer(meta, original, target_is_gzip=layer.target_is_gzip, gzip_cache=gzip_cache,
+                            cache_key=target.digest)
 
 
 def open_layers(image: Image, opts: OpenOptions) -> list:
