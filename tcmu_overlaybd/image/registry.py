@@ -18,6 +18,7 @@ falls back to the ``sha256-<hex>`` tag schema when the registry answers 404.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -133,7 +134,7 @@ class RegistryClient:
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {_short(e)}"
                 attempt += 1
-                self._pause(attempt, attempts, None)
+                self._pause(attempt, attempts, None, what, last)
                 continue
             with self._lock:
                 self.requests_sent += 1
@@ -166,11 +167,11 @@ class RegistryClient:
             except _Retry as r:
                 last = r.cause
                 attempt += 1
-                self._pause(attempt, attempts, r.retry_after)
+                self._pause(attempt, attempts, r.retry_after, what, last)
             except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as e:
                 last = f"connection lost while reading the body ({type(e).__name__})"
                 attempt += 1
-                self._pause(attempt, attempts, None)
+                self._pause(attempt, attempts, None, what, last)
             finally:
                 resp.close()
         raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempts} attempts)")
@@ -179,12 +180,15 @@ class RegistryClient:
         """GET on a token server with this registry's TLS settings and timeouts."""
         return self.session.get(url, params=params, headers=headers, timeout=self.timeout, **self.tls)
 
-    def _pause(self, attempt: int, attempts: int, retry_after: float | None) -> None:
+    def _pause(self, attempt: int, attempts: int, retry_after: float | None, what: str, cause: str) -> None:
+        """Exponential backoff (or the server's Retry-After) before attempt ``attempt + 1``."""
         if attempt >= attempts:
             return
         delay = min(MAX_BACKOFF, self.backoff_base * (2 ** (attempt - 1)))
         if retry_after is not None:
             delay = min(MAX_BACKOFF, max(delay, retry_after))
+        log.info("registry %s: %s: %s; retry %d of %d in %.2f s", self.host, what, cause, attempt,
+                 attempts - 1, delay)
         time.sleep(delay)
 
     def count_bytes(self, n: int) -> None:
@@ -438,8 +442,6 @@ class RegistryStore(BlobStore):
 
 
 def _index_descriptors(data: bytes, what: str) -> list[Descriptor]:
-    import json
-
     try:
         doc = json.loads(data)
         return [Descriptor.from_json(m) for m in doc.get("manifests") or []]
