@@ -286,3 +286,19 @@ def test_two_handlers_sharing_a_pool_keep_it_near_the_cap(tmp_path):
         assert pools[0].usage() <= cap + cap // 16 + MiB  # overshoot bounded by one rescan interval
     usage = {name: used for name, used, _ in pools[0].files()}
     assert usage[digests[0]] == 0 and usage[digests[-1]] >= 2 * MiB  # LRU across both writers
+
+
+def test_an_unusable_cache_directory_means_uncached_reads(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    assert GzipCache.try_open(blocker / "gz") is None
+    assert "gzip cache disabled" in caplog.text
+    pool = GzipCache(tmp_path / "gz")
+    os.mkdir(tmp_path / "gz" / DIGEST_A)  # a directory squats the layer's cache file name
+    blob = gzip.compress(_data(100_000, 3), mtime=0)
+    from tcmu_overlaybd.format.gzindex import build_gzip_index
+
+    idx = GzipIndex.from_bytes(build_gzip_index(BytesSource(blob)))
+    src = GzipIndexedSource(BytesSource(blob, DIGEST_A), idx, cache=pool)
+    assert src.cached_view is None and "without the gzip cache" in caplog.text
+    assert src.read(10, 100) == gzip.decompress(blob)[10:110]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import re
 import struct
@@ -32,6 +33,8 @@ import time
 from ..block.source import ByteSource
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, StateError
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 DEFAULT_REFILL = 1 << 20
@@ -74,6 +77,16 @@ class GzipCache:
         self._since_scan = 0
         self._scanned_at = 0.0
         _prepare_dir(self.dir)
+
+    @classmethod
+    def try_open(cls, cache_dir: str | os.PathLike, **kw) -> "GzipCache | None":
+        """The pool, or None (with a warning) when its directory is unusable, e.g. for a
+        non-root user: reads then simply go uncached."""
+        try:
+            return cls(cache_dir, **kw)
+        except StateError as e:
+            log.warning("gzip cache disabled: %s", e)
+            return None
 
     @staticmethod
     def file_name(key: str) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import logging
 import struct
 import threading
 import zlib
@@ -40,7 +41,9 @@ from typing import BinaryIO
 from ..block.source import ByteSource, BytesSource, read_exact
 from ..cache.gzipcache import digest_in
 from ..crc32c import crc32c_raw
-from ..errors import CorruptDataError, UsageError
+from ..errors import CorruptDataError, StateError, UsageError
+
+log = logging.getLogger(__name__)
 
 # --- layout (spec §4.4) ---------------------------------------------------------------
 
@@ -432,7 +435,10 @@ class GzipIndexedSource:
         if cache is not None and key:
             # like upstream, only a layer known by digest is cached: a path may later hold
             # other bytes, and cached pages are checked against their CRC, not the source
-            self.cached_view = cache.open(key, _UncachedView(self))
+            try:
+                self.cached_view = cache.open(key, _UncachedView(self))
+            except StateError as e:
+                log.warning("reading %s without the gzip cache: %s", self.name, e)
 
     def read(self, offset: int, length: int) -> bytes:
         if self.cached_view is not None:
