@@ -28,6 +28,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import requests
+
 from ..errors import AuthError, NetworkError, UsageError
 from ..logs import register_secret
 from .reference import DOCKER_HUB, DOCKER_HUB_API
@@ -259,8 +261,6 @@ class Authenticator:
         return bool(tok and tok.expires > time.monotonic() and tok.fresh)
 
     def _fetch_token(self, params: dict, scope: str, http_get) -> None:
-        import requests
-
         realm = params.get("realm")
         if not realm:
             raise AuthError(f"registry {self.host}: Bearer challenge without a realm")

@@ -43,5 +43,5 @@ def find_accelerated(store: BlobStore, ref: Reference, desc: Descriptor,
     ranked = sorted(enumerate(found), key=lambda p: (
         ACCELERATED_TYPES.index(p[1].artifact_type) * -1, p[1].annotations.get(CREATED, ""), p[0]))
     best = ranked[-1][1]
-    log.info("using accelerated image %s (%s) for %s", best.digest, best.artifact_type, ref)
+    log.debug("accelerated referrer of %s: %s (%s)", ref, best.digest, best.artifact_type)
     return best
