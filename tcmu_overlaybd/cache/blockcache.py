@@ -124,7 +124,7 @@ class BlockCache:
         self._tmp_dir = os.path.join(self.dir, "tmp")
         self._seq = itertools.count()
         self._lock = threading.Lock()  # in-process: fd cache, touch map, stats
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, _OpenBlock] = OrderedDict()
         self._touched: dict[str, float] = {}
         self._blob_dirs: dict[str, str] = {}  # digest -> its block directory (validated once)
         self._inflight: dict[tuple[str, int], threading.Event] = {}  # blocks being fetched here
@@ -178,18 +178,37 @@ class BlockCache:
         """Bytes ``[offset, offset+length)`` of a cached block, or None on a miss.
 
         A block whose file length is not ``expected_len`` (torn by a crash) is a miss
-        and is removed.
+        and is removed.  Reads of different threads run in parallel: the lock only
+        guards the table of open block files, never a ``pread``.
         """
         path = self.block_path(key, index)
         if length is None:
             length = expected_len - offset
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is not None:
+            handle = self._fds.get(path)
+            if handle is not None:
                 self._fds.move_to_end(path)
-                data = os.pread(fd, length, offset)
-                self._note_hit(path, len(data))
-                return data
+                handle.users += 1
+        if handle is None:
+            handle = self._open_block(path, expected_len)
+            if handle is None:
+                return None
+        try:
+            data = os.pread(handle.fd, length, offset)
+        finally:
+            with self._lock:
+                handle.users -= 1
+                if handle.retired and handle.users == 0:
+                    os.close(handle.fd)
+        if self._note_hit(path, len(data)):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+        return data
+
+    def _open_block(self, path: str, expected_len: int) -> "_OpenBlock | None":
+        """Open a block file into the fd table (one user counted), or None if absent/torn."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -200,32 +219,30 @@ class BlockCache:
             self._discard_torn(path, expected_len)
             return None
         with self._lock:
-            if time.time() - st.st_mtime < TOUCH_INTERVAL:  # recent enough for LRU: skip utime
+            if time.time() - st.st_mtime < TOUCH_INTERVAL:  # recent enough for LRU: no utime
                 self._touched[path] = time.monotonic()
-            data = os.pread(fd, length, offset)
-            if path in self._fds:
-                os.close(fd)
-            else:
-                self._fds[path] = fd
+            handle = self._fds.get(path)
+            if handle is None:
+                handle = self._fds[path] = _OpenBlock(fd)
                 while len(self._fds) > FD_CACHE_SIZE:
-                    _, old = self._fds.popitem(last=False)
-                    os.close(old)
-            self._note_hit(path, len(data))
-        return data
+                    self._fds.popitem(last=False)[1].retire()
+            else:  # another thread opened it meanwhile
+                os.close(fd)
+            handle.users += 1
+        return handle
 
-    def _note_hit(self, path: str, n: int) -> None:
-        """Count a hit and refresh the block's LRU time now and then (lock held)."""
-        self.counters.hits += 1
-        self.counters.bytes_served += n
+    def _note_hit(self, path: str, n: int) -> bool:
+        """Count a hit; True when the block's LRU time is due for a refresh."""
         now = time.monotonic()
-        if now - self._touched.get(path, -TOUCH_INTERVAL) >= TOUCH_INTERVAL:
-            self._touched[path] = now
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                pass
+        with self._lock:
+            self.counters.hits += 1
+            self.counters.bytes_served += n
+            if now - self._touched.get(path, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+                return False
             if len(self._touched) > 4 * FD_CACHE_SIZE:
                 self._touched.clear()
+            self._touched[path] = now
+            return True
 
     def _discard_torn(self, path: str, expected_len: int) -> None:
         with self._exclusive():
@@ -392,10 +409,28 @@ class BlockCache:
         return freed
 
     def close_fds(self) -> None:
+        """Close the block files this object keeps open (reads in progress finish first)."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for handle in self._fds.values():
+                handle.retire()
             self._fds.clear()
+
+
+class _OpenBlock:
+    """An open block file shared by readers; closed when retired and unused (lock held)."""
+
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.users = 0
+        self.retired = False
+
+    def retire(self) -> None:
+        if self.users == 0:
+            os.close(self.fd)
+        else:
+            self.retired = True
 
 
 class _FileLock:
@@ -443,6 +478,11 @@ class CachedSource:
             return b""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
+        if first == last:  # the common case: inside one block
+            lo = offset - first * bs
+            data = self.cache.get(self.key, first, self._block_len(first), lo, end - offset)
+            if data is not None:
+                return data
         parts: list[bytes | None] = []
         missing: list[int] = []
         for idx in range(first, last + 1):
