@@ -220,3 +220,25 @@ def test_cat_from_a_tls_registry_with_a_login(basic_registry, test_ca, vectors, 
     authfile.write_text(json.dumps({"auths": {basic_registry.host: {"auth": token}}}))
     rc, out, err = obd(capfdbinary, "ls", ref, "/", "--authfile", str(authfile), *common)
     assert (rc, err) == (0, "") and b"hello" in out
+
+
+def test_platform_is_picked_from_a_remote_index(plain_registry, vectors, tmp_path, capfdbinary):
+    client = RegistryClient(plain_registry.host, OpenOptions(plain_http=True))
+    push_hello_world(client, vectors, "multi", "amd64-only")
+    other = b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":' \
+            b'{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"' + \
+            sha256_digest(b"{}").encode() + b'","size":2},"layers":[]}'
+    push_blob(client, "multi", b"{}", sha256_digest(b"{}"), 2)
+    other_digest = push_manifest(client, "multi", "arm", other, OCI_MANIFEST)
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": other_digest, "size": len(other),
+         "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+        {"mediaType": OCI_MANIFEST, "digest": HELLO_CONVERTED_MANIFEST, "size": 641,
+         "platform": {"os": "linux", "architecture": "amd64"}}]}
+    push_manifest(client, "multi", "latest", json.dumps(index).encode(), "application/vnd.oci.image.index.v1+json")
+    ref = f"{plain_registry.host}/multi:latest"
+    rc, out, err = obd(capfdbinary, "cat", ref, "/hello", "--platform", "linux/amd64", *flags(tmp_path))
+    assert (rc, err) == (0, "")
+    assert hashlib.sha256(out).hexdigest() == HELLO_SHA256
+    rc, out, _ = obd(capfdbinary, "inspect", "--json", ref, "--platform", "linux/arm64/v8", *flags(tmp_path))
+    assert rc == 0 and json.loads(out)["manifest"]["digest"] == other_digest
