@@ -143,7 +143,7 @@ class RegistryClient:
                 if status == 401 and auth_rounds < 2:
                     auth_rounds += 1
                     challenge = resp.headers.get("WWW-Authenticate")
-                    resp.close()
+                    resp.content  # noqa: B018 - drain, so the connection is reused for the retry
                     self.auth.challenge(challenge, scope, sent_auth, self._token_get)
                     continue
                 if status in (401, 403):
@@ -152,6 +152,7 @@ class RegistryClient:
                     raise AuthError(f"registry {self.host}: {what}: access denied for {user} (HTTP {status})")
                 if status == 404:
                     if not_found_ok:
+                        resp.content  # noqa: B018 - drain, so the connection goes back to the pool
                         return None
                     raise NotFoundError(f"registry {self.host}: {what}: not found")
                 if status in RETRY_STATUSES:
