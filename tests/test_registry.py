@@ -291,3 +291,15 @@ def test_slow_registry_times_out_then_retries(proxied_registry, tmp_path):
     proxy.add_fault("delay:1.5", "/blobs/", "GET", times=3)
     with pytest.raises(NetworkError, match=r"bytes 262144-524287: ReadTimeout: Read timed out \(gave up after 3 attempts\)$"):
         src.read(300 * 1024, 10)
+
+
+def test_reads_reuse_one_connection(proxied_registry, tmp_path):
+    registry, proxy = proxied_registry
+    data, src, store = _layer(proxy, registry, tmp_path, size=8 << 20)
+    before = proxy.httpd.connections
+    for i in range(20):
+        off = i * 400 * 1024
+        assert src.read(off, 100) == data[off : off + 100]
+        assert store.client.head_manifest("f", f"absent{i}") is None  # a 404 must not cost the connection
+    assert store.client.requests_sent == 40
+    assert proxy.httpd.connections - before <= 1

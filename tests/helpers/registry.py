@@ -234,7 +234,14 @@ class RegistryServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
-    """Clients that give up (timeouts, faults) are expected: no tracebacks on stderr."""
+    """Counts accepted connections; clients that give up (timeouts, faults) are expected,
+    so no tracebacks on stderr."""
+
+    connections = 0
+
+    def process_request(self, request, client_address):
+        self.connections += 1
+        super().process_request(request, client_address)
 
     def handle_error(self, request, client_address):
         pass
