@@ -10,21 +10,20 @@ tail of metadata_csum filesystems is an entry with inode 0 and is skipped too.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptDataError
 
 # struct ext4_dir_entry_2: inode u32, rec_len u16, name_len u8, file_type u8, name
 _ENTRY = struct.Struct("<IHBB")
-_ENTRY_OLD = struct.Struct("<IHH")  # without the filetype feature: 16-bit name_len
+# without the filetype feature the two bytes are one 16-bit name_len (little-endian: low byte first)
 ENTRY_HEADER = 8
 
 # file_type values (EXT4_FT_*) -> the type letters used by ``ls -l``
 FILE_TYPES = {0: "?", 1: "-", 2: "d", 3: "c", 4: "b", 5: "p", 6: "s", 7: "l"}
 
 
-@dataclass(frozen=True)
-class DirEntry:
+class DirEntry(NamedTuple):
     """One name in a directory; ``type`` is a letter: - d l c b p s (``?`` if unknown)."""
 
     name: str
@@ -34,33 +33,34 @@ class DirEntry:
     raw_name: bytes
 
 
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
 def parse_entries(data: bytes, base_offset: int, block_size: int, has_filetype: bool, blob: str,
                   dir_ino: int) -> list[DirEntry]:
     """Entries in ``data`` (whole directory blocks, or an inline-data area), skipping empty slots."""
     out: list[DirEntry] = []
+    append = out.append
     pos = 0
     end = len(data)
+    data = bytes(data)
+    unpack = _ENTRY.unpack_from
     while pos + ENTRY_HEADER <= end:
-        if has_filetype:
-            ino, rec_len, name_len, ftype = _ENTRY.unpack_from(data, pos)
-        else:
-            ino, rec_len, name_len = _ENTRY_OLD.unpack_from(data, pos)
+        ino, rec_len, name_len, ftype = unpack(data, pos)
+        if not has_filetype:  # 16-bit name_len, no file type
+            name_len |= ftype << 8
             ftype = 0
-        if block_size == 65536 and rec_len in (0, 65535):
-            rec_len = 65536
-        block_end = (pos // block_size + 1) * block_size
-        if rec_len < ENTRY_HEADER or rec_len & 3 or pos + rec_len > min(end, block_end) \
-                or ENTRY_HEADER + name_len > rec_len:
+        if rec_len < ENTRY_HEADER or rec_len & 3 or ENTRY_HEADER + name_len > rec_len:
+            if block_size == 65536 and rec_len in (0, 65535):
+                rec_len = 65536
+            else:
+                raise CorruptDataError(
+                    f"directory inode {dir_ino}: bad entry (rec_len {rec_len}, name_len {name_len})",
+                    blob=blob, offset=base_offset + pos)
+        if pos + rec_len > end or pos // block_size != (pos + rec_len - 1) // block_size:
             raise CorruptDataError(
-                f"directory inode {dir_ino}: bad entry (rec_len {rec_len}, name_len {name_len})",
+                f"directory inode {dir_ino}: entry (rec_len {rec_len}) crosses its block",
                 blob=blob, offset=base_offset + pos)
         if ino:
-            raw = bytes(data[pos + ENTRY_HEADER: pos + ENTRY_HEADER + name_len])
-            out.append(DirEntry(_decode(raw), ino, FILE_TYPES.get(ftype, "?"), raw))
+            raw = data[pos + ENTRY_HEADER: pos + ENTRY_HEADER + name_len]
+            append(DirEntry(raw.decode("utf-8", "surrogateescape"), ino, FILE_TYPES.get(ftype, "?"), raw))
         pos += rec_len
     return out
 
