@@ -80,6 +80,7 @@ VARIANTS = {
     "ext4-1k": ("-t", "ext4", "-b", "1024"),
     "ext3-blockmap": ("-t", "ext3", "-b", "1024", "-O", "^extent"),
     "ext2": ("-t", "ext2", "-b", "2048"),
+    "ext2-no-filetype": ("-t", "ext2", "-O", "^filetype"),
     "inline-data": ("-t", "ext4", "-O", "inline_data"),
     "meta-bg": ("-t", "ext4", "-b", "1024", "-O", "meta_bg,^resize_inode"),
 }
