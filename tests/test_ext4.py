@@ -60,6 +60,8 @@ def _write_tree(root):
         os.chown(root / "script.sh", 1234, 5678)
     os.utime(root / "small.txt", ns=(FUTURE * 10**9, FUTURE * 10**9 + 123_456_789))
     (root / "caf\xe9-名前").write_bytes(b"utf8 name")
+    with open(os.path.join(os.fsencode(root), b"not-utf8-\xff\xfe"), "wb") as f:  # names are bytes
+        f.write(b"raw name")
 
 
 def _mkfs(src, img, *args, size="64M"):

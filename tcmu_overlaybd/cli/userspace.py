@@ -179,21 +179,28 @@ def _long_line(info: dict) -> str:
 @image_options
 def ls_cmd(image: str, path: str, long: bool, as_json: bool, opts: OpenOptions) -> None:
     """List a directory (or one file) inside the image without mounting it."""
+    detailed = long or as_json
     with _opened_fs(image, opts) as fs:
         inode = fs.lookup(path, follow=True)
         if inode.is_dir:
-            entries = sorted(fs.listdir(inode), key=lambda e: e.raw_name)
-            infos = [_entry_info(fs, e.name, fs.inode(e.ino)) for e in entries]
+            entries = [(e.name, e.ino) for e in sorted(fs.listdir(inode), key=lambda e: e.raw_name)]
         else:
-            infos = [_entry_info(fs, path, fs.lookup(path, follow=False))]
+            entries = [(path, fs.lookup(path, follow=False).ino)]
+        if not detailed:  # names only: no inode reads
+            for name, _ in entries:
+                _echo(name)
+            return
+        infos = [_entry_info(fs, name, fs.inode(ino)) for name, ino in entries]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
-    elif long:
-        for info in infos:
-            click.echo(_long_line(info))
     else:
         for info in infos:
-            click.echo(info["name"])
+            _echo(_long_line(info))
+
+
+def _echo(text: str) -> None:
+    """One line of output; names that are not UTF-8 are written back as their raw bytes."""
+    click.echo(text.encode("utf-8", "surrogateescape"))
 
 
 # -- cat ---------------------------------------------------------------------------------------
