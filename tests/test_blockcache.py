@@ -274,3 +274,16 @@ def test_concurrent_misses_of_one_block_fetch_it_once(tmp_path):
         t.join()
     assert all(results[i] == data[BS + i * 100 : BS + i * 100 + 4096] for i in range(6))
     assert base.calls == 1 and base.bytes_read == BS
+
+
+def test_invalidated_range_is_fetched_again(tmp_path):
+    data = blob(4 * BS, 17)
+    cache, base, src = cached(tmp_path, data)
+    src.read(0, 4 * BS)
+    with open(cache.block_path(DIGEST_A, 2), "r+b") as f:
+        f.write(b"\xff" * 16)  # bytes a checksum above the cache would reject
+    assert src.read(2 * BS, 16) == b"\xff" * 16
+    src.invalidate(2 * BS + 10, 100)
+    assert src.read(2 * BS, 16) == data[2 * BS : 2 * BS + 16]
+    assert base.bytes_read == 5 * BS
+    assert cache.usage() == 4 * BS

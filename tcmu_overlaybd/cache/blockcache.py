@@ -244,6 +244,21 @@ class BlockCache:
             self._touched[path] = now
             return True
 
+    def discard(self, key: str, index: int) -> None:
+        """Forget one block (e.g. its bytes failed a format checksum); the next read refetches it."""
+        path = self.block_path(key, index)
+        with self._lock:
+            handle = self._fds.pop(path, None)
+            if handle is not None:
+                handle.retire()
+        with self._exclusive():
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                return
+            self._write_usage(self._read_usage() - size)
+
     def _discard_torn(self, path: str, expected_len: int) -> None:
         with self._exclusive():
             try:
@@ -550,6 +565,19 @@ class CachedSource:
             parts[idx - first] = bytes(block[lo:hi])
             with self.cache._lock:
                 stats.bytes_served += hi - lo
+
+    def invalidate(self, offset: int, length: int) -> None:
+        """Drop the cached blocks under ``[offset, offset+length)``.
+
+        For readers that find bad bytes (a ZFile block CRC mismatch): after this the
+        range is fetched again instead of failing forever from the cache.
+        """
+        bs = self.cache.block_size
+        end = min(self.size, offset + length)
+        if end <= offset:
+            return
+        for idx in range(offset // bs, (end - 1) // bs + 1):
+            self.cache.discard(self.key, idx)
 
     def close(self) -> None:
         self.base.close()
