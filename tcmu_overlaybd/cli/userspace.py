@@ -135,7 +135,9 @@ def export(image: str, out: str, opts: OpenOptions) -> None:
     partial = out + ".partial"
     with _opened_image(image, opts) as img, _opened_disk(img, opts) as disk:
         try:
-            with progress_bar(disk.size, f"export {os.path.basename(out)}", quiet=opts.quiet) as bar:
+            # export_raw reports progress over the mapped, non-zeroed extents only
+            total = sum(length for _, length, zeroed, _ in disk.extents() if not zeroed)
+            with progress_bar(total, f"export {os.path.basename(out)}", quiet=opts.quiet) as bar:
                 export_raw(disk, partial, progress=lambda done: bar.update(done - bar.n))
             os.replace(partial, out)
         except BaseException:
