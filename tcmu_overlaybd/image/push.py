@@ -87,6 +87,8 @@ def push_blob(client: RegistryClient, repo: str, path_or_bytes: str | os.PathLik
         _check_digest(hasher, digest, what)
         client.call("PUT", _with_query(location, digest=digest), what=what, scope=_scope(repo), ok=(201,),
                     data=body, headers={"Content-Type": "application/octet-stream"})
+        if progress is not None:
+            progress.update(size)
     else:
         for off, data in chunks():
             hasher.update(data)
@@ -99,9 +101,6 @@ def push_blob(client: RegistryClient, repo: str, path_or_bytes: str | os.PathLik
         _check_digest(hasher, digest, what)
         client.call("PUT", _with_query(location, digest=digest), what=what, scope=_scope(repo), ok=(201,),
                     data=b"", headers={"Content-Length": "0"})
-        return True
-    if progress is not None:
-        progress.update(size)
     return True
 
 
