@@ -16,11 +16,10 @@ import re
 
 from ..block.source import ByteSource, FileSource
 from ..errors import CorruptDataError, NotFoundError, UsageError
-from .manifest import index_entries, parse_json
+from .manifest import REF_NAME, index_entries, parse_json
 from .reference import Reference
 from .store import BlobStore, Descriptor, verify_digest
 
-REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
 _DIGEST = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
