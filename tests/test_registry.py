@@ -85,7 +85,11 @@ def test_chunked_upload_and_wrong_digest(plain_registry, tmp_path):
     data = random.Random(2).randbytes(3 * 1024 * 1024 + 17)
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert push_blob(client, "r", str(path), sha256_digest(data), len(data), chunk_size=1 << 20)
+    from tcmu_overlaybd.progress import progress_bar
+
+    with progress_bar(len(data), "push", quiet=True) as bar:
+        assert push_blob(client, "r", str(path), sha256_digest(data), len(data), progress=bar, chunk_size=1 << 20)
+    assert bar.n == len(data)
     store = store_for(plain_registry.host, "r:x", opts)
     assert store.fetch_blob(sha256_digest(data)) == data
     with pytest.raises(CorruptDataError, match="content hashes to sha256:"):
