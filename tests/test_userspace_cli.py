@@ -295,3 +295,13 @@ def test_cat_streams_through_a_pipe(hello):
     proc = subprocess.run([sys.executable, "-m", "tcmu_overlaybd.cli.main", "cat",
                            f"oci:{hello}:amd64-converted", "hello"], capture_output=True)
     assert proc.returncode == 0 and hashlib.sha256(proc.stdout).hexdigest() == HELLO_SHA256
+
+
+def test_platform_flag_on_a_single_platform_image(hello, capfdbinary):
+    ref = f"oci:{hello}:amd64-converted"
+    rc, _, err = run(capfdbinary, "inspect", "--platform", "linux/arm64", ref)
+    assert rc == 3 and _one_line(err).endswith("image is for linux/amd64, not linux/arm64\n")
+    rc, _, err = run(capfdbinary, "ls", "--platform", "linux", ref)
+    assert rc == 2 and "invalid platform 'linux'" in _one_line(err)
+    rc, out, _ = run(capfdbinary, "ls", "--platform", "linux/amd64", ref)
+    assert (rc, out) == (0, b"hello\nlost+found\n")
