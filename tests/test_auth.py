@@ -213,6 +213,14 @@ def test_token_auth_flow(token_registry, tmp_path):
     with pytest.raises(AuthError, match="requires a login for repository:t/img:pull"):
         anon.resolve(anon.ref)
 
+    reader = opts(tmp_path, plain_http=True, username="reader", password="read-only-pw")
+    store = RegistryStore(parse_reference(f"{registry.host}/t/img:v1"), reader)
+    assert store.resolve(store.ref).media_type == "application/vnd.oci.image.manifest.v1+json"
+    with pytest.raises(AuthError) as e:
+        push_blob(RegistryClient(registry.host, reader), "t/img", b"z", sha256_digest(b"z"), 1)
+    assert str(e.value) == (f"registry {registry.host}: user 'reader' is not allowed "
+                            "repository:t/img:pull,push (insufficient_scope)")
+
 
 @needs_registry
 def test_expired_token_is_refreshed(token_registry, tmp_path):

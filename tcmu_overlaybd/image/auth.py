@@ -242,11 +242,10 @@ class Authenticator:
             self._scheme = "basic"
             return True
         if scheme == "bearer":
-            if "error" in params and sent and sent.lower().startswith("bearer") and params["error"] != "invalid_token":
-                raise AuthError(f"registry {self.host}: access denied ({params.get('error')})")
-            if sent and sent.lower().startswith("bearer") and self._just_issued(scope):
-                raise AuthError(f"registry {self.host} rejected a fresh token for {scope}: "
-                                f"{self._who()} has no access")
+            refused_token = bool(sent and sent.lower().startswith("bearer"))
+            if refused_token and (params.get("error", "invalid_token") != "invalid_token" or self._just_issued(scope)):
+                reason = f" ({params['error']})" if "error" in params else ""
+                raise AuthError(f"registry {self.host}: {self._who()} is not allowed {scope}{reason}")
             self._fetch_token(params, scope, http_get)
             self._scheme = "bearer"
             return True

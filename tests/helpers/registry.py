@@ -100,9 +100,11 @@ class TokenServer:
     what it tells clients.
     """
 
-    def __init__(self, dir: str, users: dict[str, str], anonymous_pull: bool = False, expires_in: int = 300):
+    def __init__(self, dir: str, users: dict[str, str], anonymous_pull: bool = False, expires_in: int = 300,
+                 readonly: frozenset[str] = frozenset()):
         self.dir = dir
         self.users = users
+        self.readonly = readonly  # users granted only "pull"
         self.anonymous_pull = anonymous_pull
         self.expires_in = expires_in
         self.issued = 0
@@ -159,7 +161,8 @@ class TokenServer:
             for one in scope.split(" "):
                 typ, _, rest = one.partition(":")
                 name, _, actions = rest.rpartition(":")
-                allowed = actions.split(",") if user else [a for a in actions.split(",") if a == "pull"]
+                full = user is not None and user not in self.readonly
+                allowed = actions.split(",") if full else [a for a in actions.split(",") if a == "pull"]
                 access.append({"type": typ, "name": name, "actions": allowed})
         now = int(time.time())
         claims = {"iss": TEST_ISSUER, "sub": user or "", "aud": q.get("service", [""])[0], "exp": now + self.expires_in,
@@ -465,7 +468,8 @@ def basic_registry(tmp_path, test_ca):
 @pytest.fixture
 def token_registry(tmp_path):
     """docker-registry (plain HTTP) with token auth; yields (registry, token_server)."""
-    tok = TokenServer(str(tmp_path / "token"), users=dict(BASIC_USERS))
+    tok = TokenServer(str(tmp_path / "token"), users=dict(BASIC_USERS, reader="read-only-pw"),
+                      readonly=frozenset({"reader"}))
     reg = RegistryServer(str(tmp_path / "registry"), token=tok)
     yield reg, tok
     reg.stop()
