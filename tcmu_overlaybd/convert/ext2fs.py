@@ -78,6 +78,9 @@ _PROTOTYPES = [
     ("ext2fs_extent_get", _errcode, [_P, _c.c_int, _P]),
     ("ext2fs_extent_free", None, [_P]),
     ("ext2fs_dir_iterate2", _errcode, [_P, _ino, _c.c_int, _P, _P, _P]),
+    ("ext2fs_bmap2", _errcode, [_P, _ino, _P, _P, _c.c_int, _blk64, _P, _c.POINTER(_blk64)]),
+    ("ext2fs_read_dir_block4", _errcode, [_P, _blk64, _c.c_char_p, _c.c_int, _ino]),
+    ("ext2fs_write_dir_block4", _errcode, [_P, _blk64, _c.c_char_p, _c.c_int, _ino]),
 ]
 for _name, _res, _args in _PROTOTYPES:
     _fn = getattr(_lib, _name)
@@ -105,7 +108,9 @@ EXT2_EXTENT_FLAGS_UNINIT = 0x0002
 EXT2_EXTENT_FLAGS_SECOND_VISIT = 0x0004
 DIRENT_OTHER_FILE = 3
 EXT4_EXTENTS_FL = 0x00080000
+EXT2_INDEX_FL = 0x00001000
 ROOT_INO = 2
+DIR_NLINK_MAX = 65000  # EXT4_LINK_MAX
 
 #: dirent file types (ext2_fs.h EXT2_FT_*) by the S_IFMT of the inode
 FILE_TYPES = {
@@ -303,6 +308,15 @@ class _FilsysHead(ctypes.Structure):
     ]
 
 
+#: struct ext2_dir_entry_2 (ext2_fs.h): inode, rec_len, name_len, file_type, then the name
+_DIRENT = struct.Struct("<IHBB")
+
+
+def _dirent_size(name_len: int) -> int:
+    """Bytes a directory entry with a name of ``name_len`` needs (EXT2_DIR_REC_LEN)."""
+    return (_DIRENT.size + name_len + 3) & ~3
+
+
 _DIR_CALLBACK = _c.CFUNCTYPE(_c.c_int, _ino, _c.c_int, _P, _c.c_int, _c.c_int, _P, _P)
 
 
@@ -325,9 +339,10 @@ class Filesystem:
         self._head = _FilsysHead.from_address(self._fs.value)
         self.block_size = self._head.blocksize
         self._head.now = now
-        #: entries of the directories made through this handle (name -> inode): lookups in
-        #: them skip libext2fs's linear directory scan, which is O(entries) per call
-        self._made: dict[int, dict[bytes, int]] = {}
+        #: contents (name -> inode) of the directories used through this handle, read once
+        #: and then kept up to date: libext2fs looks names up and finds room for new entries
+        #: by scanning the whole directory, which makes big directories quadratic
+        self._dirs: dict[int, dict[bytes, int]] = {}
         self._check(_lib.ext2fs_read_bitmaps(self._fs), "read bitmaps")
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -367,20 +382,21 @@ class Filesystem:
             _lib.ext2fs_write_inode_full(self._fs, ino, bytes(inode.buf), INODE_SIZE), f"write inode {ino}"
         )
 
+    def _dir(self, dir_ino: int) -> dict[bytes, int]:
+        known = self._dirs.get(dir_ino)
+        if known is None:
+            known = self._dirs[dir_ino] = dict(self._scan_dir(dir_ino))
+        return known
+
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         """Inode number of ``name`` in directory ``dir_ino``, or None."""
-        made = self._made.get(dir_ino)
-        if made is not None:
-            return made.get(name)
-        out = _ino()
-        err = _lib.ext2fs_lookup(self._fs, dir_ino, name, len(name), None, _c.byref(out))
-        if err == EXT2_ET_FILE_NOT_FOUND:
-            return None
-        self._check(err, f"lookup {name!r} in inode {dir_ino}")
-        return out.value
+        return self._dir(dir_ino).get(name)
 
     def list_dir(self, dir_ino: int) -> list[tuple[bytes, int]]:
         """(name, inode) of every entry of a directory except ``.`` and ``..``."""
+        return list(self._dir(dir_ino).items())
+
+    def _scan_dir(self, dir_ino: int) -> list[tuple[bytes, int]]:
         found: list[tuple[bytes, int]] = []
 
         def visit(_dir, entry, dirent, _off, _bs, _buf, _priv):
@@ -411,15 +427,55 @@ class Filesystem:
     def link(self, dir_ino: int, name: bytes, ino: int, mode: int) -> None:
         """Add the entry ``name -> ino`` to a directory (does not touch link counts)."""
         ftype = FILE_TYPES[stat.S_IFMT(mode)]
-        self._with_dir_space(
-            dir_ino, f"link {name!r}", lambda: _lib.ext2fs_link(self._fs, dir_ino, name, ino, ftype)
-        )
-        self._linked(dir_ino, name, ino)
+        entries = self._dir(dir_ino)
+        if name in entries:
+            raise ObdError(f"{self.path}: {name!r} already exists in directory inode {dir_ino}")
+        if not self._append_entry(dir_ino, name, ino, ftype):
+            self._with_dir_space(
+                dir_ino, f"link {name!r}", lambda: _lib.ext2fs_link(self._fs, dir_ino, name, ino, ftype)
+            )
+        entries[name] = ino
 
-    def _linked(self, dir_ino: int, name: bytes, ino: int) -> None:
-        made = self._made.get(dir_ino)
-        if made is not None:
-            made[name] = ino
+    def _append_entry(self, dir_ino: int, name: bytes, ino: int, ftype: int) -> bool:
+        """Put the entry into the LAST block of a linear directory (growing it by a block
+        when full) instead of scanning every block for room.  False for hash-indexed
+        directories, which are left to ext2fs_link."""
+        bs = self.block_size
+        for _attempt in range(2):
+            inode = self.read_inode(dir_ino)
+            if inode.get("i_flags") & EXT2_INDEX_FL:
+                return False
+            last = inode.size // bs - 1
+            pblk = _blk64()
+            self._check(
+                _lib.ext2fs_bmap2(self._fs, dir_ino, None, None, 0, last, None, _c.byref(pblk)),
+                f"map directory inode {dir_ino}",
+            )
+            buf = _c.create_string_buffer(bs)
+            self._check(_lib.ext2fs_read_dir_block4(self._fs, pblk.value, buf, 0, dir_ino), "read directory")
+            block = bytearray(buf.raw)
+            pos = 0
+            while True:  # find the last entry of the block
+                e_ino, rec_len, name_len, _ft = _DIRENT.unpack_from(block, pos)
+                if rec_len < _DIRENT.size or pos + rec_len > bs:
+                    raise ObdError(f"{self.path}: corrupt directory block {pblk.value} (inode {dir_ino})")
+                if pos + rec_len == bs:
+                    break
+                pos += rec_len
+            used = _dirent_size(name_len) if e_ino else 0
+            need = _dirent_size(len(name))
+            if rec_len - used >= need:
+                if used:
+                    _DIRENT.pack_into(block, pos, e_ino, used, name_len, _ft)
+                at = pos + used
+                _DIRENT.pack_into(block, at, ino, bs - at, len(name), ftype)
+                block[at + _DIRENT.size : at + _DIRENT.size + len(name)] = name
+                self._check(
+                    _lib.ext2fs_write_dir_block4(self._fs, pblk.value, bytes(block), 0, dir_ino), "write directory"
+                )
+                return True
+            self._check(_lib.ext2fs_expand_dir(self._fs, dir_ino), f"expand directory inode {dir_ino}")
+        raise ObdError(f"{self.path}: no room for {name!r} in a fresh block of directory inode {dir_ino}")
 
     def create(self, dir_ino: int, name: bytes, inode: Inode) -> int:
         """Allocate an inode, write ``inode`` to it and link it as ``name``."""
@@ -432,9 +488,17 @@ class Filesystem:
     def mkdir(self, dir_ino: int, name: bytes) -> int:
         """Create an empty directory (mode 0755, root-owned; callers set the rest)."""
         ino = self._new_inode_number(dir_ino, stat.S_IFDIR | 0o755)
-        self._with_dir_space(dir_ino, f"mkdir {name!r}", lambda: _lib.ext2fs_mkdir(self._fs, dir_ino, ino, name))
-        self._linked(dir_ino, name, ino)
-        self._made[ino] = {}
+        parent_links = self.read_inode(dir_ino).links
+        # no name: libext2fs makes the inode and its block, the entry is added here
+        self._check(_lib.ext2fs_mkdir(self._fs, dir_ino, ino, None), f"mkdir {name!r}")
+        self.link(dir_ino, name, ino, stat.S_IFDIR)
+        if parent_links == 1 or parent_links + 1 >= DIR_NLINK_MAX:
+            # dir_nlink: a directory with too many subdirectories counts 1 link
+            # (libext2fs would let the 16-bit counter wrap)
+            parent = self.read_inode(dir_ino)
+            parent.set("i_links_count", 1)
+            self.write_inode(dir_ino, parent)
+        self._dirs[ino] = {}
         return ino
 
     def symlink(self, dir_ino: int, name: bytes, target: bytes) -> int:
@@ -442,10 +506,8 @@ class Filesystem:
         if len(target) >= self.block_size:
             raise ObdError(f"{self.path}: symlink {name!r}: target longer than {self.block_size - 1} bytes")
         ino = self._new_inode_number(dir_ino, stat.S_IFLNK | 0o777)
-        self._with_dir_space(
-            dir_ino, f"symlink {name!r}", lambda: _lib.ext2fs_symlink(self._fs, dir_ino, ino, name, target)
-        )
-        self._linked(dir_ino, name, ino)
+        self._check(_lib.ext2fs_symlink(self._fs, dir_ino, ino, None, target), f"symlink {name!r}")
+        self.link(dir_ino, name, ino, stat.S_IFLNK)
         return ino
 
     def hardlink(self, dir_ino: int, name: bytes, ino: int) -> None:
@@ -463,9 +525,7 @@ class Filesystem:
         """
         inode = self.read_inode(ino)
         self._check(_lib.ext2fs_unlink(self._fs, dir_ino, name, ino, 0), f"unlink {name!r}")
-        made = self._made.get(dir_ino)
-        if made is not None:
-            made.pop(name, None)
+        self._dir(dir_ino).pop(name, None)
         if inode.is_dir:
             parent = self.read_inode(dir_ino)
             if parent.links > 2:  # the child's ".." no longer points at the parent
@@ -478,7 +538,7 @@ class Filesystem:
             inode.set("i_links_count", remaining)
             self.write_inode(ino, inode)
             return False
-        self._made.pop(ino, None)
+        self._dirs.pop(ino, None)
         self._release(ino, inode)
         return True
 
