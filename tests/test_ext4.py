@@ -161,6 +161,9 @@ def test_symlink_resolution(tree, tmp_path):
     assert fs.read(fs.lookup("/abs.link/nested.txt")) == b"n" * 100
     assert fs.read(fs.lookup("dir/sub/../../small.txt")) == b"hello\n"
     assert fs.lookup("/fast.link", follow=False).is_symlink
+    assert fs.lookup("/sub.link/", follow=False).is_dir  # a trailing slash follows the link
+    with pytest.raises(NotFoundError, match="/small.txt/: not a directory"):
+        fs.lookup("/small.txt/")
     with pytest.raises(NotFoundError, match="too many levels of symbolic links"):
         fs.lookup("/loop.a")
     with pytest.raises(NotFoundError, match="/dir/missing: no such file"):
@@ -310,3 +313,20 @@ def test_kernel_made_base_layer(vectors):
         assert sum(length for _, _, length in fs.file_extents(fs.inode(8))) == 512 << 20
     finally:
         layer.close()
+
+
+@pytest.mark.parametrize("variant", ["ext4-4k", "ext3-blockmap"])
+def test_file_beyond_4_gib(tmp_path, variant):
+    """i_size_high and logical blocks past 2^32 bytes (sparse, so the image stays small)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge", "wb") as f:
+        f.seek(5 << 30)
+        f.write(b"tail!")
+    fs = Ext4(FileSource(_mkfs(src, tmp_path / "t.img", *VARIANTS[variant])))
+    ino = fs.lookup("/huge")
+    assert ino.size == (5 << 30) + 5
+    assert fs.read(ino, 5 << 30) == b"tail!"
+    assert fs.read(ino, 3 << 30, 4096) == bytes(4096)
+    [(logical, _, length)] = fs.file_extents(ino)
+    assert (logical, length) == ((5 << 30) // fs.block_size * fs.block_size, (5 << 30) + 5 - logical)

@@ -298,6 +298,8 @@ class Ext4:
         """Inode at ``path`` (relative paths start at the root); symlinks in intermediate
         components are always resolved, the last one only when ``follow``."""
         remaining = [p for p in path.split("/") if p and p != "."]
+        must_be_dir = path.endswith("/")
+        follow = follow or must_be_dir  # "link/" means the directory the link points to
         stack = [self.root]  # the directories from the root to the current one
         links = 0
         walked: list[str] = []
@@ -328,6 +330,8 @@ class Ext4:
                 continue
             stack.append(child)
             walked.append(part)
+        if must_be_dir and not stack[-1].is_dir:
+            raise NotFoundError(f"{path}: not a directory")
         return stack[-1]
 
 
