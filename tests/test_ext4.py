@@ -330,3 +330,20 @@ def test_file_beyond_4_gib(tmp_path, variant):
     assert fs.read(ino, 3 << 30, 4096) == bytes(4096)
     [(logical, _, length)] = fs.file_extents(ino)
     assert (logical, length) == ((5 << 30) // fs.block_size * fs.block_size, (5 << 30) + 5 - logical)
+
+
+def test_xattr_value_in_its_own_inode(tmp_path):
+    """ea_inode: a large value lives in a separate inode; debugfs reads it back as the reference."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    img = _mkfs(src, tmp_path / "t.img", "-t", "ext4", "-b", "4096", "-O", "ea_inode", size="32M")
+    (tmp_path / "val").write_bytes(bytes(range(256)) * 16)
+    subprocess.run(["debugfs", "-w", "-R", f"ea_set -f {tmp_path / 'val'} /f user.big", str(img)],
+                   capture_output=True, check=True)
+    subprocess.run(["debugfs", "-R", f"ea_get -f {tmp_path / 'theirs'} /f user.big", str(img)],
+                   capture_output=True, check=True)
+    fs = Ext4(FileSource(img))
+    [entry] = fs._xattr_entries(fs.lookup("/f"))
+    assert entry.value_inum != 0  # really stored in an EA inode
+    assert fs.xattrs(fs.lookup("/f")) == {"user.big": (tmp_path / "theirs").read_bytes()}
