@@ -15,8 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from ..errors import UsageError
 from .apply import MODE_DATA, ApplyResult, apply_layer_file
-from .diff import Change, changed_extents, snapshot
+from .diff import Change, changed_extents, data_ranges, snapshot
 from .mkfs import GIB, make_ext4
 
 
@@ -55,6 +56,20 @@ def uuid_of(chain_id: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
+def _require_sparse(image: str) -> None:
+    """Refuse a work directory whose filesystem cannot report holes: every diff would
+    then read the whole virtual disk (64 GiB by default)."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        data = sum(e - s for s, e in data_ranges(fd, size))
+    finally:
+        os.close(fd)
+    if data > size // 2:
+        raise UsageError(f"{os.path.dirname(image)}: the work directory must be on a filesystem with sparse "
+                         "files and SEEK_HOLE (ext4, xfs, btrfs, tmpfs)")
+
+
 def apply_layers(
     layers: list[str], workdir: str, *, mode: str = MODE_DATA, vsize: int = 64 * GIB
 ) -> Iterator[LayerDelta]:
@@ -66,6 +81,7 @@ def apply_layers(
     image = os.path.join(workdir, "image.ext4")
     before = os.path.join(workdir, "before.ext4")
     make_ext4(image, vsize)
+    _require_sparse(image)
     chain: str | None = None
     parent: str | None = None
     try:
