@@ -55,7 +55,7 @@ def served():
     def start(source=None, **simkw):
         sim = SimKernel(**simkw)
         src = source or BytesSource(DISK, "disk")
-        h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "t")), src)
+        h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "0123abcd")), src)
         t = threading.Thread(target=h.serve, daemon=True)
         started.append((sim, h, t))
         return sim, h, t

@@ -10,7 +10,6 @@ checked here.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -103,9 +102,9 @@ class DiskInfo:
     revision: str = "0001"
 
     @classmethod
-    def for_size(cls, size: int, name: str, block_size: int = 512, max_transfer_blocks: int = 2048):
-        """A disk of ``size`` bytes (rounded up to whole blocks) with a serial derived from ``name``."""
-        serial = hashlib.sha256(name.encode()).hexdigest()[:24]
+    def for_size(cls, size: int, serial: str, block_size: int = 512, max_transfer_blocks: int = 2048):
+        """A disk of ``size`` bytes (rounded up to whole blocks); ``serial``: hex digits (VPD 0x80)."""
+        int(serial, 16)  # the NAA designator is built from its nibbles
         return cls(block_size, -(-size // block_size), serial, max_transfer_blocks)
 
 

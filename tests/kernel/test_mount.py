@@ -81,6 +81,9 @@ def test_device_is_read_only_with_sd_attributes(tree, mkext4, tmp_path):
             int(open(f"{sysblk}/queue/max_sectors_kb").read()) >= 512
         assert open(f"{sysblk}/device/vendor").read().strip() == "OBD"
         assert int(open(f"{sysblk}/device/timeout").read()) > 1000000
+        # the unit serial is the mount id: udev/61-obd.rules names the disk /dev/obd/<id>
+        m = obd_json_list()[0]
+        assert open(f"{sysblk}/device/vpd_pg80", "rb").read()[-12:] == m["id"].encode()
         r = subprocess.run(["dd", f"if=/dev/zero", f"of=/dev/{dev}", "bs=4096", "count=1",
                             "oflag=direct"], capture_output=True, text=True)
         assert r.returncode != 0

@@ -1,0 +1,164 @@
+"""Read throughput of /dev/sdX through obd's TCMU handler as a ratio to a loop device.
+
+Both devices sit on the same raw ext4 image (on the guest's tmpfs) in the same
+boot, so the ratios are meaningful even under TCG.  Measures: sequential 1 MiB
+reads (O_DIRECT and buffered), 4 KiB random reads at queue depth 1 and 16
+(O_DIRECT), and the handler process's RSS.  Prints a table and writes JSON to
+benchmarks/results/handler.json.
+
+Run: .venv/bin/python benchmarks/bench_handler.py
+(on a host without TCMU it re-runs itself inside the VM harness, scripts/vm-run)
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT = os.path.join(ROOT, "benchmarks", "results", "handler.json")
+IMAGE_MB = 256
+SEQ_CHUNK = 1 << 20
+RAND_READS = 1500
+RAND_QD = 16
+
+
+def have_tcmu() -> bool:
+    return subprocess.run(["modprobe", "-a", "target_core_user", "tcm_loop"], capture_output=True).returncode == 0
+
+
+def run_in_vm() -> int:
+    out = os.path.join(ROOT, "build", "bench-vm")
+    rc = subprocess.call([os.path.join(ROOT, "scripts", "vm-run"), "--timeout", "1800", "--out", out, "--",
+                          os.path.join(ROOT, ".venv", "bin", "python"), os.path.abspath(__file__)])
+    if rc == 0:
+        os.makedirs(os.path.dirname(RESULT), exist_ok=True)
+        shutil.copyfile(os.path.join(out, "handler.json"), RESULT)
+        print(f"results: {RESULT}")
+    return rc
+
+
+def drop_device_cache(fd: int) -> None:
+    """Forget the device's cached pages only: a global drop_caches would also evict the
+    handler's Python code (read over 9p in the VM) and measure that instead."""
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def make_image(work: str) -> str:
+    tree = os.path.join(work, "tree")
+    rnd = random.Random(1)
+    for d in range(8):
+        os.makedirs(os.path.join(tree, f"d{d}"))
+        for i in range(40):
+            size = rnd.choice([1 << 10, 8 << 10, 64 << 10, 512 << 10, 2 << 20])
+            with open(os.path.join(tree, f"d{d}", f"f{i}"), "wb") as f:
+                f.write(os.urandom(size))
+    img = os.path.join(work, "disk.img")
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", tree, img, f"{IMAGE_MB}M"], check=True)
+    shutil.rmtree(tree)
+    return img
+
+
+def seq_read(dev: str, direct: bool) -> float:
+    """MB/s reading the whole device in 1 MiB requests."""
+    fd = os.open(dev, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    drop_device_cache(fd)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    buf = mmap.mmap(-1, SEQ_CHUNK)
+    t = time.perf_counter()
+    for off in range(0, size, SEQ_CHUNK):
+        os.preadv(fd, [buf], off)
+    dt = time.perf_counter() - t
+    os.close(fd)
+    return size / dt / 1e6
+
+
+def rand_read(dev: str, qd: int) -> float:
+    """4 KiB O_DIRECT random reads per second with ``qd`` threads in flight."""
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    blocks = os.lseek(fd, 0, os.SEEK_END) // 4096
+    offsets = [random.Random(7).randrange(blocks) * 4096 for _ in range(RAND_READS)]
+    per = [offsets[i::qd] for i in range(qd)]
+
+    def worker(offs):
+        buf = mmap.mmap(-1, 4096)
+        for off in offs:
+            os.preadv(fd, [buf], off)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in per]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    dt = time.perf_counter() - t
+    os.close(fd)
+    return RAND_READS / dt
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(dev: str) -> dict:
+    return {
+        "seq_direct_MBps": seq_read(dev, True),
+        "seq_buffered_MBps": seq_read(dev, False),
+        "rand4k_qd1_iops": rand_read(dev, 1),
+        f"rand4k_qd{RAND_QD}_iops": rand_read(dev, RAND_QD),
+    }
+
+
+def main() -> int:
+    if not os.environ.get("OBD_IN_VM") and not have_tcmu():
+        return run_in_vm()
+    sys.path.insert(0, ROOT)
+    from tcmu_overlaybd.cli.main import main as obd
+    from tcmu_overlaybd.mount import mounter
+
+    work = tempfile.mkdtemp(prefix="obd-bench-")
+    img = make_image(work)
+    subprocess.run(["modprobe", "loop"], check=True)
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", img], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    mnt = os.path.join(work, "mnt")
+    os.mkdir(mnt)
+    if obd(["mount", "--raw", img, mnt]) != 0:
+        return 1
+    try:
+        [m] = mounter.list_mounts()
+        results = {"loop": measure(loop), "obd": measure(m["device"])}
+        results["ratio_obd_to_loop"] = {k: results["obd"][k] / results["loop"][k] for k in results["loop"]}
+        results["handler_rss_kib"] = rss_kib(m["handler_pid"])
+        results["supervisor_rss_kib"] = rss_kib(m["supervisor_pid"])
+        results["image_mb"] = IMAGE_MB
+        results["kernel"] = os.uname().release
+    finally:
+        obd(["umount", mnt])
+        subprocess.run(["losetup", "-d", loop])
+    print(f"{'metric':22} {'loop':>10} {'obd':>10} {'obd/loop':>9}")
+    for k, r in results["ratio_obd_to_loop"].items():
+        print(f"{k:22} {results['loop'][k]:10.1f} {results['obd'][k]:10.1f} {r:9.2f}")
+    print(f"handler RSS {results['handler_rss_kib']} KiB, supervisor RSS {results['supervisor_rss_kib']} KiB")
+    out = os.path.join(os.environ.get("OBD_VM_OUT", os.path.dirname(RESULT)), "handler.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
