@@ -123,9 +123,8 @@ class BlockCache:
         self._blocks_dir = os.path.join(self.dir, f"{FORMAT_PREFIX}{block_size}")
         self._tmp_dir = os.path.join(self.dir, "tmp")
         self._seq = itertools.count()
-        self._lock = threading.Lock()  # in-process: fd cache, touch map, stats
+        self._lock = threading.Lock()  # in-process: open-file table, in-flight fetches, counters
         self._fds: OrderedDict[str, _OpenBlock] = OrderedDict()
-        self._touched: dict[str, float] = {}
         self._blob_dirs: dict[str, str] = {}  # digest -> its block directory (validated once)
         self._inflight: dict[tuple[str, int], threading.Event] = {}  # blocks being fetched here
         for d in (self.dir, self._blocks_dir, self._tmp_dir):
@@ -195,17 +194,31 @@ class BlockCache:
                 return None
         try:
             data = os.pread(handle.fd, length, offset)
-        finally:
+        except BaseException:
             with self._lock:
-                handle.users -= 1
-                if handle.retired and handle.users == 0:
-                    os.close(handle.fd)
-        if self._note_hit(path, len(data)):
+                self._unuse(handle)
+            raise
+        now = time.monotonic()
+        with self._lock:
+            self._unuse(handle)
+            self.counters.hits += 1
+            self.counters.bytes_served += len(data)
+            touch = now - handle.touched >= TOUCH_INTERVAL
+            if touch:
+                handle.touched = now
+        if touch:  # refresh the LRU time other processes see
             try:
                 os.utime(path)
             except FileNotFoundError:
                 pass
         return data
+
+    @staticmethod
+    def _unuse(handle: "_OpenBlock") -> None:
+        """One reader is done with ``handle`` (lock held)."""
+        handle.users -= 1
+        if handle.retired and handle.users == 0:
+            os.close(handle.fd)
 
     def _open_block(self, path: str, expected_len: int) -> "_OpenBlock | None":
         """Open a block file into the fd table (one user counted), or None if absent/torn."""
@@ -219,30 +232,18 @@ class BlockCache:
             self._discard_torn(path, expected_len)
             return None
         with self._lock:
-            if time.time() - st.st_mtime < TOUCH_INTERVAL:  # recent enough for LRU: no utime
-                self._touched[path] = time.monotonic()
             handle = self._fds.get(path)
             if handle is None:
                 handle = self._fds[path] = _OpenBlock(fd)
+                age = time.time() - st.st_mtime
+                if age < TOUCH_INTERVAL:  # recent enough for LRU: no utime yet
+                    handle.touched = time.monotonic() - age
                 while len(self._fds) > FD_CACHE_SIZE:
                     self._fds.popitem(last=False)[1].retire()
             else:  # another thread opened it meanwhile
                 os.close(fd)
             handle.users += 1
         return handle
-
-    def _note_hit(self, path: str, n: int) -> bool:
-        """Count a hit; True when the block's LRU time is due for a refresh."""
-        now = time.monotonic()
-        with self._lock:
-            self.counters.hits += 1
-            self.counters.bytes_served += n
-            if now - self._touched.get(path, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
-                return False
-            if len(self._touched) > 4 * FD_CACHE_SIZE:
-                self._touched.clear()
-            self._touched[path] = now
-            return True
 
     def discard(self, key: str, index: int) -> None:
         """Forget one block (e.g. its bytes failed a format checksum); the next read refetches it."""
@@ -434,12 +435,13 @@ class BlockCache:
 class _OpenBlock:
     """An open block file shared by readers; closed when retired and unused (lock held)."""
 
-    __slots__ = ("fd", "users", "retired")
+    __slots__ = ("fd", "users", "retired", "touched")
 
     def __init__(self, fd: int):
         self.fd = fd
         self.users = 0
         self.retired = False
+        self.touched = -TOUCH_INTERVAL  # time.monotonic() of the last LRU refresh
 
     def retire(self) -> None:
         if self.users == 0:
