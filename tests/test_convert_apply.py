@@ -11,7 +11,6 @@ import io
 import os
 import random
 import shutil
-import stat
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,8 @@ import tempfile
 
 import pytest
 
-from tcmu_overlaybd.convert.apply import MODE_DATA, MODE_MAP, apply_layer, apply_layer_file, decompressed
+from tcmu_overlaybd.convert.apply import MODE_DATA, MODE_MAP, apply_layer_file
+from tcmu_overlaybd.convert.tarstream import decompressed
 from tcmu_overlaybd.convert.ext2fs import Filesystem
 from tcmu_overlaybd.convert.mkfs import make_ext4
 from tcmu_overlaybd.errors import CorruptDataError
@@ -59,6 +59,9 @@ def torture_entries() -> list[list[Entry]]:
         Entry("data/orig", data=b"A" * 10000),
         Entry("data/link-to-orig", "hardlink", link="data/orig"),
         Entry("data/empty", data=b""),
+        Entry("data/bigid", data=b"32-bit ids", uid=100000, gid=200000),
+        Entry("data/bigxattr", data=b"x", xattrs={"user.big": _rand(2000, 4)}),  # in an xattr block
+        Entry("xdir", "dir", xattrs={"user.big": _rand(1500, 6), "user.small": b"s"}),
         Entry("data/ns", data=b"nanoseconds", mtime=1_700_000_000, mtime_ns=123_456_789),
         Entry("long-symlink", "symlink", link="/" + "x" * 100),
         Entry("dev", "dir"),
@@ -92,6 +95,7 @@ def torture_entries() -> list[list[Entry]]:
     l2 = [
         Entry("wh/gone", "whiteout"),
         Entry("wh/dir", "whiteout"),
+        Entry("data/bigxattr", "whiteout"),
         Entry("nonexistent", "whiteout"),
         Entry("opq/new", data=b"same layer, kept"),
         Entry("opq", "opaque"),

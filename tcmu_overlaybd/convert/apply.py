@@ -35,19 +35,15 @@ Two modes:
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import itertools
 import stat
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-import zstandard
-
 from ..errors import CorruptDataError, ObdError, UnsupportedError
 from .ext2fs import ROOT_INO, Filesystem, Inode
+from .tarstream import STREAM_ERRORS, HashingReader, decompressed, file_segments, pax_time, pax_xattrs
 
 MODE_DATA = "data"
 MODE_MAP = "map"
@@ -59,9 +55,6 @@ MAX_NAME = 255
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
-
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Path = tuple[bytes, ...]
 
@@ -103,94 +96,6 @@ def clean_path(name: str | bytes) -> Path:
 
 def _show(path: Path) -> str:
     return "/" + b"/".join(path).decode("utf-8", "replace")
-
-
-class _Prefixed:
-    """A reader that gives back the bytes already peeked from ``inner``."""
-
-    def __init__(self, head: bytes, inner: BinaryIO):
-        self._head = head
-        self._inner = inner
-
-    def read(self, n: int = -1) -> bytes:
-        if not self._head:
-            return self._inner.read(n)
-        if n < 0:
-            data, self._head = self._head + self._inner.read(), b""
-            return data
-        data, self._head = self._head[:n], self._head[n:]
-        if len(data) < n:
-            data += self._inner.read(n - len(data))
-        return data
-
-
-def decompressed(stream: BinaryIO) -> BinaryIO:
-    """The uncompressed tar stream of a layer blob: gzip, zstd or plain, by magic."""
-    head = stream.read(4)
-    raw = _Prefixed(head, stream)
-    if head.startswith(GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
-    if head.startswith(ZSTD_MAGIC):
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
-    return raw  # type: ignore[return-value]
-
-
-class _Hashing:
-    """Counts and hashes every byte read through it (the layer's diff_id)."""
-
-    def __init__(self, inner: BinaryIO):
-        self._inner = inner
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._inner.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-
-def _pax_time(info: tarfile.TarInfo) -> tuple[int, int]:
-    """(seconds, nanoseconds) of the entry's mtime, exact from the PAX record when present."""
-    text = info.pax_headers.get("mtime")
-    if text:
-        neg = text.startswith("-")
-        whole, _, frac = text.lstrip("-").partition(".")
-        try:
-            sec = int(whole or "0")
-            nsec = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            sec, nsec = int(info.mtime), 0
-        if neg:
-            sec, nsec = (-sec - 1, 1_000_000_000 - nsec) if nsec else (-sec, 0)
-        return sec, nsec
-    return int(info.mtime), 0
-
-
-def _xattrs(info: tarfile.TarInfo) -> dict[str, bytes]:
-    prefix = "SCHILY.xattr."
-    return {
-        k[len(prefix) :]: v.encode("utf-8", "surrogateescape")
-        for k, v in info.pax_headers.items()
-        if k.startswith(prefix)
-    }
-
-
-def file_segments(info: tarfile.TarInfo) -> list[tuple[int, int, int]]:
-    """(file_offset, length, tar_offset) of each stored data piece of a regular file."""
-    if info.sparse is None:
-        return [(0, info.size, info.offset_data)] if info.size else []
-    out = []
-    tar_pos = info.offset_data
-    for offset, length in info.sparse:
-        if length:
-            out.append((offset, length, tar_pos))
-            tar_pos += length
-    return out
 
 
 def _mappable(segments: list[tuple[int, int, int]], size: int) -> bool:
@@ -301,7 +206,7 @@ class LayerApplier:
     def _metadata(self, info: tarfile.TarInfo, fmt: int) -> Inode:
         if info.uid >= 1 << 32 or info.gid >= 1 << 32:
             raise UnsupportedError(f"{self.name}: {info.name}: uid/gid beyond 32 bits")
-        sec, nsec = _pax_time(info)
+        sec, nsec = pax_time(info)
         return Inode.new(fmt | (info.mode & 0o7777), info.uid, info.gid, sec, nsec)
 
     def apply_entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
@@ -345,8 +250,8 @@ class LayerApplier:
         inode.set("i_mode", want.mode)
         inode.set_owner(info.uid, info.gid)
         self.fs.write_inode(ino, inode)
-        self.fs.set_xattrs(ino, _xattrs(info))
-        self.dir_times[real] = _pax_time(info)
+        self.fs.set_xattrs(ino, pax_xattrs(info))
+        self.dir_times[real] = pax_time(info)
 
     def _hardlink(self, info, dir_ino, base: bytes, existing: int | None) -> None:
         target = clean_path(info.linkname)
@@ -367,11 +272,11 @@ class LayerApplier:
     def _symlink(self, info, dir_ino, base: bytes) -> None:
         ino = self.fs.symlink(dir_ino, base, info.linkname.encode("utf-8", "surrogateescape"))
         inode = self.fs.read_inode(ino)
-        sec, nsec = _pax_time(info)
+        sec, nsec = pax_time(info)
         inode.set_owner(info.uid, info.gid)
         inode.set_times(sec, nsec)
         self.fs.write_inode(ino, inode)
-        self.fs.set_xattrs(ino, _xattrs(info))
+        self.fs.set_xattrs(ino, pax_xattrs(info))
 
     def _device(self, info, dir_ino, base: bytes) -> None:
         fmt = stat.S_IFCHR if info.ischr() else stat.S_IFBLK if info.isblk() else stat.S_IFIFO
@@ -379,7 +284,7 @@ class LayerApplier:
         if fmt != stat.S_IFIFO:
             inode.set_rdev(info.devmajor, info.devminor)
         ino = self.fs.create(dir_ino, base, inode)
-        self.fs.set_xattrs(ino, _xattrs(info))
+        self.fs.set_xattrs(ino, pax_xattrs(info))
 
     def _regular(self, tar: tarfile.TarFile, info, dir_ino, base: bytes) -> None:
         inode = self._metadata(info, stat.S_IFREG)
@@ -389,7 +294,7 @@ class LayerApplier:
         if mapped:
             inode.set_size(info.size)
         ino = self.fs.create(dir_ino, base, inode)
-        self.fs.set_xattrs(ino, _xattrs(info))
+        self.fs.set_xattrs(ino, pax_xattrs(info))
         if mapped:
             for off, length, _tar in segments:
                 first = off // FS_BLOCK
@@ -451,15 +356,12 @@ class LayerApplier:
             self.fs.write_inode(found[0], inode)
 
 
-_STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, UnicodeError)
-
-
 def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: str = "layer") -> ApplyResult:
     """Apply the layer blob ``stream`` (tar, tar+gzip or tar+zstd) to ``fs``."""
     applier = LayerApplier(fs, mode, name)
     tar = None
     try:
-        raw = _Hashing(decompressed(stream))
+        raw = HashingReader(decompressed(stream))
         tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape")
         for info in tar:
             applier.apply_entry(tar, info)
@@ -467,7 +369,7 @@ def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: s
         raw.drain()  # end-of-archive blocks and any trailing bytes belong to the diff_id
         applier.result.tar_size = raw.size
         applier.result.diff_id = "sha256:" + raw.sha.hexdigest()
-    except _STREAM_ERRORS as e:
+    except STREAM_ERRORS as e:
         offset = tar.offset if tar is not None else 0
         raise CorruptDataError(f"not a valid layer tar: {e}", blob=name, offset=offset) from None
     finally:

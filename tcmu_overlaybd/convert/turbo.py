@@ -19,7 +19,8 @@ from ..errors import UnsupportedError
 from ..format.gzindex import build_gzip_index
 from ..format.turbooci import build_meta_tar, build_meta_tarball
 from ..format.zfile import ZFileWriter
-from .apply import GZIP_MAGIC, MODE_MAP
+from .apply import MODE_MAP
+from .tarstream import GZIP_MAGIC, ZSTD_MAGIC
 from .engine import LayerDelta, apply_layers
 from .mkfs import GIB
 from .native import ANNOTATION_DIGEST, ANNOTATION_SIZE, ANNOTATION_VERSION
@@ -77,7 +78,7 @@ def _is_gzip(path: str) -> bool:
         head = f.read(4)
     if head.startswith(GZIP_MAGIC):
         return True
-    if head == b"\x28\xb5\x2f\xfd":
+    if head == ZSTD_MAGIC:
         raise UnsupportedError(f"{path}: FastOCI needs tar or tar+gzip layers; this one is zstd")
     return False
 

@@ -90,7 +90,7 @@ def read_tree(image: str, skip: tuple[str, ...] = ("/lost+found",)) -> dict[str,
     stats = dict(zip(paths, (stat_fields(o) for o in debugfs_batch(image, [f"stat {_q(p)}" for p in paths]))))
     tree: dict[str, Node] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cmds, wants = [], []
+        cmds = []
         for i, p in enumerate(paths):
             _ino, mode, _u, _g = entries[p]
             if stat.S_ISREG(mode) or (stat.S_ISLNK(mode) and "fast_link" not in stats[p]):
