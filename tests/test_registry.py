@@ -307,3 +307,13 @@ def test_reads_reuse_one_connection(proxied_registry, tmp_path):
         assert store.client.head_manifest("f", f"absent{i}") is None  # a 404 must not cost the connection
     assert store.client.requests_sent == 40
     assert proxy.httpd.connections - before <= 1
+
+
+def test_registry_without_manifest_head_falls_back_to_get(proxied_registry, tmp_path, vectors):
+    registry, proxy = proxied_registry
+    push_hello_world(RegistryClient(registry.host, options(tmp_path)), vectors, "h", "obd")
+    proxy.add_fault("status:405", "/manifests/", "HEAD", times=10)
+    store = store_for(proxy.host, "h:obd", options(tmp_path))
+    desc = store.resolve(store.ref)
+    assert (desc.digest, desc.size) == (HELLO_CONVERTED_MANIFEST, 641)
+    assert desc.media_type == "application/vnd.oci.image.manifest.v1+json"

@@ -253,15 +253,19 @@ class RegistryClient:
 
     # ---- manifests ------------------------------------------------------------------
     def head_manifest(self, repo: str, reference: str) -> Descriptor | None:
-        """Descriptor of a manifest by tag or digest; None if the registry has none."""
+        """Descriptor of a manifest by tag or digest; None if the registry has none.
+
+        Registries that refuse HEAD (405) or omit the digest header get a GET instead.
+        """
         resp = self.call("HEAD", f"/v2/{repo}/manifests/{reference}", what=f"manifest {repo}:{reference}",
-                         scope=repo_scope(repo), headers={"Accept": MANIFEST_ACCEPT}, not_found_ok=True)
+                         scope=repo_scope(repo), headers={"Accept": MANIFEST_ACCEPT}, not_found_ok=True,
+                         ok=(200, 405))
         if resp is None:
             return None
         digest = resp.headers.get("Docker-Content-Digest")
         mt = resp.headers.get("Content-Type", "").split(";")[0].strip()
         length = _content_length(resp)
-        if not digest or length is None:
+        if resp.status_code == 405 or not digest or length is None:
             data, mt = self.get_manifest(repo, reference)
             return Descriptor(mt, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
         return Descriptor(mt, digest, length)
