@@ -192,7 +192,8 @@ def test_basic_auth(basic_registry, test_ca, tmp_path, caplog):
 
 # ---- token auth -----------------------------------------------------------------------
 @needs_registry
-def test_token_auth_flow(token_registry, tmp_path):
+def test_token_auth_flow(token_registry, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     registry, tokens = token_registry
     good = opts(tmp_path, plain_http=True, username="alice", password=PASSWORD)
     assert _roundtrip(registry.host, good) == b"hello over " + registry.host.encode()
@@ -220,6 +221,9 @@ def test_token_auth_flow(token_registry, tmp_path):
         push_blob(RegistryClient(registry.host, reader), "t/img", b"z", sha256_digest(b"z"), 1)
     assert str(e.value) == (f"registry {registry.host}: user 'reader' is not allowed "
                             "repository:t/img:pull,push (insufficient_scope)")
+    assert "urllib3" in caplog.text  # debug logging was on
+    for secret in [PASSWORD, "read-only-pw", *tokens.tokens]:
+        assert secret not in caplog.text
 
 
 @needs_registry

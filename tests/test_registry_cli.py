@@ -42,6 +42,7 @@ from .helpers.registry import (  # noqa: F401 - fixtures
 pytestmark = [needs_registry, pytest.mark.registry]
 
 HELLO_SHA256 = "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
+HELLO_BLOB = "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
 HELLO_ORIGINAL_MANIFEST = "sha256:7e9b6e7ba2842c91cf49f3e214d04a7a496f8214356f41d81a6e6dcad11f11e3"
 
 
@@ -73,6 +74,9 @@ def test_cat_and_ls_read_from_the_registry(hello_registry, tmp_path, capfdbinary
     rc, out, err = obd(capfdbinary, "ls", f"{proxy.host}/library/hello:obd", "/", *flags(tmp_path))
     assert rc == 0 and b"hello\n" in out.splitlines(keepends=True)
     assert proxy.log.blob_bytes - fetched <= 584 + 4096  # the second command reads the block cache
+    rc, out, _ = obd(capfdbinary, "cache", "ls", "--json", "--cache-dir", str(tmp_path / "cache"))
+    cached = {b["digest"]: b["bytes"] for b in json.loads(out)["blobs"]}
+    assert rc == 0 and 0 < cached[HELLO_BLOB] <= 642560
 
 
 def test_inspect_json(hello_registry, tmp_path, capfdbinary):

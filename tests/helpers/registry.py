@@ -108,6 +108,7 @@ class TokenServer:
         self.anonymous_pull = anonymous_pull
         self.expires_in = expires_in
         self.issued = 0
+        self.tokens: list[str] = []  # every token handed out (tests check none is logged)
         self.requests: list[dict] = []
         os.makedirs(dir, exist_ok=True)
         self.key, self.cert = f"{dir}/token.key", f"{dir}/token.crt"
@@ -169,6 +170,7 @@ class TokenServer:
                   "nbf": now - 10, "iat": now, "jti": os.urandom(8).hex(), "access": access}
         token = self.sign(claims)
         self.issued += 1
+        self.tokens.append(token)
         self.requests.append({"user": user, "scope": q.get("scope", [])})
         body = json.dumps({"token": token, "expires_in": self.expires_in}).encode()
         h.send_response(200)
