@@ -223,8 +223,9 @@ class RegistryServer:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config], stdout=subprocess.DEVNULL,
-                                     stderr=open(os.path.join(self.dir, "registry.log"), "ab"))
+        with open(os.path.join(self.dir, "registry.log"), "ab") as log:
+            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config], stdout=subprocess.DEVNULL,
+                                         stderr=log)
         _wait_port(self.port, self.proc)
 
     def stop(self) -> None:
