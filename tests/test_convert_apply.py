@@ -79,6 +79,8 @@ def torture_entries() -> list[list[Entry]]:
         Entry("q/x", data=b"q is a dir first"),
         Entry("wh/gone", data=b"gone"),
         Entry("wh/dir/child", data=b"child"),
+        Entry("wh/dir/sub/child2", "hardlink", link="wh/dir/child"),  # removed with the tree...
+        Entry("keep-hl", "hardlink", link="wh/dir/child"),  # ...while this name keeps the inode
         Entry("sparse/gnu", "sparse", size=3 * 4096 * 4,
               pieces=[(0, _rand(4096, 10)), (8 * 4096, _rand(8192, 11))], sparse_format="gnu"),
         Entry("sparse/p00", "sparse", size=1 << 20,

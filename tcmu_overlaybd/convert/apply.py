@@ -171,11 +171,8 @@ class LayerApplier:
     def _remove(self, dir_ino: int, name: bytes, ino: int) -> None:
         """Remove ``name`` (recursively for directories)."""
         self._resolved.clear()
-        if self.fs.read_inode(ino).is_dir:
-            for child, cino in self.fs.list_dir(ino):
-                self._remove(ino, child, cino)
-        if self.fs.unlink(dir_ino, name, ino):
-            self.mapped.pop(ino, None)
+        for gone in self.fs.remove(dir_ino, name, ino):
+            self.mapped.pop(gone, None)
 
     def _remove_lower(self, dir_ino: int, dir_path: Path, name: bytes, ino: int) -> None:
         """Remove ``name`` except what this layer extracted (whiteout semantics, §6.4)."""

@@ -517,11 +517,12 @@ class Filesystem:
         inode.set("i_links_count", inode.links + 1)
         self.write_inode(ino, inode)
 
-    def unlink(self, dir_ino: int, name: bytes, ino: int) -> bool:
-        """Remove one directory entry and drop the inode when its last link goes.
+    def remove(self, dir_ino: int, name: bytes, ino: int) -> list[int]:
+        """Remove the entry ``name`` and, for a directory, everything below it.
 
-        Directories must be empty (the caller removes children first).  Returns
-        True when the inode (and its blocks) were released.
+        Returns the inodes released (whose last link went).  Entries inside a removed
+        directory are not unlinked one by one (that rescans the directory each time):
+        the directory's blocks are freed whole and its children lose one link each.
         """
         inode = self.read_inode(ino)
         self._check(_lib.ext2fs_unlink(self._fs, dir_ino, name, ino, 0), f"unlink {name!r}")
@@ -531,16 +532,21 @@ class Filesystem:
             if parent.links > 2:  # the child's ".." no longer points at the parent
                 parent.set("i_links_count", parent.links - 1)
                 self.write_inode(dir_ino, parent)
-            remaining = 0
-        else:
-            remaining = inode.links - 1
-        if remaining > 0:
-            inode.set("i_links_count", remaining)
+        released: list[int] = []
+        self._drop_link(ino, inode, released)
+        return released
+
+    def _drop_link(self, ino: int, inode: Inode, released: list[int]) -> None:
+        if inode.is_dir:
+            for _name, child in self.list_dir(ino):
+                self._drop_link(child, self.read_inode(child), released)
+            self._dirs.pop(ino, None)
+        elif inode.links > 1:
+            inode.set("i_links_count", inode.links - 1)
             self.write_inode(ino, inode)
-            return False
-        self._dirs.pop(ino, None)
+            return
         self._release(ino, inode)
-        return True
+        released.append(ino)
 
     def _release(self, ino: int, inode: Inode) -> None:
         """Free an unlinked inode's xattr block, data blocks and the inode itself."""
