@@ -317,3 +317,11 @@ def test_registry_without_manifest_head_falls_back_to_get(proxied_registry, tmp_
     desc = store.resolve(store.ref)
     assert (desc.digest, desc.size) == (HELLO_CONVERTED_MANIFEST, 641)
     assert desc.media_type == "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_server_ignoring_range_still_gives_the_right_bytes(proxied_registry, tmp_path):
+    registry, proxy = proxied_registry
+    data, src, _store = _layer(proxy, registry, tmp_path)
+    proxy.add_fault("strip-range", "/blobs/", "GET")
+    assert src.read(300 * 1024 + 7, 1000) == data[300 * 1024 + 7 : 300 * 1024 + 1007]
+    assert proxy.log.requests[-1][3] == 200

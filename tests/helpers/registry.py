@@ -260,7 +260,8 @@ class Fault:
     ``action``: ``"status:<code>"``, ``"truncate:<n>"`` (send n body bytes then close),
     ``"corrupt"`` (flip a byte of the body), ``"drop"`` (close without answering),
     ``"delay:<seconds>"``, ``"strip-auth"`` (forward without the Authorization header, so
-    the registry answers with its own 401 challenge, as it does when a token is revoked).
+    the registry answers with its own 401 challenge, as it does when a token is revoked),
+    ``"strip-range"`` (forward without Range: a server that answers 200 with the whole blob).
     """
 
     action: str
@@ -362,7 +363,10 @@ class Proxy:
             return
         if path.startswith("/storage/"):
             path = path[len("/storage"):]
-        dropped = ("connection", "keep-alive") + (("authorization",) if fault and fault.action == "strip-auth" else ())
+        dropped = ("connection", "keep-alive")
+        stripped = {"strip-auth": "authorization", "strip-range": "range"}
+        if fault and fault.action in stripped:
+            dropped += (stripped[fault.action],)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in dropped}
         conn = (http.client.HTTPSConnection(self.upstream_host, context=self.upstream_ctx, timeout=30)
                 if self.upstream_ctx else http.client.HTTPConnection(self.upstream_host, timeout=30))
