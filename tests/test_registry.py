@@ -325,3 +325,19 @@ def test_server_ignoring_range_still_gives_the_right_bytes(proxied_registry, tmp
     proxy.add_fault("strip-range", "/blobs/", "GET")
     assert src.read(300 * 1024 + 7, 1000) == data[300 * 1024 + 7 : 300 * 1024 + 1007]
     assert proxy.log.requests[-1][3] == 200
+
+
+def test_download_blob_to_a_file_is_verified_before_it_appears(proxied_registry, tmp_path):
+    registry, proxy = proxied_registry
+    data, _src, store = _layer(proxy, registry, tmp_path, size=3 << 20)
+    digest = sha256_digest(data)
+    dest = tmp_path / "layer.tar"
+    proxy.add_fault("truncate:5000", "/blobs/", "GET")
+    assert store.download_blob(digest, len(data), dest) == len(data)
+    assert dest.read_bytes() == data
+    bad = tmp_path / "bad.tar"
+    proxy.add_fault("corrupt", "/blobs/", "GET")
+    with pytest.raises(CorruptDataError, match=f"{proxy.host}/f@{digest}: content does not match digest"):
+        store.download_blob(digest, len(data), bad)
+    assert not bad.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == []

@@ -17,9 +17,11 @@ falls back to the ``sha256-<hex>`` tag schema when the registry answers 404.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -225,31 +227,64 @@ class RegistryClient:
         except (KeyError, ValueError):
             raise ObdError(f"registry {self.host}: blob {digest}: HEAD without Content-Length") from None
 
-    def get_blob(self, repo: str, digest: str, size: int | None = None, quiet: bool = True,
-                 max_size: int | None = None) -> bytes:
-        """A whole blob, verified against its digest before it is returned."""
-        what = f"blob {digest}"
+    def get_blob(self, repo: str, digest: str, size: int | None = None, quiet: bool = True) -> bytes:
+        """A whole blob in memory, verified against its digest before it is returned."""
+        buf = bytearray()
+
+        def sink():
+            buf.clear()
+            return buf.extend
+
+        self._stream_blob(repo, digest, size, quiet, sink)
+        return bytes(buf)
+
+    def download_blob(self, repo: str, digest: str, dest: str | os.PathLike, size: int | None = None,
+                      quiet: bool = True) -> int:
+        """Stream a blob to ``dest`` (via a temp file renamed only once the digest matched)."""
+        dest = os.fspath(dest)
+        tmp = f"{dest}.part-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                def sink():
+                    f.seek(0)
+                    f.truncate()
+                    return f.write
+
+                got = self._stream_blob(repo, digest, size, quiet, sink)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return got
+
+    def _stream_blob(self, repo: str, digest: str, size: int | None, quiet: bool, sink) -> int:
+        """GET a whole blob into ``sink()`` (called once per attempt, returns a write function),
+        hashing as it arrives; raise CorruptDataError unless it matches ``digest``."""
+        algo, _, expected = digest.partition(":")
+        if algo not in hashlib.algorithms_available:
+            raise CorruptDataError(f"unsupported digest algorithm {algo!r}", blob=digest)
 
         def read(resp):
             total = size if size is not None else _content_length(resp)
-            if max_size is not None and total is not None and total > max_size:
-                raise CorruptDataError(f"{total} bytes is more than the {max_size} allowed", blob=digest)
-            chunks = []
-            got = 0
-            with progress_bar(total, f"{digest[7:19]}", quiet) as bar:
+            hasher, got, write = hashlib.new(algo), 0, sink()
+            with progress_bar(total, digest[7:19], quiet) as bar:
                 for chunk in resp.iter_content(1 << 20):
-                    chunks.append(chunk)
+                    hasher.update(chunk)
+                    write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
-                    if max_size is not None and got > max_size:
-                        raise CorruptDataError(f"more than the {max_size} bytes allowed", blob=digest)
             self.count_bytes(got)
             if total is not None and got != total:
                 raise _Retry(f"truncated response ({got} of {total} bytes)")
-            return b"".join(chunks)
+            return got, hasher.hexdigest()
 
-        data = self.call("GET", f"/v2/{repo}/blobs/{digest}", what=what, scope=repo_scope(repo), read=read)
-        return verify_digest(data, digest, f"{self.host}/{repo}@{digest}")
+        got, actual = self.call("GET", f"/v2/{repo}/blobs/{digest}", what=f"blob {digest}",
+                                scope=repo_scope(repo), read=read)
+        if actual != expected:
+            raise CorruptDataError(f"content does not match digest {digest} (got {algo}:{actual})",
+                                   blob=f"{self.host}/{repo}@{digest}")
+        return got
 
     # ---- manifests ------------------------------------------------------------------
     def head_manifest(self, repo: str, reference: str) -> Descriptor | None:
@@ -394,6 +429,10 @@ class RegistryStore(BlobStore):
 
     def fetch_blob(self, digest: str, size: int | None = None) -> bytes:
         return self.client.get_blob(self.repo, digest, size, quiet=self.opts.quiet)
+
+    def download_blob(self, digest: str, size: int | None, dest: str | os.PathLike) -> int:
+        """A large blob streamed to ``dest`` with a progress bar, verified before it appears."""
+        return self.client.download_blob(self.repo, digest, dest, size, quiet=self.opts.quiet)
 
     @property
     def cache(self):
