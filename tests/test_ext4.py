@@ -236,7 +236,40 @@ def test_corrupt_and_unsupported_filesystems(tree, tmp_path):
     with pytest.raises(UnsupportedError, match="not supported: encrypt"):
         Ext4(BytesSource(bytes(bad), name="disk.img"))
 
+    # with metadata_csum (mke2fs's default) the inode checksum notices the damage first ...
     fs = Ext4(BytesSource(bytes(good), name="disk.img"))
+    inode_at = fs.lookup("/big.bin").offset
+    bad = bytearray(good)
+    bad[inode_at + 0x28:inode_at + 0x2A] = b"\0\0"
+    fs = Ext4(BytesSource(bytes(bad), name="disk.img"))
+    with pytest.raises(CorruptDataError, match=f"disk.img at offset {inode_at + 0x7C}: inode .*: checksum"):
+        fs.lookup("/big.bin")
+    bad = bytearray(good)
+    bad[1024 + 0x78] ^= 1  # the volume name: only the superblock checksum can tell
+    with pytest.raises(CorruptDataError, match=f"offset {1024 + 0x3FC}: superblock checksum"):
+        Ext4(BytesSource(bytes(bad), name="disk.img"))
+
+    # extent blocks and directory blocks carry their own checksums
+    fs = Ext4(BytesSource(bytes(good), name="disk.img"))
+    islands = fs.lookup("/islands")
+    leaf = struct.unpack_from("<IIH", islands.block, 12)[1] * fs.block_size  # first index entry -> leaf
+    bad = bytearray(good)
+    bad[leaf + fs.block_size - 100] ^= 0xFF  # an unused slot: only the checksum covers it
+    fs = Ext4(BytesSource(bytes(bad), name="disk.img"))
+    with pytest.raises(CorruptDataError, match="extent block checksum does not match"):
+        fs.read(fs.lookup("/islands"))
+    fs = Ext4(BytesSource(bytes(good), name="disk.img"))
+    [(_, dir_block, _)] = fs.file_extents(fs.lookup("/dir"))
+    at = good.index(b"big.hard", dir_block)
+    bad = bytearray(good)
+    bad[at:at + 8] = b"big.HARD"  # a plausible name: only the checksum can tell
+    fs = Ext4(BytesSource(bytes(bad), name="disk.img"))
+    with pytest.raises(CorruptDataError, match=r"directory inode \d+: block checksum does not match"):
+        fs.listdir(fs.lookup("/dir"))
+
+    # ... without checksums the extent tree's own sanity checks do
+    good = _mkfs(tree, tmp_path / "nocsum.img", "-t", "ext4", "-O", "^metadata_csum").read_bytes()
+    fs = Ext4(BytesSource(good, name="disk.img"))
     where = fs.lookup("/big.bin").offset + 0x28  # the extent header in i_block
     bad = bytearray(good)
     bad[where:where + 2] = b"\0\0"

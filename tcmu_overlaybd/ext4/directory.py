@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError
 
 # struct ext4_dir_entry_2: inode u32, rec_len u16, name_len u8, file_type u8, name
@@ -21,6 +22,25 @@ ENTRY_HEADER = 8
 
 # file_type values (EXT4_FT_*) -> the type letters used by ``ls -l``
 FILE_TYPES = {0: "?", 1: "-", 2: "d", 3: "c", 4: "b", 5: "p", 6: "s", 7: "l"}
+
+
+# struct ext4_dir_entry_tail (metadata_csum): looks like an empty 12-byte entry with file type
+# 0xDE at the end of each leaf block, then the block's checksum
+_TAIL_SIZE = 12
+_TAIL_MAGIC = struct.pack("<IHBB", 0, _TAIL_SIZE, 0, 0xDE)
+
+
+def verify_leaf_tails(data: bytes, base_offset: int, block_size: int, seed: int, blob: str,
+                      dir_ino: int) -> None:
+    """Check the checksum tail of every leaf block in ``data``; htree index blocks have none."""
+    for start in range(0, len(data), block_size):
+        tail = start + block_size - _TAIL_SIZE
+        if data[tail:tail + 8] != _TAIL_MAGIC:
+            continue
+        stored = struct.unpack_from("<I", data, tail + 8)[0]
+        if crc32c_raw(data[start:tail], seed) != stored:
+            raise CorruptDataError(f"directory inode {dir_ino}: block checksum does not match its content",
+                                   blob=blob, offset=base_offset + tail + 8)
 
 
 class DirEntry(NamedTuple):

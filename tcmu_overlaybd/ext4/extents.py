@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
+from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError
 from .inode import Inode
 
@@ -49,8 +50,12 @@ def _append(runs: list[Run], logical: int, physical: int, count: int, uninit: bo
     runs.append(Run(logical, physical, count, uninit))
 
 
-def extent_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str) -> list[Run]:
-    """Walk the extent tree rooted in ``inode.block``; depth > 0 nodes are read with ``read_block``."""
+def extent_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str,
+                csum_seed: int | None = None) -> list[Run]:
+    """Walk the extent tree rooted in ``inode.block``; depth > 0 nodes are read with ``read_block``.
+
+    With ``csum_seed`` (metadata_csum) each node block's ``ext4_extent_tail`` checksum is checked.
+    """
     runs: list[Run] = []
     # stack of (node bytes, disk offset of the node, expected depth or None at the root)
     pending = [(inode.block, inode.offset + 0x28, None)]
@@ -65,6 +70,12 @@ def extent_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str)
             raise CorruptDataError(
                 f"inode {inode.ino}: inconsistent extent node ({entries}/{maximum} entries, depth {depth})",
                 blob=blob, offset=where)
+        if csum_seed is not None and want_depth is not None:
+            tail = 12 + maximum * ENTRY_SIZE  # struct ext4_extent_tail follows eh_max entries
+            if tail + 4 > len(node) or crc32c_raw(node[:tail], csum_seed) != struct.unpack_from(
+                    "<I", node, tail)[0]:
+                raise CorruptDataError(f"inode {inode.ino}: extent block checksum does not match its content",
+                                       blob=blob, offset=where + min(tail, len(node) - 4))
         if depth == 0:
             for i in range(entries):
                 lblk, length, hi, lo = _LEAF.unpack_from(node, 12 + i * ENTRY_SIZE)
@@ -83,8 +94,10 @@ def extent_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str)
     return runs
 
 
-def blockmap_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str) -> list[Run]:
-    """Follow the 12 direct and the single/double/triple indirect pointers of an ext2/3 inode."""
+def blockmap_runs(inode: Inode, read_block: ReadBlock, block_size: int, blob: str,
+                  csum_seed: int | None = None) -> list[Run]:
+    """Follow the 12 direct and the single/double/triple indirect pointers of an ext2/3 inode
+    (indirect blocks carry no checksum, so ``csum_seed`` is unused)."""
     runs: list[Run] = []
     nblocks = -(-inode.size // block_size)
     per_block = block_size // 4

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from ..block.source import ByteSource, read_exact
 from ..errors import CorruptDataError, NotFoundError, UsageError
-from .directory import DirEntry, parse_entries, parse_inline_dir
+from .directory import DirEntry, parse_entries, parse_inline_dir, verify_leaf_tails
 from .extents import Run, blockmap_runs, extent_runs
-from .inode import ROOT_INO, Inode
+from .inode import ROOT_INO, Inode, inode_checksum_ok, inode_seed
 from .superblock import INCOMPAT_FILETYPE, RO_COMPAT_HUGE_FILE, Superblock, inode_table_block
 from .xattr import XattrEntry, parse_xattrs
 
@@ -124,7 +124,13 @@ class Ext4:
         group, index = divmod(ino - 1, self.sb.inodes_per_group)
         offset = self._inode_table(group) * self.block_size + index * self.sb.inode_size
         raw = read_exact(self.source, offset, self.sb.inode_size, f"inode {ino}")
-        return self._inodes.put(ino, Inode.from_bytes(ino, raw, offset, self.block_size, self._huge))
+        inode = Inode.from_bytes(ino, raw, offset, self.block_size, self._huge)
+        if self.sb.csum_seed is not None:
+            inode.csum_seed = inode_seed(self.sb.csum_seed, ino, inode.generation)
+            if not inode_checksum_ok(raw, inode.csum_seed) and any(raw):
+                raise CorruptDataError(f"inode {ino}: checksum does not match its content",
+                                       blob=self.name, offset=offset + 0x7C)
+        return self._inodes.put(ino, inode)
 
     @property
     def root(self) -> Inode:
@@ -138,7 +144,7 @@ class Ext4:
         cached = self._runs.get(inode.ino)
         if cached is None:
             walk = extent_runs if inode.has_extents else blockmap_runs
-            runs = walk(inode, self._read_block, self.block_size, self.name)
+            runs = walk(inode, self._read_block, self.block_size, self.name, inode.csum_seed)
             for r in runs:
                 if r.physical == 0 or r.physical + r.count > self.sb.blocks_count:
                     raise CorruptDataError(
@@ -286,6 +292,8 @@ class Ext4:
                 if count <= 0 or r.uninit:
                     continue
                 data = read_exact(self.source, r.physical * bs, count * bs, f"directory inode {inode.ino}")
+                if inode.csum_seed is not None:
+                    verify_leaf_tails(data, r.physical * bs, bs, inode.csum_seed, self.name, inode.ino)
                 entries += parse_entries(data, r.physical * bs, bs, self._filetype, self.name, inode.ino)
         table = {e.raw_name: e for e in entries}
         return self._dirs.put(inode.ino, table)

@@ -12,6 +12,8 @@ import stat as _stat
 import struct
 from dataclasses import dataclass
 
+from ..crc32c import crc32c_raw
+
 # struct ext4_inode, first 128 bytes ("good old" inode)
 _BASE = struct.Struct(
     "<H"    # 0x00 i_mode
@@ -51,6 +53,36 @@ FL_EA_INODE = 0x200000
 FL_INLINE_DATA = 0x10000000
 
 ROOT_INO = 2
+# metadata_csum: i_checksum_lo @0x7C (16 bits), i_checksum_hi @0x82 (present if extra_isize >= 4)
+_CSUM_LO = 0x7C
+_CSUM_HI = 0x82
+
+
+def inode_seed(fs_seed: int, ino: int, generation: int) -> int:
+    """Seed of an inode's own checksums (inode, extent blocks, directory blocks)."""
+    return crc32c_raw(struct.pack("<I", generation), crc32c_raw(struct.pack("<I", ino), fs_seed))
+
+
+def inode_checksum_ok(raw: bytes, seed: int) -> bool:
+    """Whether the checksum stored in ``raw`` matches (``seed`` from :func:`inode_seed`)."""
+    stored = struct.unpack_from("<H", raw, _CSUM_LO)[0]
+    extra = struct.unpack_from("<H", raw, 0x80)[0] if len(raw) > GOOD_OLD_INODE_SIZE else 0
+    has_hi = len(raw) > GOOD_OLD_INODE_SIZE and GOOD_OLD_INODE_SIZE + extra >= _CSUM_HI + 2
+    zero16 = b"\0\0"
+    csum = crc32c_raw(raw[:_CSUM_LO], seed)
+    csum = crc32c_raw(zero16, csum)
+    csum = crc32c_raw(raw[_CSUM_LO + 2:GOOD_OLD_INODE_SIZE], csum)
+    if len(raw) > GOOD_OLD_INODE_SIZE:
+        csum = crc32c_raw(raw[GOOD_OLD_INODE_SIZE:_CSUM_HI], csum)
+        rest = _CSUM_HI
+        if has_hi:
+            csum = crc32c_raw(zero16, csum)
+            rest += 2
+            stored |= struct.unpack_from("<H", raw, _CSUM_HI)[0] << 16
+        csum = crc32c_raw(raw[rest:], csum)
+    if not has_hi:
+        csum &= 0xFFFF
+    return csum == stored
 
 
 def _time_ns(seconds: int, extra: int | None) -> int:
@@ -84,6 +116,8 @@ class Inode:
     xattr_area: bytes
     #: byte offset on disk of ``xattr_area``
     xattr_area_offset: int
+    #: seed of this inode's extent-block and directory-block checksums (metadata_csum only)
+    csum_seed: int | None = None
 
     @classmethod
     def from_bytes(cls, ino: int, raw: bytes, offset: int, block_size: int, huge_file: bool) -> "Inode":

@@ -3,7 +3,9 @@
 The superblock sits at byte 1024 of the device whatever the block size.  Only
 the fields a read-only reader needs are decoded; offsets are named once here.
 Features that change how data is found and that this reader does not
-implement are refused with ``UnsupportedError`` instead of guessing.
+implement are refused with ``UnsupportedError`` instead of guessing.  With
+metadata_csum, checksums are the kernel's: raw CRC-32C (no final inversion)
+seeded from the filesystem UUID (or ``s_checksum_seed``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from ..block.source import ByteSource, read_exact
+from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, UnsupportedError
 
 SUPERBLOCK_OFFSET = 1024
@@ -39,13 +42,20 @@ _SB_FIELDS = (
     ("first_meta_bg", "I", 0x104),
     ("blocks_count_hi", "I", 0x150),
     ("backup_bgs", "2I", 0x24C),
+    ("checksum_type", "B", 0x175),
+    ("checksum_seed", "I", 0x270),
+    ("checksum", "I", 0x3FC),
 )
+#: s_checksum covers the superblock up to this offset (metadata_csum)
+SB_CHECKSUM_OFFSET = 0x3FC
+CHECKSUM_TYPE_CRC32C = 1
 
 # feature_compat
 COMPAT_SPARSE_SUPER2 = 0x200
 # feature_ro_compat
 RO_COMPAT_SPARSE_SUPER = 0x1
 RO_COMPAT_HUGE_FILE = 0x8
+RO_COMPAT_METADATA_CSUM = 0x400
 # feature_incompat
 INCOMPAT_COMPRESSION = 0x1
 INCOMPAT_FILETYPE = 0x2
@@ -101,6 +111,8 @@ class Superblock:
     desc_size: int
     first_meta_bg: int
     backup_bgs: tuple[int, int]
+    #: seed of every metadata checksum (metadata_csum), None when checksums are off
+    csum_seed: int | None
 
     def has_incompat(self, flag: int) -> bool:
         return bool(self.feature_incompat & flag)
@@ -141,6 +153,17 @@ class Superblock:
                 blob=src.name, offset=SUPERBLOCK_OFFSET,
             )
         blocks = f["blocks_count_lo"] | ((f["blocks_count_hi"] << 32) if is64 else 0)
+        csum_seed = None
+        if f["feature_ro_compat"] & RO_COMPAT_METADATA_CSUM:
+            if f["checksum_type"] != CHECKSUM_TYPE_CRC32C:
+                raise UnsupportedError(f"{src.name}: ext4 checksum type {f['checksum_type']} (only crc32c)")
+            computed = crc32c_raw(raw[:SB_CHECKSUM_OFFSET], 0xFFFFFFFF)
+            if computed != f["checksum"]:
+                raise CorruptDataError(
+                    f"superblock checksum 0x{f['checksum']:08x} does not match its content (0x{computed:08x})",
+                    blob=src.name, offset=SUPERBLOCK_OFFSET + SB_CHECKSUM_OFFSET)
+            csum_seed = (f["checksum_seed"] if incompat & INCOMPAT_CSUM_SEED
+                         else crc32c_raw(f["uuid"], 0xFFFFFFFF))
         return cls(
             inodes_count=f["inodes_count"],
             blocks_count=blocks,
@@ -159,6 +182,7 @@ class Superblock:
             desc_size=desc_size,
             first_meta_bg=f["first_meta_bg"],
             backup_bgs=tuple(f["backup_bgs"]),
+            csum_seed=csum_seed,
         )
 
     # -- where the group descriptors live -------------------------------------------------
