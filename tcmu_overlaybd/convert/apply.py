@@ -109,10 +109,12 @@ def _mappable(segments: list[tuple[int, int, int]], size: int) -> bool:
 class LayerApplier:
     """Applies tar entries of one layer to an open :class:`Filesystem`."""
 
-    def __init__(self, fs: Filesystem, mode: str = MODE_DATA, name: str = "layer"):
+    def __init__(self, fs: Filesystem, mode: str = MODE_DATA, name: str = "layer", stream: object = None):
+        """``stream`` is the decompressing reader (its ``first_member_end`` limits mappings)."""
         if mode not in (MODE_DATA, MODE_MAP):
             raise ValueError(f"unknown apply mode {mode!r}")
         self.fs = fs
+        self.stream = stream
         self.mode = mode
         self.name = name
         self.kept: set[Path] = set()
@@ -303,8 +305,13 @@ class LayerApplier:
             tail = (info.size, bytes(FS_BLOCK - info.size % FS_BLOCK))
             pieces = itertools.chain(pieces, [tail])
         self.fs.write_file(ino, pieces, info.size)
-        if mapped:
-            self._record_mappings(ino, segments)
+        if mapped and segments:
+            end = segments[-1][2] + segments[-1][1]
+            first_member_end = getattr(self.stream, "first_member_end", None)
+            if first_member_end is None or end <= first_member_end:
+                self._record_mappings(ino, segments)
+            # else: past the first gzip member, which is all a gzip index covers (§4.4):
+            # the data written above stays in the meta layer instead
 
     def _pieces(self, tar: tarfile.TarFile, info, segments) -> Iterator[tuple[int, bytes]]:
         """(file offset, bytes) of the stored data, read forward from the tar stream.
@@ -355,10 +362,11 @@ class LayerApplier:
 
 def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: str = "layer") -> ApplyResult:
     """Apply the layer blob ``stream`` (tar, tar+gzip or tar+zstd) to ``fs``."""
-    applier = LayerApplier(fs, mode, name)
     tar = None
     try:
-        raw = HashingReader(decompressed(stream))
+        inner = decompressed(stream)
+        applier = LayerApplier(fs, mode, name, inner)
+        raw = HashingReader(inner)
         tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape")
         for info in tar:
             applier.apply_entry(tar, info)

@@ -5,7 +5,6 @@ uncompressed stream, spec §4.2)."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import tarfile
 import zlib
@@ -18,7 +17,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK = 1 << 20
 
 #: what a broken layer stream raises while being read
-STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, UnicodeError)
+STREAM_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, UnicodeError)
 
 
 class _Prefixed:
@@ -40,12 +39,62 @@ class _Prefixed:
         return data
 
 
+class GzipMembers:
+    """Inflates a gzip stream of one or more members, noting where each member ends.
+
+    A gzip index (§4.4) covers the first member only, so FastOCI may map file data
+    onto the first member's output alone: ``first_member_end`` (uncompressed offset,
+    None while the first member is still running) tells how far that is.
+    """
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._d = zlib.decompressobj(31)
+        self._buf = bytearray()
+        self._produced = 0  # uncompressed bytes produced so far
+        self._eof = False
+        self.first_member_end: int | None = None
+
+    def _fill(self, want: int) -> None:
+        while len(self._buf) < want and not self._eof:
+            chunk = self._d.unconsumed_tail or self._raw.read(1 << 16)
+            if not chunk:
+                if not self._d.eof:
+                    raise EOFError("compressed stream ended before the end of a gzip member")
+                self._eof = True
+                break
+            out = self._d.decompress(chunk, 1 << 20)
+            self._buf += out
+            self._produced += len(out)
+            if self._d.eof:
+                if self.first_member_end is None:
+                    self.first_member_end = self._produced
+                rest = self._d.unused_data + self._raw.read(1 << 16)
+                if not rest.strip(b"\0"):  # end of stream (zero padding tolerated)
+                    self._eof = True
+                    break
+                self._d = zlib.decompressobj(31)
+                out = self._d.decompress(rest, 1 << 20)
+                self._buf += out
+                self._produced += len(out)
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            self._fill(1 << 62)
+            n = len(self._buf)
+        else:
+            self._fill(n)
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+
 def decompressed(stream: BinaryIO) -> BinaryIO:
     """The uncompressed tar stream of a layer blob: gzip, zstd or plain, by magic."""
     head = stream.read(4)
     raw = _Prefixed(head, stream)
     if head.startswith(GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+        return GzipMembers(raw)  # type: ignore[arg-type, return-value]
     if head.startswith(ZSTD_MAGIC):
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[arg-type]
     return raw  # type: ignore[return-value]
