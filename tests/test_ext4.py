@@ -267,6 +267,15 @@ def test_corrupt_and_unsupported_filesystems(tree, tmp_path):
     with pytest.raises(CorruptDataError, match=r"directory inode \d+: block checksum does not match"):
         fs.listdir(fs.lookup("/dir"))
 
+    fs = Ext4(BytesSource(bytes(good), name="disk.img"))
+    acl = fs.lookup("/attrs").file_acl * fs.block_size
+    at = good.index(b"L" * 700, acl)
+    bad = bytearray(good)
+    bad[at] = ord("M")
+    fs = Ext4(BytesSource(bytes(bad), name="disk.img"))
+    with pytest.raises(CorruptDataError, match=f"offset {acl + 16}: inode .*xattr block checksum"):
+        fs.xattrs(fs.lookup("/attrs"))
+
     # ... without checksums the extent tree's own sanity checks do
     good = _mkfs(tree, tmp_path / "nocsum.img", "-t", "ext4", "-O", "^metadata_csum").read_bytes()
     fs = Ext4(BytesSource(good, name="disk.img"))

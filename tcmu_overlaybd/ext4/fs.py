@@ -21,7 +21,7 @@ from .directory import DirEntry, parse_entries, parse_inline_dir, verify_leaf_ta
 from .extents import Run, blockmap_runs, extent_runs
 from .inode import ROOT_INO, Inode, inode_checksum_ok, inode_seed
 from .superblock import INCOMPAT_FILETYPE, RO_COMPAT_HUGE_FILE, Superblock, inode_table_block
-from .xattr import XattrEntry, parse_xattrs
+from .xattr import XattrEntry, parse_xattrs, xattr_block_checksum_ok
 
 #: symlinks followed during one lookup before giving up (Linux's MAXSYMLINKS)
 MAX_SYMLINKS = 40
@@ -238,6 +238,10 @@ class Ext4:
         entries = parse_xattrs(inode.xattr_area, inode.xattr_area_offset, True, self.name, inode.ino)
         if inode.file_acl:
             block = self._read_block(inode.file_acl, inode.offset + 0x68)
+            if self.sb.csum_seed is not None and not xattr_block_checksum_ok(
+                    block, inode.file_acl, self.sb.csum_seed):
+                raise CorruptDataError(f"inode {inode.ino}: xattr block checksum does not match its content",
+                                       blob=self.name, offset=inode.file_acl * self.block_size + 16)
             entries += parse_xattrs(block, inode.file_acl * self.block_size, False, self.name, inode.ino)
         return entries
 

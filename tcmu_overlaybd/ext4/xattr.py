@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError
 
 XATTR_MAGIC = 0xEA020000
@@ -30,6 +31,18 @@ NAME_PREFIXES = {
     7: "system.",
     8: "system.richacl",
 }
+
+
+_H_CHECKSUM = 16  # ext4_xattr_header.h_checksum
+
+
+def xattr_block_checksum_ok(block: bytes, block_nr: int, fs_seed: int) -> bool:
+    """metadata_csum of an xattr block: seeded with the filesystem seed and the block number."""
+    csum = crc32c_raw(struct.pack("<Q", block_nr), fs_seed)
+    csum = crc32c_raw(block[:_H_CHECKSUM], csum)
+    csum = crc32c_raw(b"\0\0\0\0", csum)
+    csum = crc32c_raw(block[_H_CHECKSUM + 4:], csum)
+    return csum == struct.unpack_from("<I", block, _H_CHECKSUM)[0]
 
 
 @dataclass(frozen=True)
