@@ -16,12 +16,13 @@ from .options import OpenOptions
 
 
 def _gzip_cache(opts: OpenOptions):
+    """The shared decompressed-data cache of gzip originals (spec §4.5), or None when off."""
     if not opts.gzip_cache_enable or not opts.gzip_cache_dir:
         return None
     from ..cache.gzipcache import GzipCache
 
-    capacity = (opts.gzip_cache_size or (4 << 30)) / (1 << 30)
-    return GzipCache(os.path.expanduser(opts.gzip_cache_dir), capacity_gb=capacity)
+    cap = {"capacity_gb": opts.gzip_cache_size / (1 << 30)} if opts.gzip_cache_size else {}
+    return GzipCache(os.path.expanduser(opts.gzip_cache_dir), **cap)
 
 
 def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
