@@ -287,3 +287,19 @@ def test_invalidated_range_is_fetched_again(tmp_path):
     assert src.read(2 * BS, 16) == data[2 * BS : 2 * BS + 16]
     assert base.bytes_read == 5 * BS
     assert cache.usage() == 4 * BS
+
+
+def test_sequential_reads_grow_a_readahead_window_random_reads_do_not(tmp_path):
+    data = blob(64 * BS, 18)
+    _cache, base, src = cached(tmp_path, data)
+    for off in range(0, len(data), 16 * 1024):
+        assert src.read(off, 16 * 1024) == data[off : off + 16 * 1024]
+    # 64 blocks in windows of 1, 1, then 2+2, 4+4, 8+8, 16+16 ... instead of 64 requests
+    assert base.calls <= 10 and base.bytes_read == len(data)
+
+    _cache2, base2, rnd = cached(tmp_path / "r", data)
+    rng = random.Random(19)
+    blocks = rng.sample(range(64), 20)
+    for b in blocks:
+        rnd.read(b * BS + 100, 10)
+    assert base2.bytes_read == 20 * BS

@@ -471,9 +471,14 @@ class CachedSource:
     """A ByteSource reading ``base`` through a BlockCache, fetching only missing blocks.
 
     Consecutive missing blocks of one read become one ``base.read`` (one Range GET
-    for a registry blob).  ``key`` is the blob's digest: the cache trusts that the
-    same key always names the same bytes.
+    for a registry blob).  Sequential reads that miss grow a readahead window
+    (doubling from ``READAHEAD_MIN`` up to ``READAHEAD_MAX`` blocks) so a streaming
+    reader makes few large requests; random reads never read ahead.  ``key`` is the
+    blob's digest: the cache trusts that the same key always names the same bytes.
     """
+
+    READAHEAD_MIN = 2
+    READAHEAD_MAX = 16
 
     def __init__(self, base: ByteSource, cache: BlockCache, key: str):
         self.base = base
@@ -482,6 +487,10 @@ class CachedSource:
         self.name = base.name
         self.size = base.size
         _split_digest(key)
+        # readahead heuristic state (races between threads only tune it, never corrupt)
+        self._next_offset = -1
+        self._sequential_misses = 0
+        self._window = 0
 
     def _block_len(self, index: int) -> int:
         bs = self.cache.block_size
@@ -495,6 +504,8 @@ class CachedSource:
             return b""
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
+        sequential = offset == self._next_offset
+        self._next_offset = end
         if first == last:  # the common case: inside one block
             lo = offset - first * bs
             data = self.cache.get(self.key, first, self._block_len(first), lo, end - offset)
@@ -510,17 +521,38 @@ class CachedSource:
             if data is None:
                 missing.append(idx)
         if missing:
-            self._fill(missing, offset, end, first, parts)
+            self._fill(missing, offset, end, first, parts, self._readahead(sequential, missing[-1] == last, last))
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
-    def _fill(self, missing: list[int], offset: int, end: int, first: int, parts: list) -> None:
-        """Fetch the missing blocks, store them and fill ``parts``.
+    def _readahead(self, sequential: bool, tail_missing: bool, last: int) -> list[int]:
+        """Blocks after ``last`` to fetch along with a sequential miss (uncached ones only)."""
+        if not (sequential and tail_missing):
+            self._sequential_misses = 0
+            self._window = 0
+            return []
+        self._sequential_misses += 1
+        if self._sequential_misses < 2:
+            return []
+        self._window = min(self.READAHEAD_MAX, max(self.READAHEAD_MIN, 2 * self._window))
+        nblocks = -(-self.size // self.cache.block_size)
+        ahead = []
+        for idx in range(last + 1, min(nblocks, last + 1 + self._window)):
+            if os.path.exists(self.cache.block_path(self.key, idx)):
+                break
+            ahead.append(idx)
+        return ahead
+
+    def _fill(self, missing: list[int], offset: int, end: int, first: int, parts: list,
+              ahead: list[int] = ()) -> None:
+        """Fetch the missing blocks (and the readahead blocks ``ahead``), store them, fill ``parts``.
 
         Blocks another thread of this process is already fetching are waited for,
         not fetched twice; the rest go out as one request per run of adjacent blocks.
         """
         bs = self.cache.block_size
-        mine, theirs = self.cache._claim(self.key, missing)
+        mine, theirs = self.cache._claim(self.key, list(missing) + list(ahead))
+        wanted = set(missing)
+        theirs = [(idx, done) for idx, done in theirs if idx in wanted]
         try:
             runs: list[list[int]] = []
             for idx in mine:
@@ -562,6 +594,8 @@ class CachedSource:
             rel = idx * bs - start
             block = view[rel : rel + self._block_len(idx)]
             self.cache.put(self.key, idx, block)
+            if idx - first >= len(parts):  # readahead: stored only
+                continue
             lo = max(offset, idx * bs) - idx * bs
             hi = min(end, (idx + 1) * bs) - idx * bs
             parts[idx - first] = bytes(block[lo:hi])
