@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import pytest
@@ -69,8 +70,6 @@ def test_fastoci_refuses_zstd_layers(tmp_path):
 
 def test_multi_member_gzip_maps_only_into_the_first_member(tmp_path):
     """A gzip index covers one member (§4.4): data past it stays in the meta layer."""
-    import gzip
-
     tar = build_tar([Entry(f"f{i}", data=os.urandom(20_000 + i)) for i in range(20)])
     cut = len(tar) // 2
     blob = gzip.compress(tar[:cut], mtime=0) + gzip.compress(tar[cut:], mtime=0)  # like eStargz / pigz -i

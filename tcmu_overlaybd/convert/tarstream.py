@@ -50,22 +50,15 @@ class GzipMembers:
     def __init__(self, raw: BinaryIO):
         self._raw = raw
         self._d = zlib.decompressobj(31)
-        self._buf = bytearray()
+        self._buf = b""  # inflated, not yet returned: _buf[_pos:]
+        self._pos = 0
         self._produced = 0  # uncompressed bytes produced so far
         self._eof = False
         self.first_member_end: int | None = None
 
-    def _fill(self, want: int) -> None:
-        while len(self._buf) < want and not self._eof:
-            chunk = self._d.unconsumed_tail or self._raw.read(1 << 16)
-            if not chunk:
-                if not self._d.eof:
-                    raise EOFError("compressed stream ended before the end of a gzip member")
-                self._eof = True
-                break
-            out = self._d.decompress(chunk, 1 << 20)
-            self._buf += out
-            self._produced += len(out)
+    def _inflate(self) -> bytes:
+        """The next piece of output (b"" at the end of the stream)."""
+        while not self._eof:
             if self._d.eof:
                 if self.first_member_end is None:
                     self.first_member_end = self._produced
@@ -74,19 +67,30 @@ class GzipMembers:
                     self._eof = True
                     break
                 self._d = zlib.decompressobj(31)
-                out = self._d.decompress(rest, 1 << 20)
-                self._buf += out
+                chunk = rest
+            else:
+                chunk = self._d.unconsumed_tail or self._raw.read(1 << 16)
+                if not chunk:
+                    raise EOFError("compressed stream ended inside a gzip member")
+            out = self._d.decompress(chunk, 1 << 20)
+            if out:
                 self._produced += len(out)
+                return out
+        return b""
 
     def read(self, n: int = -1) -> bytes:
-        if n < 0:
-            self._fill(1 << 62)
-            n = len(self._buf)
-        else:
-            self._fill(n)
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+        parts = []
+        want = n if n >= 0 else 1 << 62
+        while want > 0:
+            if self._pos >= len(self._buf):
+                self._buf, self._pos = self._inflate(), 0
+                if not self._buf:
+                    break
+            piece = self._buf[self._pos : self._pos + want]
+            self._pos += len(piece)
+            want -= len(piece)
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def decompressed(stream: BinaryIO) -> BinaryIO:
