@@ -303,3 +303,15 @@ def test_sequential_reads_grow_a_readahead_window_random_reads_do_not(tmp_path):
     for b in blocks:
         rnd.read(b * BS + 100, 10)
     assert base2.bytes_read == 20 * BS
+
+
+def test_unwritable_cache_still_reads_correctly(tmp_path, caplog):
+    data = blob(3 * BS, 20)
+    cache, base, src = cached(tmp_path, data)
+    tmp_dir = tmp_path / "cache" / "tmp"
+    tmp_dir.rmdir()
+    tmp_dir.write_bytes(b"")  # a file where the temp directory should be (root ignores modes)
+    assert src.read(10, 2 * BS) == data[10 : 10 + 2 * BS]
+    assert src.read(10, 100) == data[10:110]
+    assert base.calls == 2 and cache.scan() == []
+    assert caplog.text.count("cannot store blocks") == 1

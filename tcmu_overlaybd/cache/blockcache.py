@@ -30,9 +30,10 @@ block wait for one fetch instead of each fetching it.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import itertools
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 from ..block.source import ByteSource
 from ..errors import CorruptDataError, StateError, UsageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/var/cache/obd/blocks"
 DEFAULT_BLOCK_SIZE = 256 * 1024  # overlaybd's refillSize (spec §8.2)
@@ -127,6 +130,7 @@ class BlockCache:
         self._fds: OrderedDict[str, _OpenBlock] = OrderedDict()
         self._blob_dirs: dict[str, str] = {}  # digest -> its block directory (validated once)
         self._inflight: dict[tuple[str, int], threading.Event] = {}  # blocks being fetched here
+        self._write_failed = False  # warned once that blocks cannot be stored
         for d in (self.dir, self._blocks_dir, self._tmp_dir):
             self._mkdir(d)
         self._lock_path = os.path.join(self.dir, ".lock")
@@ -290,35 +294,41 @@ class BlockCache:
 
     # ---- writes and eviction ---------------------------------------------------------
     def put(self, key: str, index: int, data: bytes | memoryview) -> None:
-        """Store one complete block (write to tmp, then rename under the lock)."""
+        """Store one complete block (write to tmp, then rename under the lock).
+
+        A cache that cannot be written (full disk, read-only, permissions) only
+        costs speed: the failure is logged once and the read goes on uncached.
+        """
         n = len(data)
         if n > self.block_size:
             raise ValueError(f"block of {n} bytes > block size {self.block_size}")
         path = self.block_path(key, index)
         tmp = self._tmp_name()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            with self._exclusive():
+                if os.path.exists(path):
+                    os.unlink(tmp)
+                    return
+                usage = self._read_usage()
+                if usage + n > self.capacity:
+                    usage = self._evict_locked(self.capacity - n)
+                # charge first: a crash before the rename over-counts, which only evicts early
+                self._write_usage(usage + n)
+                _makedirs_private(os.path.dirname(path))
+                os.rename(tmp, path)
         except OSError as e:
-            os.close(fd)
-            os.unlink(tmp)
-            if e.errno == errno.ENOSPC:
-                return  # a full disk makes the cache useless, not the read wrong
-            raise
-        os.close(fd)
-        with self._exclusive():
-            if os.path.exists(path):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-                return
-            usage = self._read_usage()
-            if usage + n > self.capacity:
-                usage = self._evict_locked(self.capacity - n)
-            # charge first: a crash before the rename over-counts, which only evicts early
-            self._write_usage(usage + n)
-            _makedirs_private(os.path.dirname(path))
-            os.rename(tmp, path)
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("block cache %s: cannot store blocks (%s); reading uncached", self.dir, e.strerror)
 
     def scan(self) -> list[BlockEntry]:
         """Every block file of every block size, with size and last-use time."""
