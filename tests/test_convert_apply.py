@@ -6,6 +6,7 @@ with an independent reference extraction; ``e2fsck -fn`` must be clean.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -292,6 +293,14 @@ def test_decompressed_detects_plain_gzip_and_zstd():
     tar = build_tar([Entry("f", data=b"x" * 1000)])
     for how in ("tar", "gzip", "zstd"):
         assert decompressed(io.BytesIO(compress(tar, how))).read() == tar
+
+
+def test_gzip_members_are_all_read_and_the_first_one_is_measured():
+    tar = build_tar([Entry("f", data=_rand(300_000, 7))])
+    two = gzip.compress(tar[:100_000], mtime=0) + gzip.compress(tar[100_000:], mtime=0) + bytes(512)
+    reader = decompressed(io.BytesIO(two))
+    assert reader.first_member_end is None
+    assert reader.read(-1) == tar and reader.first_member_end == 100_000
 
 
 def test_filesystem_handle_rejects_a_missing_image(tmp_path):
