@@ -135,9 +135,12 @@ class BlockCache:
             self._mkdir(d)
         self._lock_path = os.path.join(self.dir, ".lock")
         self._usage_path = os.path.join(self.dir, ".usage")
-        with self._exclusive():
-            if not os.path.exists(self._usage_path):
-                self._write_usage(self._scan_total())
+        try:
+            with self._exclusive():
+                if not os.path.exists(self._usage_path):
+                    self._write_usage(self._scan_total())
+        except OSError as e:
+            raise StateError(f"cache directory {self.dir}: {e.strerror}") from None
 
     # ---- paths and small helpers -------------------------------------------------
     def _mkdir(self, path: str) -> None:
@@ -228,7 +231,7 @@ class BlockCache:
         """Open a block file into the fd table (one user counted), or None if absent/torn."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError:  # absent, or unreadable: a miss either way
             return None
         st = os.fstat(fd)
         if st.st_size != expected_len:
