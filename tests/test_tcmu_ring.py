@@ -188,3 +188,20 @@ def test_many_concurrent_reads_complete_exactly_once(served):
         ids[sim.submit(read10(lba, 8), 4096)] = lba
     done = sim.wait(ids)  # SimKernel raises if an id is completed twice or unknown
     assert {i: d[2] for i, d in done.items()} == {i: DISK[l * 512:l * 512 + 4096] for i, l in ids.items()}
+
+
+def test_raw_disk_is_read_in_place_on_the_ring_thread(served, tmp_path):
+    from tcmu_overlaybd.mount.rawdisk import RawDisk
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(DISK[:5000])  # not a multiple of the block size
+    src = RawDisk(path)
+    sim, h, t = served(source=src)
+    assert h._inline and h._readinto is not None
+    t.start()
+    whole = sim.submit(read10(0, 8), 4096, blocks=[3, 1])
+    tail = sim.submit(read10(9, 1), 4096)  # 392 bytes of data, then zeros (not 0xA5)
+    done = sim.wait([whole, tail])
+    assert done[whole] == (0, done[whole][1], DISK[:4096])
+    assert done[tail][2] == DISK[4608:5000] + bytes(4096 - 392)
+    src.close()

@@ -36,9 +36,9 @@ REOPEN_RETRY_S = 1.0
 def open_source(st: MountState):
     """The virtual disk of the mount as a ByteSource (re-opened in every handler)."""
     if st.raw:
-        from ..block.source import FileSource
+        from .rawdisk import RawDisk
 
-        return FileSource(st.image)
+        return RawDisk(st.image)
     from ..image.disk import open_disk
     from ..image.options import OpenOptions
     from ..image.resolve import open_image

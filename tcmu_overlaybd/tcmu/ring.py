@@ -178,3 +178,30 @@ class Ring:
             if take < length:
                 mv[off + take:off + length] = bytes(length - take)
             pos += length
+
+    def read_into(self, iovs: list[tuple[int, int]], readinto, offset: int, length: int) -> None:
+        """Fill ``iovs`` with ``readinto(offset, views)`` for ``length`` bytes, zero the rest.
+
+        ``readinto`` writes straight into the mapping (no intermediate bytes) and
+        returns the byte count, which may be short at the end of the source.
+        """
+        mv = self.mv
+        views, want = [], length
+        for off, n in iovs:
+            if want <= 0:
+                break
+            n = min(n, want)
+            views.append(mv[off:off + n])
+            want -= n
+        got = readinto(offset, views) if views else 0
+        if got < sum(n for _, n in iovs):
+            self.write_zeros(iovs, got)
+
+    def write_zeros(self, iovs: list[tuple[int, int]], start: int) -> None:
+        """Zero the bytes of ``iovs`` from buffer position ``start`` on."""
+        mv, pos = self.mv, 0
+        for off, n in iovs:
+            if pos + n > start:
+                skip = max(0, start - pos)
+                mv[off + skip:off + n] = bytes(n - skip)
+            pos += n

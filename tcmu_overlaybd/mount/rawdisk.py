@@ -1,0 +1,35 @@
+"""The virtual disk of ``obd mount --raw``: a local raw disk image file."""
+
+from __future__ import annotations
+
+import os
+
+from ..block.source import FileSource
+
+
+class RawDisk(FileSource):
+    """A local file served by the TCMU handler on its ring thread, read in place.
+
+    ``local``: reads never wait for a network (handler.Handler serves them inline);
+    ``readinto``: ``preadv`` straight into the ring's data area.
+    """
+
+    local = True
+
+    def readinto(self, offset: int, buffers: list) -> int:
+        """Fill ``buffers`` from ``offset``; returns the byte count (short only at EOF)."""
+        total = sum(len(b) for b in buffers)
+        got = os.preadv(self._fd, buffers, offset)
+        while got < total:  # preadv may return short; continue where it stopped
+            rest, skip = [], got
+            for b in buffers:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                rest.append(b[skip:])
+                skip = 0
+            more = os.preadv(self._fd, rest, offset + got)
+            if more <= 0:
+                break
+            got += more
+        return got
