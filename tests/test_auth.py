@@ -259,3 +259,23 @@ def test_token_rejected_before_expiry_is_fetched_again(token_registry, tmp_path)
         assert [s for m, _p, _r, s in proxy.log.requests if m == "GET"][-2:] == [401, 200]
     finally:
         proxy.stop()
+
+
+@needs_registry
+def test_ca_and_client_cert_from_a_certs_d_directory(tmp_path, test_ca):
+    import shutil
+
+    reg = RegistryServer(str(tmp_path / "mtls"), ca=test_ca, client_certs=True)
+    try:
+        host_dir = tmp_path / "certs.d" / reg.host
+        host_dir.mkdir(parents=True)
+        shutil.copy(test_ca.ca_cert, host_dir / "ca.crt")
+        shutil.copy(test_ca.client_cert, host_dir / "client.cert")
+        shutil.copy(test_ca.client_key, host_dir / "client.key")
+        client = RegistryClient(reg.host, opts(tmp_path), certs_dirs=(str(tmp_path / "nothing"),
+                                                                      str(tmp_path / "certs.d")))
+        assert client.head_manifest("a/b", "v1") is None  # TLS and client auth worked: a clean 404
+        with pytest.raises(NetworkError, match="certificate verify failed"):
+            RegistryClient(reg.host, opts(tmp_path), certs_dirs=()).head_manifest("a/b", "v1")
+    finally:
+        reg.stop()

@@ -69,10 +69,33 @@ def repo_scope(repo: str, actions: str = "pull") -> str:
     return f"repository:{repo}:{actions}"
 
 
-class RegistryClient:
-    """HTTP access to one registry host (auth, TLS, timeouts, retries)."""
+#: per-host TLS material, as containerd and docker lay it out: <dir>/<host>/ca.crt,
+#: client.cert + client.key (used when no --tlscacert / --tlscert is given)
+CERTS_DIRS = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
 
-    def __init__(self, host: str, opts: OpenOptions):
+
+def host_tls_files(host: str, dirs=CERTS_DIRS) -> tuple[str | None, tuple[str, str] | None]:
+    """(CA bundle, (client cert, key)) found for ``host`` in a certs.d directory, else None."""
+    for d in dirs:
+        base = os.path.join(d, host)
+        if not os.path.isdir(base):
+            continue
+        ca = os.path.join(base, "ca.crt")
+        cert, key = os.path.join(base, "client.cert"), os.path.join(base, "client.key")
+        return (ca if os.path.isfile(ca) else None,
+                (cert, key) if os.path.isfile(cert) and os.path.isfile(key) else None)
+    return None, None
+
+
+class RegistryClient:
+    """HTTP access to one registry host (auth, TLS, timeouts, retries).
+
+    TLS trust: ``--tlscacert`` if given, else ``<certs dir>/<host>/ca.crt`` if present
+    (``certs_dirs``, default ``CERTS_DIRS``), else the system store; the client
+    certificate likewise from ``--tlscert/--tlskey`` or ``client.cert/client.key``.
+    """
+
+    def __init__(self, host: str, opts: OpenOptions, certs_dirs=CERTS_DIRS):
         self.host = host
         self.scheme = "http" if opts.plain_http else "https"
         self.base_url = f"{self.scheme}://{host}"
@@ -86,15 +109,18 @@ class RegistryClient:
         self.session.mount("http://", adapter)
         # passed on every request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self.tls: dict = {"verify": True}
+        host_ca, host_cert = host_tls_files(host, certs_dirs) if not opts.plain_http else (None, None)
         if opts.skip_verify:
             self.tls["verify"] = False
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        elif opts.tls_ca_cert:
-            self.tls["verify"] = opts.tls_ca_cert
+        elif opts.tls_ca_cert or host_ca:
+            self.tls["verify"] = opts.tls_ca_cert or host_ca
         if opts.client_cert:
             self.tls["cert"] = (opts.client_cert, opts.client_key) if opts.client_key else opts.client_cert
         elif opts.client_key:
             raise UsageError("--tlskey needs --tlscert")
+        elif host_cert:
+            self.tls["cert"] = host_cert
         self.auth = Authenticator(host, opts.username, opts.password, opts.authfile)
         self._lock = threading.Lock()
         self.bytes_received = 0
