@@ -37,8 +37,12 @@ def source(tmp_path):
 def test_converted_layout_reads_back_as_the_source_tree(tmp_path, source, fmt):
     layout, blobs = source
     out = str(tmp_path / "out")
+    seen: dict[int, tuple[int, int]] = {}
     res = convert_image(open_image(f"oci:{layout}:v1", PLAIN), out, str(tmp_path / "work"),
-                        ConvertOptions(fmt=fmt, tag="acc", vsize=VSIZE, oci=False))
+                        ConvertOptions(fmt=fmt, tag="acc", vsize=VSIZE, oci=False,
+                                       progress=lambda i, done, total: seen.__setitem__(i, (done, total))))
+    # per-layer progress ends at each source blob's full size
+    assert seen == {i: (len(b), len(b)) for i, b in enumerate(blobs)}
     image = open_image(f"oci:{out}:acc", PLAIN)
     assert image.mode == fmt and len(image.layers) == len(blobs)
     assert image.manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"

@@ -36,10 +36,11 @@ Two modes:
 from __future__ import annotations
 
 import itertools
+import os
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from ..errors import CorruptDataError, ObdError, UnsupportedError
 from .ext2fs import ROOT_INO, Filesystem, Inode
@@ -383,7 +384,30 @@ def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: s
     return applier.result
 
 
-def apply_layer_file(image: str, layer: str, mode: str = MODE_DATA) -> ApplyResult:
+#: ``progress(bytes_read, bytes_total)`` of the layer blob being applied
+Progress = Callable[[int, int], None]
+
+
+class _Reporting:
+    """Reports how much of a blob file has been read, every ``step`` bytes."""
+
+    def __init__(self, f: BinaryIO, total: int, progress: Progress, step: int = 1 << 20):
+        self._f, self._total, self._progress, self._step = f, total, progress, step
+        self._done = self._next = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._done += len(data)
+        if self._done >= self._next or not data:
+            self._progress(self._done, self._total)
+            self._next = self._done + self._step
+        return data
+
+
+def apply_layer_file(image: str, layer: str, mode: str = MODE_DATA, progress: Progress | None = None) -> ApplyResult:
     """Open the ext4 image file ``image``, apply the layer blob file ``layer``, close."""
     with Filesystem(image) as fs, open(layer, "rb") as f:
-        return apply_layer(fs, f, mode, name=layer)
+        if progress is None:
+            return apply_layer(fs, f, mode, name=layer)
+        reporting = _Reporting(f, os.fstat(f.fileno()).st_size, progress)
+        return apply_layer(fs, reporting, mode, name=layer)  # type: ignore[arg-type]

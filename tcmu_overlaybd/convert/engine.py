@@ -10,13 +10,17 @@ the filesystem made by :func:`.mkfs.make_ext4` (upstream ``--mkfs``, §6.1).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+
+#: ``progress(layer_index, bytes_read, bytes_total)`` while a source layer is applied
+LayerProgress = Callable[[int, int, int], None]
 
 from ..errors import UsageError
-from .apply import MODE_DATA, ApplyResult, apply_layer_file
+from .apply import MODE_DATA, ApplyResult, Progress, apply_layer_file
 from .diff import Change, changed_extents, data_ranges, snapshot
 from .mkfs import GIB, make_ext4
 
@@ -71,7 +75,12 @@ def _require_sparse(image: str) -> None:
 
 
 def apply_layers(
-    layers: list[str], workdir: str, *, mode: str = MODE_DATA, vsize: int = 64 * GIB
+    layers: list[str],
+    workdir: str,
+    *,
+    mode: str = MODE_DATA,
+    vsize: int = 64 * GIB,
+    progress: LayerProgress | None = None,
 ) -> Iterator[LayerDelta]:
     """Apply the layer blobs (bottom first) one by one, yielding each layer's delta.
 
@@ -88,7 +97,8 @@ def apply_layers(
         for i, layer in enumerate(layers):
             if i:
                 snapshot(image, before)
-            applied = apply_layer_file(image, layer, mode)
+            report: Progress | None = functools.partial(progress, i) if progress else None
+            applied = apply_layer_file(image, layer, mode, report)
             exclude = [(m.physical, m.length) for m in applied.mappings]
             changes = changed_extents(before if i else None, image, exclude)
             chain = next_chain_id(chain, applied.diff_id)

@@ -22,6 +22,7 @@ from ..errors import CorruptDataError, UnsupportedError
 from ..image.manifest import Image
 from ..image.oci_layout import write_index
 from ..image.store import Descriptor
+from .engine import LayerProgress
 from .mkfs import GIB
 from .native import convert_native
 from .turbo import convert_turbo
@@ -122,6 +123,8 @@ class ConvertOptions:
     block_size: int = 4096  # ZFile block size of native layers: 4 KiB .. 64 KiB
     oci: bool = True  # OCI media types (False: Docker v2)
     referrer: bool = False  # link to the source manifest with subject + artifactType (§3.4)
+    #: ``progress(layer_index, bytes_read, bytes_total)`` while each source layer is applied
+    progress: LayerProgress | None = None
 
 
 def convert_image(image: Image, layout: str, workdir: str, opts: ConvertOptions = ConvertOptions()) -> ConvertedImage:
@@ -154,13 +157,13 @@ def _write_image(image: Image, layout: str, workdir: str, sources: list[str], op
     fs_dir, out_dir = os.path.join(workdir, "fs"), os.path.join(workdir, opts.fmt)
     if opts.fmt == FORMAT_OVERLAYBD:
         native = convert_native(sources, fs_dir, out_dir, vsize=opts.vsize, algorithm=opts.algorithm,
-                                block_size=opts.block_size)
+                                block_size=opts.block_size, progress=opts.progress)
         descriptors = [layer.descriptor(oci) for layer in native]
         diff_ids = [layer.digest for layer in native]
         for layer in native:
             _put_file(layout, layer.path, layer.digest)
     else:
-        turbo = convert_turbo(sources, fs_dir, out_dir, vsize=opts.vsize)
+        turbo = convert_turbo(sources, fs_dir, out_dir, vsize=opts.vsize, progress=opts.progress)
         descriptors = [layer.descriptor(oci) for layer in turbo]
         diff_ids = [layer.diff_id for layer in turbo]
         for layer, src, orig in zip(turbo, sources, image.layers):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..format import tarwrap
 from ..format.zfile import ZFileWriter
 from .apply import MODE_DATA
-from .engine import LayerDelta, apply_layers
+from .engine import LayerDelta, LayerProgress, apply_layers
 from .mkfs import GIB
 from .sealed import write_layer_lsmt
 
@@ -84,11 +84,12 @@ def convert_native(
     vsize: int = 64 * GIB,
     algorithm: str = "lz4",
     block_size: int = 4096,
+    progress: LayerProgress | None = None,
 ) -> list[NativeLayer]:
     """Convert source layer blobs (bottom first) into native overlaybd layer blobs in ``outdir``."""
     os.makedirs(outdir, exist_ok=True)
     out = []
-    for delta in apply_layers(layers, workdir, mode=MODE_DATA, vsize=vsize):
+    for delta in apply_layers(layers, workdir, mode=MODE_DATA, vsize=vsize, progress=progress):
         out.append(
             write_native_blob(
                 delta, os.path.join(outdir, f"layer{delta.index:04d}.obd"), algorithm=algorithm, block_size=block_size

@@ -21,7 +21,7 @@ from ..format.turbooci import build_meta_tar, build_meta_tarball
 from ..format.zfile import ZFileWriter
 from .apply import MODE_MAP
 from .tarstream import GZIP_MAGIC, ZSTD_MAGIC
-from .engine import LayerDelta, apply_layers
+from .engine import LayerDelta, LayerProgress, apply_layers
 from .mkfs import GIB
 from .native import ANNOTATION_DIGEST, ANNOTATION_SIZE, ANNOTATION_VERSION
 from .sealed import write_layer_lsmt
@@ -108,12 +108,14 @@ def write_turbo_blob(delta: LayerDelta, path: str) -> TurboLayer:
     )
 
 
-def convert_turbo(layers: list[str], workdir: str, outdir: str, *, vsize: int = 64 * GIB) -> list[TurboLayer]:
+def convert_turbo(
+    layers: list[str], workdir: str, outdir: str, *, vsize: int = 64 * GIB, progress: LayerProgress | None = None
+) -> list[TurboLayer]:
     """Build FastOCI meta layer blobs for source layer blobs (bottom first) in ``outdir``."""
     for layer in layers:
         _is_gzip(layer)  # refuse zstd before any work
     os.makedirs(outdir, exist_ok=True)
     return [
         write_turbo_blob(delta, os.path.join(outdir, f"layer{delta.index:04d}.turbo.tar.gz"))
-        for delta in apply_layers(layers, workdir, mode=MODE_MAP, vsize=vsize)
+        for delta in apply_layers(layers, workdir, mode=MODE_MAP, vsize=vsize, progress=progress)
     ]
