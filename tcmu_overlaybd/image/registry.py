@@ -93,6 +93,8 @@ class RegistryClient:
     TLS trust: ``--tlscacert`` if given, else ``<certs dir>/<host>/ca.crt`` if present
     (``certs_dirs``, default ``CERTS_DIRS``), else the system store; the client
     certificate likewise from ``--tlscert/--tlskey`` or ``client.cert/client.key``.
+    Retries: ``opts.retries`` more attempts, pausing ``opts.extra["backoff_base"]``
+    (default ``BACKOFF_BASE``) seconds, doubled each time, capped at ``MAX_BACKOFF``.
     """
 
     def __init__(self, host: str, opts: OpenOptions, certs_dirs=CERTS_DIRS):
