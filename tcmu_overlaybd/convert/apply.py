@@ -204,10 +204,14 @@ class LayerApplier:
 
     # -- entries ----------------------------------------------------------------------------
     def _metadata(self, info: tarfile.TarInfo, fmt: int) -> Inode:
-        if info.uid >= 1 << 32 or info.gid >= 1 << 32:
-            raise UnsupportedError(f"{self.name}: {info.name}: uid/gid beyond 32 bits")
+        """A new inode of type ``fmt`` with the entry's mode bits, owner and mtime."""
+        self._check_ids(info)
         sec, nsec = pax_time(info)
         return Inode.new(fmt | (info.mode & 0o7777), info.uid, info.gid, sec, nsec)
+
+    def _check_ids(self, info: tarfile.TarInfo) -> None:
+        if not (0 <= info.uid < 1 << 32 and 0 <= info.gid < 1 << 32):
+            raise UnsupportedError(f"{self.name}: {info.name}: uid/gid do not fit 32 bits")
 
     def apply_entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
         path = clean_path(info.name)
@@ -245,9 +249,9 @@ class LayerApplier:
             self._remove(dir_ino, base, existing)
             existing = None
         ino = existing if existing is not None else self.fs.mkdir(dir_ino, base)
+        self._check_ids(info)
         inode = self.fs.read_inode(ino)
-        want = self._metadata(info, stat.S_IFDIR)
-        inode.set("i_mode", want.mode)
+        inode.set("i_mode", stat.S_IFDIR | (info.mode & 0o7777))
         inode.set_owner(info.uid, info.gid)
         self.fs.write_inode(ino, inode)
         self.fs.set_xattrs(ino, pax_xattrs(info))
@@ -270,6 +274,7 @@ class LayerApplier:
         self.fs.hardlink(dir_ino, base, tino)
 
     def _symlink(self, info, dir_ino, base: bytes) -> None:
+        self._check_ids(info)
         ino = self.fs.symlink(dir_ino, base, info.linkname.encode("utf-8", "surrogateescape"))
         inode = self.fs.read_inode(ino)
         sec, nsec = pax_time(info)
@@ -300,7 +305,7 @@ class LayerApplier:
                 first = off // FS_BLOCK
                 self.fs.fallocate(ino, first, -(-(off + length) // FS_BLOCK) - first)
         pieces = self._pieces(tar, info, segments)
-        if mapped and info.size % FS_BLOCK:
+        if mapped and info.size % FS_BLOCK and segments and sum(segments[-1][:2]) == info.size:
             # zero the rest of the last block: libext2fs keeps stale bytes of a reused
             # block there, the mapped layer serves the tar's zero padding instead
             tail = (info.size, bytes(FS_BLOCK - info.size % FS_BLOCK))
