@@ -6,7 +6,8 @@ import stat
 
 import pytest
 
-from tcmu_overlaybd.convert.ext2fs import ROOT_INO, Ext2fsError, Filesystem, Inode, decode_rdev
+from tcmu_overlaybd.convert.ext2fs import ROOT_INO, Ext2fsError, Filesystem
+from tcmu_overlaybd.convert.inode import Inode, decode_rdev
 from tcmu_overlaybd.convert.mkfs import make_ext4
 
 from .helpers.ext4_tree import debugfs_batch, fsck_clean, stat_fields

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
 from ..errors import CorruptDataError, ObdError, UnsupportedError
-from .ext2fs import ROOT_INO, Filesystem, Inode
+from .ext2fs import ROOT_INO, Filesystem
+from .inode import Inode
 from .tarstream import STREAM_ERRORS, HashingReader, decompressed, file_segments, pax_time, pax_xattrs
 
 MODE_DATA = "data"
