@@ -6,10 +6,11 @@ remove inodes (files, directories, symlinks, devices, FIFOs, hard links),
 write file data, ``fallocate`` initialised extents (FastOCI mapping, spec
 §4.2), xattrs, and list a file's physical extents.
 
-Inodes are handled as raw 256-byte ``ext2_inode_large`` buffers (:class:`Inode`)
-whose fields are declared once below (ext4 on-disk layout, as in
-``/usr/include/ext2fs/ext2_fs.h``).  Every libext2fs failure becomes an
-:class:`Ext2fsError` naming the image and the operation.
+Inodes are handled as raw 256-byte ``ext2_inode_large`` buffers
+(:class:`.inode.Inode`).  Directory entries are kept in memory per directory
+and appended to a directory's last block, so big directories cost O(1) per
+entry.  Every libext2fs failure becomes an :class:`Ext2fsError` naming the
+image and the operation.
 """
 
 from __future__ import annotations
