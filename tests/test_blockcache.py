@@ -315,3 +315,18 @@ def test_unwritable_cache_still_reads_correctly(tmp_path, caplog):
     assert src.read(10, 100) == data[10:110]
     assert base.calls == 2 and cache.scan() == []
     assert caplog.text.count("cannot store blocks") == 1
+
+
+def test_obd_cache_prune_defaults_to_the_configured_cap(tmp_path, capsys, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    cfg = tmp_path / "obd.json"
+    cfg.write_text(json.dumps({"cache": {"dir": str(cache_dir), "sizeGB": 4 * BS / (1 << 30), "blockSize": BS}}))
+    monkeypatch.setenv("OBD_CONFIG", str(cfg))
+    big = BlockCache(cache_dir, 64 << 20, BS)  # filled by a process that had a larger cap
+    CachedSource(BytesSource(blob(10 * BS, 21)), big, DIGEST_A).read(0, 10 * BS)
+    rc, out, _ = _obd(capsys, "cache", "prune")
+    assert rc == 0 and out.startswith("freed ")
+    assert sum(e.size for e in big.scan()) <= 4 * BS
+    rc, out, _ = _obd(capsys, "cache", "ls", "--json")
+    doc = json.loads(out)
+    assert doc["dir"] == str(cache_dir) and doc["capacity"] == 4 * BS and doc["usage"] <= 4 * BS
