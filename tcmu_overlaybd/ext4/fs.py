@@ -33,6 +33,8 @@ _I_BLOCK_SIZE = 60
 SYMLINK_MAX = 4096
 #: largest xattr value Linux accepts (XATTR_SIZE_MAX)
 XATTR_SIZE_MAX = 65536
+#: bytes of metadata blocks kept in memory per filesystem
+METADATA_CACHE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -93,15 +95,22 @@ class Ext4:
         self._inodes = _LRU(4096)
         self._runs = _LRU(1024)
         self._dirs = _LRU(256)
+        #: metadata blocks (inode tables, extent and xattr blocks): one stack read serves 16 inodes
+        self._blocks = _LRU(METADATA_CACHE_BYTES // self.block_size)
 
     # -- blocks and inodes ------------------------------------------------------------------
 
     def _read_block(self, block: int, pointer_at: int) -> bytes:
-        """One block; ``pointer_at`` is where its number was read (named if it is out of range)."""
+        """One metadata block (cached); ``pointer_at`` is where its number was read (named if it
+        is out of range)."""
         if block >= self.sb.blocks_count or block == 0:
             raise CorruptDataError(f"block number {block} outside the filesystem "
                                    f"({self.sb.blocks_count} blocks)", blob=self.name, offset=pointer_at)
-        return read_exact(self.source, block * self.block_size, self.block_size, f"ext4 block {block}")
+        data = self._blocks.get(block)
+        if data is None:
+            data = self._blocks.put(block, read_exact(self.source, block * self.block_size, self.block_size,
+                                                      f"ext4 block {block}"))
+        return data
 
     def _inode_table(self, group: int) -> int:
         table = self._tables.get(group)
@@ -125,7 +134,11 @@ class Ext4:
                                    blob=self.name)
         group, index = divmod(ino - 1, self.sb.inodes_per_group)
         offset = self._inode_table(group) * self.block_size + index * self.sb.inode_size
-        raw = read_exact(self.source, offset, self.sb.inode_size, f"inode {ino}")
+        block, within = divmod(offset, self.block_size)  # inodes never straddle blocks
+        if block >= self.sb.blocks_count:
+            raise CorruptDataError(f"inode {ino} lies past the end of the filesystem",
+                                   blob=self.name, offset=self.sb.descriptor_offset(group) + 0x08)
+        raw = self._read_block(block, 0)[within:within + self.sb.inode_size]
         inode = Inode.from_bytes(ino, raw, offset, self.block_size, self._huge)
         if self.sb.csum_seed is not None:
             inode.csum_seed = inode_seed(self.sb.csum_seed, ino, inode.generation)

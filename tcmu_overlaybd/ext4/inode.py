@@ -41,9 +41,9 @@ _BASE = struct.Struct(
 )
 GOOD_OLD_INODE_SIZE = 128
 _EXTRA_ISIZE = struct.Struct("<H")  # @0x80
-# (field offset of *_extra, offset of the seconds field) -- only valid if extra_isize covers it
-_EXTRA_TIMES = {"ctime": (0x84, 0x0C), "mtime": (0x88, 0x10), "atime": (0x8C, 0x08)}
-_CRTIME = struct.Struct("<II")  # @0x90 i_crtime, i_crtime_extra
+# from 0x84: i_ctime_extra, i_mtime_extra, i_atime_extra, i_crtime, i_crtime_extra -- only the
+# fields that i_extra_isize covers are valid, so there is one struct per count
+_EXTRA_FIELDS = [struct.Struct("<" + "I" * n) for n in range(6)]
 
 # i_flags
 FL_INDEX = 0x1000          # hashed (htree) directory
@@ -127,17 +127,11 @@ class Inode:
         if extra_isize & 3 or GOOD_OLD_INODE_SIZE + extra_isize > len(raw):
             extra_isize = 0  # garbage: act as if there were no extra fields
         end_extra = GOOD_OLD_INODE_SIZE + extra_isize
-
-        def extra_at(off: int) -> int | None:
-            return struct.unpack_from("<I", raw, off)[0] if off + 4 <= end_extra else None
-
-        times = {}
-        for name, (xoff, soff) in _EXTRA_TIMES.items():
-            times[name] = _time_ns(struct.unpack_from("<I", raw, soff)[0], extra_at(xoff))
-        crtime_ns = None
-        if 0x98 <= end_extra:
-            cr, cr_extra = _CRTIME.unpack_from(raw, 0x90)
-            crtime_ns = _time_ns(cr, cr_extra)
+        # *_extra fields: ctime @0x84, mtime @0x88, atime @0x8C, crtime @0x90 + crtime_extra @0x94
+        n_extra = min(5, max(0, (end_extra - 0x84) // 4))
+        extra = _EXTRA_FIELDS[n_extra].unpack_from(raw, 0x84) + (None,) * (5 - n_extra)
+        ctime_x, mtime_x, atime_x, crtime, crtime_x = extra
+        crtime_ns = _time_ns(crtime, crtime_x) if crtime_x is not None else None
         blocks = blocks_lo | (blocks_hi << 32)
         if huge_file and flags & FL_HUGE_FILE:
             blocks *= block_size // 512
@@ -153,9 +147,9 @@ class Inode:
             block=block,
             file_acl=acl_lo | (acl_hi << 32),
             blocks_512=blocks,
-            atime_ns=times["atime"],
-            mtime_ns=times["mtime"],
-            ctime_ns=times["ctime"],
+            atime_ns=_time_ns(atime, atime_x),
+            mtime_ns=_time_ns(mtime, mtime_x),
+            ctime_ns=_time_ns(ctime, ctime_x),
             crtime_ns=crtime_ns,
             generation=generation,
             xattr_area=bytes(raw[end_extra:]),
