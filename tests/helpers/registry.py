@@ -30,6 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
+
+# the test registries live on loopback: never send them through a proxy from the environment
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = ",".join(filter(None, [os.environ.get(_var), "127.0.0.1", "localhost"]))
 TEST_SERVICE = "obd-test-registry"
 TEST_ISSUER = "obd-test-token-issuer"
 
