@@ -7,7 +7,9 @@ reads (O_DIRECT and buffered), 4 KiB random reads at queue depth 1 and 16
 benchmarks/results/handler.json.
 
 Run: .venv/bin/python benchmarks/bench_handler.py
-(on a host without TCMU it re-runs itself inside the VM harness, scripts/vm-run)
+(on a host without TCMU it re-runs itself inside the VM harness, scripts/vm-run).
+With Debian's tcmu-runner installed, the same device served by that C handler is
+measured too, as the reference to beat.
 """
 
 from __future__ import annotations
@@ -113,6 +115,33 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def c_handler_device(img: str, work: str):
+    """Serve ``img`` with Debian's tcmu-runner (C, qcow handler, raw files too) through the
+    same kind of tcm_loop LUN; returns (device, cleanup) or None without tcmu-runner."""
+    exe = shutil.which("tcmu-runner")
+    if exe is None:
+        return None
+    import rtslib_fb as rtslib
+
+    from tcmu_overlaybd.lio import backstore, loopback
+
+    runner = subprocess.Popen([exe, "-l", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(3)  # it subscribes to the TCM-USER netlink family and answers ADDED events
+    so = rtslib.UserBackedStorageObject("crunner", config=f"qcow/{img}", size=os.path.getsize(img),
+                                        hw_max_sectors=backstore.MAX_SECTORS,
+                                        control=f"max_data_area_mb={backstore.MAX_DATA_AREA_MB}")
+    wwn = loopback.wwn_for("crunner")
+    dev = loopback.export("crunner", wwn)
+
+    def cleanup():
+        loopback.unexport(wwn)
+        so.delete()
+        runner.terminate()
+        runner.wait()
+
+    return dev, cleanup, runner.pid
+
+
 def measure(dev: str) -> dict:
     return {
         "seq_direct_MBps": seq_read(dev, True),
@@ -148,10 +177,25 @@ def main() -> int:
         results["kernel"] = os.uname().release
     finally:
         obd(["umount", mnt])
-        subprocess.run(["losetup", "-d", loop])
-    print(f"{'metric':22} {'loop':>10} {'obd':>10} {'obd/loop':>9}")
+    c = c_handler_device(img, work)
+    if c is not None:
+        dev, cleanup, pid = c
+        try:
+            results["tcmu_runner"] = measure(dev)
+            results["tcmu_runner_rss_kib"] = rss_kib(pid)
+        finally:
+            cleanup()
+        results["ratio_obd_to_tcmu_runner"] = {k: results["obd"][k] / results["tcmu_runner"][k]
+                                              for k in results["loop"]}
+    subprocess.run(["losetup", "-d", loop])
+    have_c = "tcmu_runner" in results
+    print(f"{'metric':22} {'loop':>10} {'obd':>10} {'obd/loop':>9}"
+          + (f" {'C runner':>10} {'obd/C':>7}" if have_c else ""))
     for k, r in results["ratio_obd_to_loop"].items():
-        print(f"{k:22} {results['loop'][k]:10.1f} {results['obd'][k]:10.1f} {r:9.2f}")
+        line = f"{k:22} {results['loop'][k]:10.1f} {results['obd'][k]:10.1f} {r:9.2f}"
+        if have_c:
+            line += f" {results['tcmu_runner'][k]:10.1f} {results['ratio_obd_to_tcmu_runner'][k]:7.2f}"
+        print(line)
     print(f"handler RSS {results['handler_rss_kib']} KiB, supervisor RSS {results['supervisor_rss_kib']} KiB")
     out = os.path.join(os.environ.get("OBD_VM_OUT", os.path.dirname(RESULT)), "handler.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
