@@ -35,6 +35,7 @@ import fcntl
 import itertools
 import logging
 import os
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -51,8 +52,16 @@ DEFAULT_BLOCK_SIZE = 256 * 1024  # overlaybd's refillSize (spec §8.2)
 LOW_WATER = 0.9
 #: seconds between two mtime refreshes of the same block by one process
 TOUCH_INTERVAL = 30.0
+def _fd_table_size() -> int:
+    """Open block files kept per cache object: a quarter of the fd limit, 64..1024."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(64, min(1024, soft // 4))
+
+
 #: open block files kept per cache object (fd reuse makes warm reads cheap)
-FD_CACHE_SIZE = 256
+FD_CACHE_SIZE = _fd_table_size()
 FORMAT_PREFIX = "v1-"
 
 
