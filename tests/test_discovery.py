@@ -56,6 +56,17 @@ def test_tag_schema_fallback_when_the_registry_has_no_referrers_api(proxied_regi
     assert ("HEAD", f"/v2/app/manifests/{tag}", 200) in paths
 
 
+@pytest.mark.parametrize("status", [405, 501])
+def test_other_refusals_of_the_referrers_api_also_fall_back(proxied_registry, tmp_path, status):
+    registry, proxy = proxied_registry
+    opts = options(tmp_path)
+    subject, converted = _base_and_converted(RegistryClient(registry.host, opts))
+    proxy.add_fault(f"status:{status}", "/referrers/", "GET")
+    store = RegistryStore(parse_reference(f"{proxy.host}/app:v1"), opts)
+    found = find_accelerated(store, store.ref, store.resolve(store.ref), opts)
+    assert found.digest == converted[ARTIFACT_NATIVE]
+
+
 def test_referrers_api_is_used_when_present_and_native_wins(proxied_registry, tmp_path):
     registry, proxy = proxied_registry
     opts = options(tmp_path)

@@ -49,6 +49,8 @@ MANIFEST_ACCEPT = ", ".join((MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, 
 #: manifests larger than this are refused (the distribution spec suggests 4 MiB)
 MAX_MANIFEST_SIZE = 4 << 20
 USER_AGENT = "obd/0.1 (tcmu-overlaybd)"
+#: answers to GET /referrers/ (besides 404) from registries without the API: use the tag schema
+NO_REFERRERS_API = (400, 405, 406, 501)
 #: retryable HTTP statuses
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: first backoff pause, doubled on every retry and capped at MAX_BACKOFF
@@ -491,8 +493,9 @@ class RegistryStore(BlobStore):
         out: list[Descriptor] = []
         while path:
             resp = self.client.call("GET", path, what=f"referrers of {digest}", scope=repo_scope(self.repo),
-                                    headers={"Accept": MT_OCI_INDEX}, not_found_ok=True)
-            if resp is None:
+                                    headers={"Accept": MT_OCI_INDEX}, not_found_ok=True,
+                                    ok=(200,) + NO_REFERRERS_API)
+            if resp is None or resp.status_code in NO_REFERRERS_API:
                 return None
             if not resp.headers.get("Content-Type", "").startswith(MT_OCI_INDEX):
                 return None  # a registry that routes unknown paths somewhere else
