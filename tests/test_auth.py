@@ -144,6 +144,7 @@ def _roundtrip(host, o, repo="t/img"):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_tls_needs_the_ca(tls_registry, test_ca, tmp_path):
     with pytest.raises(NetworkError) as e:
         _roundtrip(tls_registry.host, opts(tmp_path))
@@ -157,6 +158,7 @@ def test_tls_needs_the_ca(tls_registry, test_ca, tmp_path):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_client_certificates(tmp_path, test_ca):
     reg = RegistryServer(str(tmp_path / "mtls"), ca=test_ca, client_certs=True)
     try:
@@ -171,6 +173,7 @@ def test_client_certificates(tmp_path, test_ca):
 
 # ---- basic auth -----------------------------------------------------------------------
 @needs_registry
+@pytest.mark.registry
 def test_basic_auth(basic_registry, test_ca, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     base = dict(tls_ca_cert=test_ca.ca_cert)
@@ -192,6 +195,7 @@ def test_basic_auth(basic_registry, test_ca, tmp_path, caplog):
 
 # ---- token auth -----------------------------------------------------------------------
 @needs_registry
+@pytest.mark.registry
 def test_token_auth_flow(token_registry, tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     registry, tokens = token_registry
@@ -227,6 +231,7 @@ def test_token_auth_flow(token_registry, tmp_path, caplog):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_expired_token_is_refreshed(token_registry, tmp_path):
     registry, tokens = token_registry
     good = opts(tmp_path, plain_http=True, username="alice", password=PASSWORD)
@@ -244,6 +249,7 @@ def test_expired_token_is_refreshed(token_registry, tmp_path):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_token_rejected_before_expiry_is_fetched_again(token_registry, tmp_path):
     registry, tokens = token_registry
     good = opts(tmp_path, plain_http=True, username="alice", password=PASSWORD)
@@ -262,6 +268,7 @@ def test_token_rejected_before_expiry_is_fetched_again(token_registry, tmp_path)
 
 
 @needs_registry
+@pytest.mark.registry
 def test_ca_and_client_cert_from_a_certs_d_directory(tmp_path, test_ca):
     import shutil
 
