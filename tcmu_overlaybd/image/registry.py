@@ -49,6 +49,8 @@ MANIFEST_ACCEPT = ", ".join((MT_OCI_MANIFEST, MT_OCI_INDEX, MT_DOCKER_MANIFEST, 
 #: manifests larger than this are refused (the distribution spec suggests 4 MiB)
 MAX_MANIFEST_SIZE = 4 << 20
 USER_AGENT = "obd/0.1 (tcmu-overlaybd)"
+#: downloads smaller than this get no progress bar (it would only flash)
+PROGRESS_MIN_BYTES = 1 << 20
 #: answers to GET /referrers/ (besides 404) from registries without the API: use the tag schema
 NO_REFERRERS_API = (400, 405, 406, 501)
 #: retryable HTTP statuses
@@ -298,7 +300,8 @@ class RegistryClient:
         def read(resp):
             total = size if size is not None else _content_length(resp)
             hasher, got, write = hashlib.new(algo), 0, sink()
-            with progress_bar(total, digest[7:19], quiet) as bar:
+            small = total is not None and total < PROGRESS_MIN_BYTES
+            with progress_bar(total, digest[7:19], quiet or small) as bar:
                 for chunk in resp.iter_content(1 << 20):
                     hasher.update(chunk)
                     write(chunk)
