@@ -19,8 +19,8 @@ import tempfile
 
 import pytest
 
-from tcmu_overlaybd.convert.apply import MODE_DATA, MODE_MAP, apply_layer_file
-from tcmu_overlaybd.convert.tarstream import decompressed
+from tcmu_overlaybd.convert.apply import MODE_DATA, MODE_MAP, apply_layer_file, clean_path
+from tcmu_overlaybd.convert.tarstream import decompressed, pax_time
 from tcmu_overlaybd.convert.ext2fs import Filesystem
 from tcmu_overlaybd.convert.mkfs import make_ext4
 from tcmu_overlaybd.errors import CorruptDataError
@@ -324,3 +324,22 @@ def test_large_directories_grow_and_shrink_cleanly(tmp_path):
     tree = read_tree(image)
     assert tree == reference_tree(blobs)
     assert len([p for p in tree if p.startswith("/big/")]) == 751
+
+
+@pytest.mark.parametrize(
+    "name, parts",
+    [("a/b/../c", (b"a", b"c")), ("../../x", (b"x",)), ("/abs//y/./z/", (b"abs", b"y", b"z")), ("./", ())],
+)
+def test_paths_are_cleaned_inside_the_root(name, parts):
+    assert clean_path(name) == parts
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [("1700000000.5", (1_700_000_000, 500_000_000)), ("-1.25", (-2, 750_000_000)), ("42", (42, 0)),
+     ("1.123456789123", (1, 123_456_789))],
+)
+def test_pax_mtime_keeps_nanoseconds(text, want):
+    info = tarfile.TarInfo("f")
+    info.pax_headers = {"mtime": text}
+    assert pax_time(info) == want

@@ -137,6 +137,8 @@ def convert_image(image: Image, layout: str, workdir: str, opts: ConvertOptions 
         raise UnsupportedError(f"{image.reference}: image is already {image.mode}; convert a plain OCI image")
     if opts.fmt not in ARTIFACT_TYPES:
         raise UnsupportedError(f"unknown output format {opts.fmt!r}")
+    if not image.layers:
+        raise UnsupportedError(f"{image.reference}: image has no layers to convert")
     os.makedirs(workdir, exist_ok=True)
     sources: list[str] = []
     try:
