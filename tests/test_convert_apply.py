@@ -261,6 +261,11 @@ def test_apply_needs_no_root(tmp_path, layers):
     """The whole conversion core runs as nobody (uid 65534)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root to drop to nobody with setpriv")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*nobody, sys.executable, "-c", "import tcmu_overlaybd.convert.apply"],
+                           cwd="/", env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run this checkout's python: {probe.stderr.strip().splitlines()[-1:]}")
     work = tempfile.mkdtemp(prefix="obd-nobody-")
     try:
         os.chmod(work, 0o777)
@@ -279,7 +284,7 @@ def test_apply_needs_no_root(tmp_path, layers):
             f"for p in {paths!r}: apply_layer_file({image!r}, p)\n"
         )
         res = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
+            [*nobody, sys.executable, "-c", script],
             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, HOME=work), capture_output=True, text=True,
         )
         assert res.returncode == 0, res.stderr
