@@ -374,7 +374,7 @@ def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: s
         inner = decompressed(stream)
         applier = LayerApplier(fs, mode, name, inner)
         raw = HashingReader(inner)
-        tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape")
+        tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape", bufsize=CHUNK)
         for info in tar:
             applier.apply_entry(tar, info)
         applier.finish()

@@ -458,13 +458,15 @@ class Filesystem:
             written = _c.c_uint()
             for offset, data in chunks:
                 self._check(_lib.ext2fs_file_llseek(fh, offset, 0, _c.byref(pos)), f"seek inode {ino}")
-                view = memoryview(data)
-                while view:
+                done = 0
+                while done < len(data):
+                    piece = data if done == 0 else data[done:]  # whole chunks go through uncopied
                     self._check(
-                        _lib.ext2fs_file_write(fh, bytes(view), len(view), _c.byref(written)),
-                        f"write inode {ino}",
+                        _lib.ext2fs_file_write(fh, piece, len(piece), _c.byref(written)), f"write inode {ino}"
                     )
-                    view = view[written.value :]
+                    if not written.value:
+                        raise ObdError(f"{self.path}: writing inode {ino} made no progress")
+                    done += written.value
             self._check(_lib.ext2fs_file_set_size2(fh, size), f"set size of inode {ino}")
         finally:
             err = _lib.ext2fs_file_close(fh)
