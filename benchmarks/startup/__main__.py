@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON result file")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds an app may take to answer")
     p.add_argument("--build-only", action="store_true", help="build (or find cached) images and stop")
-    p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--in-netns", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.image_names = [n for n in args.images.split(",") if n]
     for name in args.image_names:
@@ -82,7 +82,7 @@ def measure(args, built: dict[str, BuiltImage]) -> int:
             print(f"pushed {pushed.ref}: {pushed.registry_size / 1e6:.1f} MB in the registry", flush=True)
         for profile in args.profiles:
             if args.in_netns:
-                apply_profile(profile)
+                apply_profile(profile, args.in_netns)
             for name in built:
                 for mode in runnable:
                     for _ in range(args.runs):
@@ -93,7 +93,7 @@ def measure(args, built: dict[str, BuiltImage]) -> int:
                               f"{r.available_s:.2f} s, {r.bytes_fetched / 1e6:.1f} MB fetched", flush=True)
     finally:
         if args.in_netns:
-            apply_profile(PROFILES["unshaped"])
+            apply_profile(PROFILES["unshaped"], args.in_netns)
         registry.stop()
     print()
     print(table(results))
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
         ns = Namespace(f"obd-bench-{os.getpid()}")
         try:
             print(f"measuring inside network namespace {ns.name}", flush=True)
-            return ns.run([sys.executable, "-m", "benchmarks.startup", *argv, "--in-netns"], cwd=REPO_ROOT)
+            return ns.run([sys.executable, "-m", "benchmarks.startup", *argv, "--in-netns", ns.name], cwd=REPO_ROOT)
         finally:
             ns.delete()
     return measure(args, built)

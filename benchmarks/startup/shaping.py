@@ -6,7 +6,7 @@ mounts and the apps) runs in a network namespace of its own, created with
 There a profile is applied to the namespace's loopback: ``netem rate R delay D``
 delays every packet by D in each direction (an RTT of 2·D) and caps the rate, so
 only traffic between processes on this machine is shaped, never the host's.
-``apply_profile`` refuses to run in the host's own namespace.
+``apply_profile`` refuses to run outside the namespace the driver created.
 """
 
 from __future__ import annotations
@@ -63,18 +63,21 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def in_host_namespace() -> bool:
-    """True if this process shares its network namespace with PID 1."""
+def inside_namespace(name: str) -> bool:
+    """True if this process runs in the named network namespace ``name`` (``/run/netns/<name>``)."""
     try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+        return os.stat(f"/run/netns/{name}").st_ino == os.stat("/proc/self/ns/net").st_ino
     except OSError:
-        return True
+        return False
 
 
-def apply_profile(profile: LinkProfile) -> None:
-    """Put ``profile`` on this namespace's lo (replacing any earlier one); no qdisc when unshaped."""
-    if in_host_namespace():
-        raise UsageError("refusing to shape lo of the host's network namespace (run the driver with --shape)")
+def apply_profile(profile: LinkProfile, namespace: str) -> None:
+    """Put ``profile`` on lo (replacing any earlier one; none when unshaped).
+
+    Only inside the namespace ``namespace`` this driver created: never on the host's lo.
+    """
+    if not inside_namespace(namespace):
+        raise UsageError(f"refusing to shape lo outside the benchmark's network namespace {namespace!r}")
     if not profile.shaped:
         _run("tc", "qdisc", "del", "dev", "lo", "root")  # fails harmlessly when none is set
         return
