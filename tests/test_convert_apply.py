@@ -348,3 +348,21 @@ def test_pax_mtime_keeps_nanoseconds(text, want):
     info = tarfile.TarInfo("f")
     info.pax_headers = {"mtime": text}
     assert pax_time(info) == want
+
+
+def test_opaque_directory_over_a_big_lower_directory(tmp_path):
+    """An opaque marker with nothing of its layer below empties the directory at once."""
+    l1 = [Entry("big/sub/deep", data=b"deep"), Entry("keep", data=b"outside")]
+    l1 += [Entry(f"big/f{i:04d}-" + "n" * 60, data=b"%d" % i) for i in range(2000)]
+    l1 += [Entry("big/hl", "hardlink", link="keep"), Entry("big/sub2", "dir")]
+    l2 = [Entry("big", "dir", mode=0o750), Entry("big", "opaque"), Entry("big/new", data=b"new")]
+    blobs = [build_tar(l1), build_tar(l2)]
+    image = str(tmp_path / "img")
+    make_ext4(image, 256 << 20)
+    for i, blob in enumerate(blobs):
+        apply_layer_file(image, _blob_file(tmp_path, blob, f"l{i}"))
+    rc, out = fsck_clean(image)
+    assert rc == 0, out
+    tree = read_tree(image)
+    assert tree == reference_tree(blobs)
+    assert sorted(p for p in tree if p.startswith("/big")) == ["/big", "/big/new"]

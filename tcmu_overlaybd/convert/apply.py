@@ -187,6 +187,13 @@ class LayerApplier:
             self._clear_lower_children(ino, path)
 
     def _clear_lower_children(self, dir_ino: int, dir_path: Path) -> None:
+        n = len(dir_path)
+        if not any(len(k) > n and k[:n] == dir_path for k in self.kept):
+            # nothing of this layer below: empty the directory in one go
+            self._resolved.clear()
+            for gone in self.fs.clear_dir(dir_ino):
+                self.mapped.pop(gone, None)
+            return
         for child, cino in self.fs.list_dir(dir_ino):
             self._remove_lower(dir_ino, dir_path, child, cino)
 
