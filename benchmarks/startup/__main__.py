@@ -21,7 +21,7 @@ from tests.helpers.registry import free_port
 
 from . import modes as modes_mod
 from .images import DEFAULT_CACHE, IMAGES, BuiltImage, ImageBuilder
-from .registry import BenchRegistry, registry_options
+from .registry import REPO_PREFIX, BenchRegistry, registry_options
 from .report import table, write_json
 from .shaping import PROFILES, Namespace, apply_profile, parse_profiles
 
@@ -77,7 +77,7 @@ def measure(args, built: dict[str, BuiltImage]) -> int:
     try:
         refs = {}
         for name, image in built.items():
-            pushed = registry.push_layout(image.ref, f"bench/{name}", "oci")
+            pushed = registry.push_layout(image.ref, f"{REPO_PREFIX}/{name}", "oci")
             refs[name] = pushed.ref
             print(f"pushed {pushed.ref}: {pushed.registry_size / 1e6:.1f} MB in the registry", flush=True)
         for profile in args.profiles:

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tcmu_overlaybd.errors import NotFoundError, ObdError, UsageError
 

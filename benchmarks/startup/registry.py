@@ -18,6 +18,7 @@ from tcmu_overlaybd.image.reference import parse_reference
 from tcmu_overlaybd.image.registry import RegistryClient
 from tests.helpers.registry import RegistryServer
 
+#: images are pushed to ``<host>/bench/<image>``
 REPO_PREFIX = "bench"
 
 
