@@ -262,3 +262,14 @@ def test_traditional_cold_start_of_a_busybox_image_from_a_real_registry(tmp_path
     assert r.bytes_fetched == r.registry_size  # every blob once, in full, and the manifest
     assert r.details["unpacked_entries"] > 10
     assert not (tmp_path / "work" / "rootfs").exists()
+
+
+def test_traditional_pull_wants_a_registry_reference(tmp_path):
+    layout = tmp_path / "layout"
+    os.makedirs(layout / "blobs" / "sha256")
+    write_app_tree(str(tmp_path / "app"), "print('hi')\n")
+    blob = write_layer(str(tmp_path / "app"), ["app", "app/app.py"], [], str(layout / "blobs" / "sha256" / "x"))
+    os.replace(layout / "blobs" / "sha256" / "x", layout / "blobs" / "sha256" / blob.digest[7:])
+    write_image(str(layout), "t", [blob], ImageConfig(["true"], []))
+    with pytest.raises(UsageError, match="needs a registry reference"):
+        cold_start("t", f"oci:{layout}:t", str(tmp_path / "work"), OpenOptions(), free_port(), 5)

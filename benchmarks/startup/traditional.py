@@ -19,10 +19,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from tcmu_overlaybd.errors import CorruptDataError, UnsupportedError
+from tcmu_overlaybd.errors import CorruptDataError, UnsupportedError, UsageError
 from tcmu_overlaybd.image.manifest import Layer
 from tcmu_overlaybd.image.options import OpenOptions
-from tcmu_overlaybd.image.registry import RegistryClient, repo_scope
+from tcmu_overlaybd.image.registry import RegistryClient, RegistryStore, repo_scope
 from tcmu_overlaybd.image.resolve import open_image
 
 from .service import AppConfig, RunningApp, wait_http
@@ -85,6 +85,8 @@ def pull(ref: str, rootfs: str, work: str, opts: OpenOptions) -> tuple[dict, dic
     os.makedirs(work, exist_ok=True)
     image = open_image(ref, opts)
     try:
+        if not isinstance(image.store, RegistryStore):
+            raise UsageError(f"{ref}: the traditional pull needs a registry reference")
         client = image.store.client
         repo = image.reference.repository
         layers = image.layers
