@@ -273,3 +273,10 @@ def test_traditional_pull_wants_a_registry_reference(tmp_path):
     write_image(str(layout), "t", [blob], ImageConfig(["true"], []))
     with pytest.raises(UsageError, match="needs a registry reference"):
         cold_start("t", f"oci:{layout}:t", str(tmp_path / "work"), OpenOptions(), free_port(), 5)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_app_sources_compile_and_serve_ok_on_port_from_env(name):
+    source = IMAGES[name].app_source
+    compile(source, f"{name}/app.py", "exec")  # a syntax error would only show after a long build
+    assert 'port=int(os.environ["PORT"])' in source and 'return "ok"' in source
