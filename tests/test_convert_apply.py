@@ -21,7 +21,7 @@ import pytest
 
 from tcmu_overlaybd.convert.apply import MODE_DATA, MODE_MAP, apply_layer_file, clean_path
 from tcmu_overlaybd.convert.tarstream import decompressed, pax_time
-from tcmu_overlaybd.convert.ext2fs import Filesystem
+from tcmu_overlaybd.convert.ext2fs import Ext2fsError, Filesystem
 from tcmu_overlaybd.convert.mkfs import make_ext4
 from tcmu_overlaybd.errors import CorruptDataError
 
@@ -308,10 +308,10 @@ def test_gzip_members_are_all_read_and_the_first_one_is_measured():
     assert reader.read(-1) == tar and reader.first_member_end == 100_000
 
 
-def test_filesystem_handle_rejects_a_missing_image(tmp_path):
-    with pytest.raises(Exception) as e:
+def test_a_missing_image_is_a_one_line_error(tmp_path):
+    with pytest.raises(Ext2fsError) as e:
         Filesystem(str(tmp_path / "nope"))
-    assert "nope" in str(e.value)
+    assert str(e.value).startswith(str(tmp_path / "nope") + ": open: ") and "\n" not in str(e.value)
 
 
 def test_large_directories_grow_and_shrink_cleanly(tmp_path):

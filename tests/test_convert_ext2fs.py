@@ -9,6 +9,7 @@ import pytest
 from tcmu_overlaybd.convert.ext2fs import ROOT_INO, Ext2fsError, Filesystem
 from tcmu_overlaybd.convert.inode import Inode, decode_rdev
 from tcmu_overlaybd.convert.mkfs import make_ext4
+from tcmu_overlaybd.errors import ObdError
 
 from .helpers.ext4_tree import debugfs_batch, fsck_clean, stat_fields
 
@@ -43,7 +44,7 @@ def test_thousands_of_entries_in_one_directory(image):
 def test_names_are_unique_per_directory(image):
     with Filesystem(image) as fs:
         _file(fs, ROOT_INO, b"same")
-        with pytest.raises(Exception, match="already exists"):
+        with pytest.raises(ObdError, match="already exists"):
             _file(fs, ROOT_INO, b"same")
 
 
