@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import click
 
@@ -26,10 +27,14 @@ def mount_cmd(image: str, mountpoint: str, upper: str | None, foreground: bool, 
     """Mount IMAGE as a writable rootfs on MOUNTPOINT (ext4 read-only + overlayfs)."""
     from ..mount import mounter
 
+    stop: list = []
+    if foreground:  # before mounting: a Ctrl-C at any point then unmounts cleanly
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.append(True))
     st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw)
     click.echo(st.mountpoint)
     if foreground:
-        mounter.foreground(st)
+        mounter.foreground(st, stop)
 
 
 @click.command("umount")

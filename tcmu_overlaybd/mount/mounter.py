@@ -233,11 +233,9 @@ def recover() -> list[tuple[MountState, str]]:
     return done
 
 
-def foreground(st: MountState) -> None:
-    """Stay until SIGINT/SIGTERM or the handler process ends, then tear down (obd mount -f)."""
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+def foreground(st: MountState, stop: list) -> None:
+    """Stay until ``stop`` fills (the caller's SIGINT/SIGTERM handler appends to it) or the
+    handler process ends, then tear down (obd mount -f)."""
     sd = state_dir()
     while not stop and pid_alive(sd.read_pids(st.id)["supervisor_pid"]):
         time.sleep(0.2)

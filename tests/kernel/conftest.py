@@ -32,6 +32,17 @@ def kernel_ready():
         pytest.skip(f"no TCMU here: {e}")
 
 
+@pytest.fixture(autouse=True)
+def no_mount_survives_a_test():
+    """Tear down whatever a failed test left mounted, so one failure does not cascade."""
+    yield
+    from tcmu_overlaybd.mount import mounter
+
+    sd = mounter.state_dir()
+    for st in sd.all():
+        mounter.teardown(st, sd, lazy=True)
+
+
 def obd(*args: str) -> tuple[int, str]:
     """Run the obd CLI in this process (a new Python costs 2-3 s under TCG): (exit, stdout)."""
     buf = io.StringIO()

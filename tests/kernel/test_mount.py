@@ -95,3 +95,25 @@ def test_umount_of_unknown_mountpoint_is_one_line_error(tmp_path, capsys):
     rc, _ = obd("umount", str(tmp_path))
     assert rc == 9
     assert capsys.readouterr().err.strip() == f"obd: {tmp_path} is not an obd mount"
+
+
+def test_foreground_mount_unmounts_on_ctrl_c(tree, mkext4, tmp_path):
+    import signal
+
+    from .conftest import ROOT
+
+    img = mkext4(str(tree))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = kernel_leftovers()
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/obd"), "mount", "-f", "--raw", img, str(mnt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == str(mnt)  # printed once usable
+        assert (mnt / "etc" / "hostname").read_text() == "obd-test\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert kernel_leftovers() == before
