@@ -7,10 +7,11 @@ import os
 import pytest
 
 from tcmu_overlaybd.block.export import export_raw
-from tcmu_overlaybd.block.source import FileSource
+from tcmu_overlaybd.block.source import BytesSource, FileSource
 from tcmu_overlaybd.block.stack import StackedDisk
 from tcmu_overlaybd.convert.image import FORMAT_FASTOCI, FORMAT_OVERLAYBD, ConvertOptions, convert_image
 from tcmu_overlaybd.format.layer import open_layer_blob
+from tcmu_overlaybd.format.turbooci import read_meta_tarball
 from tcmu_overlaybd.image.disk import open_disk
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
@@ -55,3 +56,25 @@ def test_layer_uuids_are_upstreams_chain_ids(vectors, tmp_path, upstream_tree):
         layer = open_layer_blob(FileSource(os.path.join(out, "blobs", "sha256", desc["digest"][7:])))
         ours.append((layer.uuid, layer.parent_uuid))
     assert ours == uuids
+
+
+def _tar_sectors(warp) -> set[int]:
+    """Sectors of the original layer's tar that a warp layer maps (tag-1 entries)."""
+    out: set[int] = set()
+    for _off, n, moffset, _zeroed, tag in warp.segments():
+        if tag == 1:
+            out.update(range(moffset, moffset + n))
+    return out
+
+
+def test_fastoci_maps_the_same_tar_bytes_as_turbooci_apply(vectors, tmp_path):
+    small = vectors / "upstream-small"
+    source = open_image(f"oci:{small / 'original'}:small", PLAIN)
+    out = str(tmp_path / "out")
+    res = convert_image(source, out, str(tmp_path / "work"), ConvertOptions(fmt=FORMAT_FASTOCI, tag="acc"))
+    for i, desc in enumerate(res.manifest["layers"]):
+        meta = read_meta_tarball(FileSource(os.path.join(out, "blobs", "sha256", desc["digest"][7:])))
+        ours = _tar_sectors(open_layer_blob(BytesSource(meta.fs_meta), warp=True))
+        upstream = FileSource(str(small / "turbooci" / f"layer{i}" / "ext4.fs.meta"))
+        theirs = _tar_sectors(open_layer_blob(upstream, warp=True))
+        assert ours == theirs and ours
