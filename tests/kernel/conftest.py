@@ -19,8 +19,6 @@ from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import KernelError
 from tcmu_overlaybd.lio import host
 
-from ..conftest import ROOT  # noqa: F401  (re-exported for the kernel tests)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def kernel_ready():

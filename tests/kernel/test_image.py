@@ -16,7 +16,8 @@ from tcmu_overlaybd.image.registry import RegistryClient
 
 from ..helpers.layouts import layout_from_flat
 from ..helpers.registry import RegistryServer, needs_registry, push_hello_world
-from .conftest import ROOT, kernel_leftovers, obd, obd_json_list
+from ..conftest import ROOT
+from .conftest import kernel_leftovers, obd, obd_json_list
 
 pytestmark = pytest.mark.kernel
 

@@ -84,7 +84,7 @@ def test_device_is_read_only_with_sd_attributes(tree, mkext4, tmp_path):
         # the unit serial is the mount id: udev/61-obd.rules names the disk /dev/obd/<id>
         m = obd_json_list()[0]
         assert open(f"{sysblk}/device/vpd_pg80", "rb").read()[-12:] == m["id"].encode()
-        r = subprocess.run(["dd", f"if=/dev/zero", f"of=/dev/{dev}", "bs=4096", "count=1",
+        r = subprocess.run(["dd", "if=/dev/zero", f"of=/dev/{dev}", "bs=4096", "count=1",
                             "oflag=direct"], capture_output=True, text=True)
         assert r.returncode != 0
     finally:
@@ -100,7 +100,7 @@ def test_umount_of_unknown_mountpoint_is_one_line_error(tmp_path, capsys):
 def test_foreground_mount_unmounts_on_ctrl_c(tree, mkext4, tmp_path):
     import signal
 
-    from .conftest import ROOT
+    from ..conftest import ROOT
 
     img = mkext4(str(tree))
     mnt = tmp_path / "mnt"
