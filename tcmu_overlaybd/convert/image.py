@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import CorruptDataError, UnsupportedError
-from ..image.manifest import Image
+from ..image.manifest import Image, index_entries, load_manifest, manifest_kind, parse_json
 from ..image.oci_layout import write_index
-from ..image.store import Descriptor
+from ..image.reference import Reference
+from ..image.store import BlobStore, Descriptor
 from .engine import LayerProgress
 from .mkfs import GIB
 from .native import convert_native
@@ -33,6 +34,8 @@ MANIFEST_TYPES = {True: "application/vnd.oci.image.manifest.v1+json",
                   False: "application/vnd.docker.distribution.manifest.v2+json"}
 CONFIG_TYPES = {True: "application/vnd.oci.image.config.v1+json",
                 False: "application/vnd.docker.container.image.v1+json"}
+INDEX_TYPES = {True: "application/vnd.oci.image.index.v1+json",
+               False: "application/vnd.docker.distribution.manifest.list.v2+json"}
 ARTIFACT_TYPES = {FORMAT_OVERLAYBD: "application/vnd.containerd.overlaybd.native.v1+json",
                   FORMAT_FASTOCI: "application/vnd.containerd.overlaybd.turbo.v1+json"}
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -189,3 +192,45 @@ def _write_image(image: Image, layout: str, workdir: str, sources: list[str], op
                       platform=platform, artifact_type=manifest.get("artifactType"))
     _update_index(layout, desc, opts.tag)
     return ConvertedImage(opts.fmt, desc, manifest, config)
+
+
+def _is_attestation(desc: Descriptor) -> bool:
+    """BuildKit attestation manifests in an index are dropped, not converted (§3.4)."""
+    return desc.annotations.get("vnd.docker.reference.type") == "attestation-manifest" or (
+        desc.platform or {}).get("os") == "unknown"
+
+
+def convert_all_platforms(store: BlobStore, ref: Reference, layout: str, workdir: str,
+                          opts: ConvertOptions = ConvertOptions()) -> Descriptor:
+    """``--all-platforms``: convert every image of the index ``ref`` names into ``layout``.
+
+    Each platform's manifest is converted on its own (with ``--referrer`` its subject
+    is its own source manifest); the result is an index of them tagged ``opts.tag``,
+    whose subject is the source index (§3.4).  A plain manifest is converted alone.
+    Returns the descriptor of the result in the layout.
+    """
+    desc = store.resolve(ref)
+    what = f"{ref} ({desc.digest})"
+    doc = parse_json(store.fetch_manifest(desc), what)
+    if manifest_kind(doc, desc, what) != "index":
+        return convert_image(load_manifest(store, ref, desc, None), layout, workdir, opts).manifest_descriptor
+    oci = opts.oci or opts.referrer
+    children = []
+    for i, entry in enumerate(index_entries(doc, what)):
+        if _is_attestation(entry):
+            continue
+        image = load_manifest(store, ref, entry, None)
+        res = convert_image(image, layout, os.path.join(workdir, f"platform{i}"), replace(opts, tag=None))
+        child = res.manifest_descriptor
+        children.append(Descriptor(child.media_type, child.digest, child.size, platform=entry.platform,
+                                   artifact_type=child.artifact_type))
+    index: dict = {"schemaVersion": 2, "mediaType": INDEX_TYPES[oci], "manifests": [c.to_json() for c in children]}
+    if opts.referrer:
+        index["artifactType"] = ARTIFACT_TYPES[opts.fmt]
+        index["subject"] = {"mediaType": desc.media_type or doc.get("mediaType", ""), "digest": desc.digest,
+                            "size": desc.size}
+    digest, size = _put_blob(layout, json.dumps(index, separators=(",", ":")).encode())
+    out = Descriptor(INDEX_TYPES[oci], digest, size, annotations={REF_NAME: opts.tag} if opts.tag else {},
+                     artifact_type=index.get("artifactType"))
+    _update_index(layout, out, opts.tag)
+    return out

@@ -189,12 +189,12 @@ def _put_blob(root: str, data: bytes) -> dict:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def write_oci_layout(root: str, layers: list[list[Entry]], compression: str = "gzip", tag: str = "latest") -> dict:
-    """Store an image made of ``layers`` as an OCI layout; returns the manifest."""
+def _put_manifest(root: str, layers: list[list[Entry]], compression: str, arch: str) -> tuple[dict, dict]:
+    """Store the layers, config and manifest of one image; returns (manifest, its descriptor)."""
     tars = [build_tar(entries) for entries in layers]
     blobs = [compress(t, compression) for t in tars]
     config = {
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in tars]},
@@ -206,19 +206,31 @@ def write_oci_layout(root: str, layers: list[list[Entry]], compression: str = "g
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg},
         "layers": [{"mediaType": MEDIA_TYPES[compression], **_put_blob(root, b)} for b in blobs],
     }
-    man = _put_blob(root, json.dumps(manifest).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                **man,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
+    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **_put_blob(root, json.dumps(manifest).encode())}
+    return manifest, desc
+
+
+def _write_index(root: str, entry: dict, tag: str) -> None:
+    index = {"schemaVersion": 2, "manifests": [{**entry, "annotations": {"org.opencontainers.image.ref.name": tag}}]}
     with open(os.path.join(root, "index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(root, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+
+def write_oci_layout(root: str, layers: list[list[Entry]], compression: str = "gzip", tag: str = "latest") -> dict:
+    """Store an image made of ``layers`` as an OCI layout; returns the manifest."""
+    manifest, desc = _put_manifest(root, layers, compression, "amd64")
+    _write_index(root, desc, tag)
     return manifest
+
+
+def write_oci_multiarch(root: str, images: dict[str, list[list[Entry]]], tag: str = "latest") -> dict:
+    """Store one image per architecture behind an OCI index (tagged ``tag``); returns the index."""
+    manifests = []
+    for arch, layers in images.items():
+        _manifest, desc = _put_manifest(root, layers, "gzip", arch)
+        manifests.append({**desc, "platform": {"os": "linux", "architecture": arch}})
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+    _write_index(root, {"mediaType": index["mediaType"], **_put_blob(root, json.dumps(index).encode())}, tag)
+    return index
