@@ -21,6 +21,9 @@ from tcmu_overlaybd.errors import CorruptDataError
 from .layers import WHITEOUT_PREFIX
 
 OPAQUE = WHITEOUT_PREFIX + WHITEOUT_PREFIX + ".opq"
+#: Pythons with extraction filters (3.11.4+) get "fully_trusted": apply_layer does its own path checks, and
+#: device nodes, owners and modes must come out as the layer says
+_EXTRACT_ARGS = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
 
 
 def _remove(path: str) -> None:
@@ -62,7 +65,7 @@ def apply_layer(fileobj, root: str, blob: str) -> int:
             if member.islnk() and (member.linkname.startswith("/") or ".." in member.linkname.split("/")):
                 raise CorruptDataError(f"hard link {member.name!r} -> {member.linkname!r} leaves the root",
                                        blob=blob, offset=member.offset)
-            tar.extract(member, root, set_attrs=not member.isdir(), numeric_owner=True)
+            tar.extract(member, root, set_attrs=not member.isdir(), numeric_owner=True, **_EXTRACT_ARGS)
             if member.isdir():
                 dirs.append(member)
         tar.close()
