@@ -303,29 +303,34 @@ class LayerApplier:
         inode = self._metadata(info, stat.S_IFREG)
         inode.init_extents()
         segments = file_segments(info)
-        mapped = self.mode == MODE_MAP and _mappable(segments, info.size)
-        if mapped:
+        # pieces on the 4 KiB grid get their blocks first (fallocate) and are written
+        # straight to them; FastOCI maps exactly those blocks onto the tar (§4.2)
+        direct = bool(segments) and _mappable(segments, info.size)
+        if direct:
             inode.set_size(info.size)
         ino = self.fs.create(dir_ino, base, inode)
         self.fs.set_xattrs(ino, pax_xattrs(info))
-        if mapped:
-            for off, length, _tar in segments:
-                first = off // FS_BLOCK
-                self.fs.fallocate(ino, first, -(-(off + length) // FS_BLOCK) - first)
         pieces = self._pieces(tar, info, segments)
-        if mapped and info.size % FS_BLOCK and segments and sum(segments[-1][:2]) == info.size:
-            # zero the rest of the last block: libext2fs keeps stale bytes of a reused
-            # block there, the mapped layer serves the tar's zero padding instead
-            tail = (info.size, bytes(FS_BLOCK - info.size % FS_BLOCK))
-            pieces = itertools.chain(pieces, [tail])
-        self.fs.write_file(ino, pieces, info.size)
-        if mapped and segments:
-            end = segments[-1][2] + segments[-1][1]
-            first_member_end = getattr(self.stream, "first_member_end", None)
-            if first_member_end is None or end <= first_member_end:
-                self._record_mappings(ino, segments)
-            # else: past the first gzip member, which is all a gzip index covers (§4.4):
-            # the data written above stays in the meta layer instead
+        if not direct:
+            self.fs.write_file(ino, pieces, info.size)
+            return
+        for off, length, _tar in segments:
+            first = off // FS_BLOCK
+            self.fs.fallocate(ino, first, -(-(off + length) // FS_BLOCK) - first)
+        if info.size % FS_BLOCK and sum(segments[-1][:2]) == info.size:
+            # zero the rest of the last block: it may hold stale bytes of a reused block,
+            # and a mapped layer serves the tar's zero padding there
+            pieces = itertools.chain(pieces, [(info.size, bytes(FS_BLOCK - info.size % FS_BLOCK))])
+        extents = self.fs.extents(ino)
+        self.fs.write_direct(extents, pieces)
+        if self.mode != MODE_MAP:
+            return
+        end = segments[-1][2] + segments[-1][1]
+        first_member_end = getattr(self.stream, "first_member_end", None)
+        if first_member_end is None or end <= first_member_end:
+            self._record_mappings(ino, segments, extents)
+        # else: past the first gzip member, which is all a gzip index covers (§4.4):
+        # the data written above stays in the meta layer instead
 
     def _pieces(self, tar: tarfile.TarFile, info, segments) -> Iterator[tuple[int, bytes]]:
         """(file offset, bytes) of the stored data, read forward from the tar stream.
@@ -344,9 +349,8 @@ class LayerApplier:
                 yield off + done, data
                 done += len(data)
 
-    def _record_mappings(self, ino: int, segments) -> None:
+    def _record_mappings(self, ino: int, segments, extents) -> None:
         """Map each piece, rounded up to whole sectors, onto its physical extents (§4.2)."""
-        extents = self.fs.extents(ino)
         bs = self.fs.block_size
         out = self.mapped.setdefault(ino, [])
         for off, length, tar_off in segments:
@@ -381,7 +385,7 @@ def apply_layer(fs: Filesystem, stream: BinaryIO, mode: str = MODE_DATA, name: s
         inner = decompressed(stream)
         applier = LayerApplier(fs, mode, name, inner)
         raw = HashingReader(inner)
-        tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape", bufsize=CHUNK)
+        tar = tarfile.open(fileobj=raw, mode="r|", encoding="utf-8", errors="surrogateescape")
         for info in tar:
             applier.apply_entry(tar, info)
         applier.finish()

@@ -15,7 +15,9 @@ image and the operation.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import os
 import stat
 import struct
 from dataclasses import dataclass
@@ -204,9 +206,12 @@ class Filesystem:
         self.path = path
         self._fs = _P()
         flags = EXT2_FLAG_64BITS | (EXT2_FLAG_RW if writable else 0)
-        err = _lib.ext2fs_open2(path.encode(), None, flags, 0, 0, _UNIX_IO_MANAGER, _c.byref(self._fs))
+        # no block cache in libext2fs's unix I/O: file data written straight into the image
+        # (write_direct) can then never be shadowed by a stale cached block
+        err = _lib.ext2fs_open2(path.encode(), b"cache=off", flags, 0, 0, _UNIX_IO_MANAGER, _c.byref(self._fs))
         if err:
             raise Ext2fsError(path, "open", err)
+        self._fd = -1
         self._head = _FilsysHead.from_address(self._fs.value)
         self.block_size = self._head.blocksize
         self._head.now = now
@@ -223,6 +228,9 @@ class Filesystem:
 
     def close(self) -> None:
         """Write back bitmaps, group descriptors and superblocks; release the handle."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self._fs:
             fs, self._fs = self._fs, _P()
             err = _lib.ext2fs_close2(fs, 0)
@@ -504,6 +512,30 @@ class Filesystem:
         finally:
             err = _lib.ext2fs_file_close(fh)
         self._check(err, f"close inode {ino}")
+
+    def write_direct(self, extents: list[PhysicalExtent], pieces: Iterator[tuple[int, bytes]]) -> None:
+        """Write ``(file offset, bytes)`` pieces straight into the image file at the blocks
+        ``extents`` (of an inode whose blocks :meth:`fallocate` allocated).
+
+        Much faster than ext2fs_file_write, which goes block by block; safe because the
+        I/O channel runs without a cache.
+        """
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        bs = self.block_size
+        starts = [e.logical for e in extents]
+        for offset, data in pieces:
+            view = memoryview(data)
+            while view:
+                i = bisect.bisect_right(starts, offset // bs) - 1
+                ext = extents[i] if i >= 0 else None
+                if ext is None or offset >= (ext.logical + ext.count) * bs:
+                    raise ObdError(f"{self.path}: no block allocated for file offset {offset}")
+                n = min(len(view), (ext.logical + ext.count) * bs - offset)
+                phys = ext.physical * bs + offset - ext.logical * bs
+                if os.pwrite(self._fd, view[:n], phys) != n:
+                    raise ObdError(f"{self.path}: short write at byte {phys}")
+                view, offset = view[n:], offset + n
 
     def fallocate(self, ino: int, first_block: int, count: int) -> None:
         """Allocate initialised extents for blocks [first_block, first_block+count), no data written."""
