@@ -12,6 +12,7 @@ import io
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -366,3 +367,23 @@ def test_opaque_directory_over_a_big_lower_directory(tmp_path):
     tree = read_tree(image)
     assert tree == reference_tree(blobs)
     assert sorted(p for p in tree if p.startswith("/big")) == ["/big", "/big/new"]
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL in the VFS xattr format (version 2, then tag/perm/id entries)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_posix_acls_are_stored_as_acls(tmp_path):
+    """system.posix_acl_* from PAX are converted to ext4's on-disk ACL format."""
+    undefined = 0xFFFFFFFF
+    acl = _acl((1, 6, undefined), (2, 6, 1000), (4, 4, undefined), (0x10, 6, undefined), (0x20, 4, undefined))
+    image = str(tmp_path / "img")
+    make_ext4(image, 256 << 20)
+    apply_layer_file(image, _blob_file(tmp_path, [Entry("f", data=b"x", xattrs={"system.posix_acl_access": acl})]))
+    rc, out = fsck_clean(image)
+    assert rc == 0, out
+    (name, value), = read_tree(image)["/f"].xattrs
+    # debugfs translates back with id 0 where the VFS format has "undefined"
+    assert name == "system.posix_acl_access"
+    assert value == _acl((1, 6, 0), (2, 6, 1000), (4, 4, 0), (0x10, 6, 0), (0x20, 4, 0))
