@@ -17,20 +17,21 @@ Whiteouts (§6.4) delete in the filesystem: ``.wh.<name>`` removes ``<name>``
 and ``.wh..wh..opq`` removes every child of its directory, both sparing paths
 already extracted from the same layer.  Directory times are set at the end.
 
-Two modes:
+Regular files whose stored pieces lie on the 4 KiB grid (all plain files, most
+sparse ones) get their blocks from ``fallocate`` (initialised extents) and the
+data is written straight to those blocks; other sparse files go through
+libext2fs's file writer.  Two modes:
 
-``data``  file contents are written into ext4 (native overlaybd);
-``map``   (FastOCI) files first get initialised extents (``fallocate``,
-          §4.2) and the result lists ``Mapping(physical, length, tar_offset)``
-          records pointing each file's blocks at its bytes in the uncompressed
-          tar stream.  The data is ALSO written into the working image, so that
-          the image always is the true merged view: the block diff of the next
-          layer then stays exact even when it frees and reuses blocks that a
-          lower layer mapped (a block holding stale bytes could otherwise
-          compare equal and fall through to the old mapping).  The meta layer
-          excludes the mapped ranges (:mod:`.diff`).  Sparse files whose pieces
-          are not 4 KiB-aligned in the file and 512-aligned in the tar cannot be
-          mapped sector for sector; they are carried as data in the meta layer.
+``data``  the image is all there is (native overlaybd);
+``map``   (FastOCI) additionally returns ``Mapping(physical, length, tar_offset)``
+          records pointing each grid-aligned file's blocks at its bytes in the
+          uncompressed tar stream (§4.2), and the meta layer leaves those ranges
+          out (:mod:`.diff`).  The data is written into the working image all the
+          same, so that it always is the true merged view: the block diff of the
+          next layer then stays exact even when it frees and reuses blocks that a
+          lower layer mapped.  Files past the first member of a multi-member gzip
+          layer are not mapped (a gzip index covers one member), nor are sparse
+          files off the grid: their data stays in the meta layer.
 """
 
 from __future__ import annotations
