@@ -116,6 +116,7 @@ def torture_entries() -> list[list[Entry]]:
         Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/bash\n"),
         Entry("data/file.bin", "whiteout"),
         Entry("gnu/" + "n" * 150 + "/file", data=b"gnu long name"),
+        Entry("gnu/caf\udce9-latin1", data=b"a name that is not UTF-8"),
         Entry("gnu/" + "t" * 120, "symlink", link="../" + "y" * 150),
     ]
     return [l1, l2, l3]
