@@ -18,8 +18,8 @@ class RawDisk(FileSource):
 
     def readinto(self, offset: int, buffers: list) -> int:
         """Fill ``buffers`` from ``offset``; returns the byte count (short only at EOF)."""
-        total = sum(len(b) for b in buffers)
         got = os.preadv(self._fd, buffers, offset)
+        total = sum(map(len, buffers))
         while got < total:  # preadv may return short; continue where it stopped
             rest, skip = [], got
             for b in buffers:

@@ -98,64 +98,78 @@ class Handler:
             self._drain()
 
     def _drain(self) -> None:
-        ring, execute, work = self.ring, self.target.execute, self._work
+        """Consume every queued command; answer cheap and local ones in place and notify
+        the kernel once per batch (one ``write(4)`` per burst, §7.3)."""
+        ring, execute, work, post = self.ring, self.target.execute, self._work, self._post
+        inline = self._inline
         while True:
             cmds = ring.consume()
             if not cmds:
                 return
             self.commands += len(cmds)
+            posted = False
             for cmd in cmds:
                 try:
                     r = execute(cmd.cdb)
                 except Exception:  # a bug in emulation must not leave a command unanswered
                     log.exception("tcmu: emulating %r", cmd)
-                    self._complete(cmd, CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+                    post(cmd, CHECK_CONDITION, SENSE_INTERNAL_FAILURE)
+                    posted = True
                     continue
                 if r.__class__ is ReadIO:
-                    if self._inline:
-                        self._serve_read(cmd, r)
-                    else:
+                    if not inline:
                         work.put((cmd, r))
+                        continue
+                    post(cmd, *self._do_read(cmd, r))
                 else:
                     if r.data or cmd.data_length:
                         ring.write_data(cmd.iovs, r.data)
-                    self._complete(cmd, r.status, r.sense)
+                    post(cmd, r.status, r.sense)
+                posted = True
+            if posted:
+                self._notify()
 
     # -- workers ---------------------------------------------------------------------------
     def _worker(self) -> None:
-        get, serve_read = self._work.get, self._serve_read
+        get, do_read, post, notify = self._work.get, self._do_read, self._post, self._notify
         while True:
             item = get()
             if item is _STOP:
                 return
-            serve_read(*item)
+            post(item[0], *do_read(*item))
+            notify()
 
-    def _serve_read(self, cmd: Command, io: ReadIO) -> None:
+    def _do_read(self, cmd: Command, io: ReadIO) -> tuple[int, bytes | None]:
+        """Fill the command's Data-In buffer from the source: (status, sense)."""
         length = min(io.length, cmd.data_length)
         try:
             if self._readinto is not None:
-                self.ring.read_into(cmd.iovs, self._readinto, io.offset, length)
+                self.ring.read_into(cmd.iovs, cmd.data_length, self._readinto, io.offset, length)
             else:
                 self.ring.write_data(cmd.iovs, self.source.read(io.offset, length))
         except ObdError as e:
             self.errors += 1
             log.warning("tcmu: read of %d bytes at %d failed: %s", length, io.offset, e)
-            self._complete(cmd, CHECK_CONDITION, SENSE_READ_ERROR)
-            return
+            return CHECK_CONDITION, SENSE_READ_ERROR
         except Exception:
             self.errors += 1
             log.exception("tcmu: read of %d bytes at %d", length, io.offset)
-            self._complete(cmd, CHECK_CONDITION, SENSE_READ_ERROR)
-            return
-        self._complete(cmd, GOOD, None)
+            return CHECK_CONDITION, SENSE_READ_ERROR
+        return GOOD, None
 
     # -- completion ------------------------------------------------------------------------
-    def _complete(self, cmd: Command, status: int, sense: bytes | None) -> None:
+    def _post(self, cmd: Command, status: int, sense: bytes | None) -> None:
+        """Write one completion into the ring (slot stealing, serialised); no notification."""
         with self._lock:
             self.ring.complete(cmd.cmd_id, status, sense)
+
+    def _notify(self) -> None:
+        """Tell the kernel about posted completions: only the thread that finds no
+        notification in progress writes, and it writes again while others posted meanwhile."""
+        with self._lock:
             self._notifying += 1
             if self._notifying > 1:
-                return  # the thread already notifying will loop once more
+                return
         while True:
             try:
                 os.write(self.fd, _NOTIFY)

@@ -10,6 +10,7 @@ because unallocated data-area pages raise SIGBUS (§1.2).
 
 from __future__ import annotations
 
+import operator
 import struct
 
 from ..errors import KernelError
@@ -21,6 +22,7 @@ MB_HEAD = struct.Struct("=HHIII")  # version, flags, cmdr_off, cmdr_size, cmd_he
 MB_CMD_HEAD_OFF = 12
 MB_CMD_TAIL_OFF = 64
 U32 = struct.Struct("=I")
+U16 = struct.Struct("=H")
 
 # §1.10 mailbox capability flags
 FLAG_CAP_OOOC = 0x1
@@ -50,6 +52,7 @@ SENSE_BUFFERSIZE = 96
 CMD_ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
 
 _ZERO_SENSE = bytes(SENSE_BUFFERSIZE)
+_iov_len = operator.itemgetter(1)
 
 
 def cdb_length(opcode: int, byte7: int = 0) -> int:
@@ -64,12 +67,13 @@ class Command:
 
     __slots__ = ("cmd_id", "cdb", "iovs", "data_length")
 
-    def __init__(self, cmd_id: int, cdb: bytes, iovs: list[tuple[int, int]]):
+    def __init__(self, cmd_id: int, cdb: bytes, iovs: list[tuple[int, int]], data_length: int):
         self.cmd_id = cmd_id
         self.cdb = cdb
         #: (offset from the mmap start, length) pairs describing the data buffer
         self.iovs = iovs
-        self.data_length = sum(length for _, length in iovs)
+        #: the sum of the iov lengths (the fabric's transfer length, §6.7)
+        self.data_length = data_length
 
     def __repr__(self) -> str:
         return f"Command(id={self.cmd_id}, op=0x{self.cdb[0]:02x}, len={self.data_length})"
@@ -125,10 +129,15 @@ class Ring:
                 n = iov_cnt + bidi_cnt
                 if IOV_OFF + IOV.size * n > length:
                     raise KernelError(f"tcmu ring: entry at ring offset {cursor} has {n} iovs in {length} bytes")
-                iovs = [iov_unpack(buf, pos + IOV_OFF + IOV.size * i) for i in range(n)]
+                if n == 1:  # the common case: one contiguous data buffer
+                    iov = iov_unpack(buf, pos + IOV_OFF)
+                    iovs, total = [iov], iov[1]
+                else:
+                    iovs = [iov_unpack(buf, pos + IOV_OFF + IOV.size * i) for i in range(n)]
+                    total = sum(map(_iov_len, iovs))
                 opcode = buf[cdb_off]
                 clen = cdb_length(opcode, buf[cdb_off + 7] if opcode == 0x7F else 0)
-                out.append(Command(cmd_id, bytes(self.mv[cdb_off:cdb_off + clen]), iovs))
+                out.append(Command(cmd_id, bytes(self.mv[cdb_off:cdb_off + clen]), iovs, total))
             elif op not in (OP_PAD, OP_TMR):
                 buf[pos + HDR_UFLAGS_OFF] |= UFLAG_UNKNOWN_OP
             cursor = (cursor + length) % size
@@ -151,7 +160,7 @@ class Ring:
             if len_op & OP_MASK == OP_CMD:
                 break
             tail = (tail + (len_op & ~OP_MASK)) % size
-        struct.pack_into("=H", buf, pos + HDR_CMD_ID_OFF, cmd_id)
+        U16.pack_into(buf, pos + HDR_CMD_ID_OFF, cmd_id)
         buf[pos + RSP_STATUS_OFF] = status
         if status:
             s = sense or b""
@@ -179,22 +188,27 @@ class Ring:
                 mv[off + take:off + length] = bytes(length - take)
             pos += length
 
-    def read_into(self, iovs: list[tuple[int, int]], readinto, offset: int, length: int) -> None:
-        """Fill ``iovs`` with ``readinto(offset, views)`` for ``length`` bytes, zero the rest.
+    def read_into(self, iovs: list[tuple[int, int]], total: int, readinto, offset: int, length: int) -> None:
+        """Fill ``iovs`` (``total`` bytes) with ``readinto(offset, views)`` for ``length``
+        bytes, zero the rest.
 
         ``readinto`` writes straight into the mapping (no intermediate bytes) and
         returns the byte count, which may be short at the end of the source.
         """
         mv = self.mv
-        views, want = [], length
-        for off, n in iovs:
-            if want <= 0:
-                break
-            n = min(n, want)
-            views.append(mv[off:off + n])
-            want -= n
+        if len(iovs) == 1:
+            off = iovs[0][0]
+            views = [mv[off:off + length]] if length else []
+        else:
+            views, want = [], length
+            for off, n in iovs:
+                if want <= 0:
+                    break
+                n = min(n, want)
+                views.append(mv[off:off + n])
+                want -= n
         got = readinto(offset, views) if views else 0
-        if got < sum(n for _, n in iovs):
+        if got < total:
             self.write_zeros(iovs, got)
 
     def write_zeros(self, iovs: list[tuple[int, int]], start: int) -> None:
