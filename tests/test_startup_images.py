@@ -21,10 +21,10 @@ from benchmarks.startup.layers import DEFAULT_MTIME_CLAMP, diff, snapshot, write
 from benchmarks.startup.oci import ImageConfig, write_image
 from benchmarks.startup.registry import BenchRegistry, registry_options
 from benchmarks.startup.report import table
-from benchmarks.startup.shaping import LinkProfile, apply_profile, parse_profiles
+from benchmarks.startup.shaping import LinkProfile, Namespace, apply_profile, parse_profiles
 from benchmarks.startup.traditional import ColdStart, cold_start
 from benchmarks.startup.unpack import apply_layer
-from tcmu_overlaybd.errors import CorruptDataError, UsageError
+from tcmu_overlaybd.errors import CorruptDataError, KernelError, UsageError
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 from tests.helpers.registry import free_port, needs_registry
@@ -280,3 +280,20 @@ def test_app_sources_compile_and_serve_ok_on_port_from_env(name):
     source = IMAGES[name].app_source
     compile(source, f"{name}/app.py", "exec")  # a syntax error would only show after a long build
     assert 'port=int(os.environ["PORT"])' in source and 'return "ok"' in source
+
+
+@pytest.mark.skipif(not is_root or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_namespace_for_shaped_links_is_made_and_removed_or_refused_in_one_line():
+    name = f"obd-bench-test-{os.getpid()}"
+    try:
+        ns = Namespace(name)
+    except KernelError as e:  # host kernels without sch_netem (the build machines)
+        assert str(e).startswith("tc netem is not available on this kernel")
+        assert "run in the VM harness, or without --shape" in str(e)
+    else:
+        try:
+            assert os.path.exists(f"/run/netns/{name}")
+            assert ns.run(["tc", "qdisc", "show", "dev", "lo"]) == 0
+        finally:
+            ns.delete()
+    assert not os.path.exists(f"/run/netns/{name}")
