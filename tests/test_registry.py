@@ -269,19 +269,50 @@ def test_blob_redirects_to_storage_keep_the_range(proxied_registry, tmp_path):
     assert gets[-2:] == [("", "bytes=262144-524287", 307), ("/storage", "bytes=262144-524287", 206)]
 
 
-def test_download_progress_is_silent_off_a_terminal(proxied_registry, tmp_path, capfd):
+def test_download_progress_only_on_a_terminal(proxied_registry, tmp_path, capfd):
     import os
+    import sys
+    import threading
+    import time
 
     from tcmu_overlaybd.progress import bars_visible, progress_bar
 
     registry, proxy = proxied_registry
     data, _src, store = _layer(proxy, registry, tmp_path, size=3 << 20, quiet=False)
     assert store.fetch_blob(sha256_digest(data), len(data)) == data
-    assert capfd.readouterr().err == ""
+    assert capfd.readouterr().err == ""  # not a terminal: no bar
+
     master, slave = os.openpty()
-    with os.fdopen(slave, "w") as tty:
-        assert bars_visible(False, tty) and not bars_visible(True, tty)
+    drawn = bytearray()
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # slave closed
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    tty = os.fdopen(slave, "w")
+    saved, sys.stderr = sys.stderr, tty
+    try:
+        assert bars_visible(False) and not bars_visible(True)
+        assert store.fetch_blob(sha256_digest(data), len(data)) == data
+        tty.flush()
+        deadline = time.monotonic() + 5
+        while b"3.00M" not in drawn and time.monotonic() < deadline:
+            time.sleep(0.05)  # pty output reaches the master side asynchronously
+    finally:
+        sys.stderr = saved
+        tty.close()
+    reader.join(5)
     os.close(master)
+    assert b"/3.00M [" in drawn  # a byte-counting bar, even on a terminal that reports no size
+
     with progress_bar(10, "x", quiet=True) as bar:
         bar.update(4)
         assert bar.n == 4
