@@ -16,7 +16,8 @@ import tarfile
 
 import pytest
 
-from benchmarks.startup.images import IMAGES, STAGES, _mirror_in, debian_mirror, write_app_tree
+from benchmarks.startup.convert import convert
+from benchmarks.startup.images import IMAGES, STAGES, BuiltImage, _mirror_in, debian_mirror, write_app_tree
 from benchmarks.startup.layers import DEFAULT_MTIME_CLAMP, diff, snapshot, write_layer
 from benchmarks.startup.oci import ImageConfig, write_image
 from benchmarks.startup.registry import BenchRegistry, registry_options
@@ -297,3 +298,26 @@ def test_namespace_for_shaped_links_is_made_and_removed_or_refused_in_one_line()
         finally:
             ns.delete()
     assert not os.path.exists(f"/run/netns/{name}")
+
+
+@pytest.mark.parametrize("fmt", ["overlaybd", "fastoci"])
+def test_conversion_is_read_back_by_obd_and_reused_from_the_cache(tmp_path, fmt):
+    layout = tmp_path / "layout"
+    os.makedirs(layout / "blobs" / "sha256")
+    write_app_tree(str(tmp_path / "app"), IMAGES["python-small"].app_source)
+    blob = write_layer(str(tmp_path / "app"), ["app", "app/app.py"], [], str(tmp_path / "l.tgz"))
+    os.replace(tmp_path / "l.tgz", layout / "blobs" / "sha256" / blob.digest[7:])
+    desc = write_image(str(layout), "small", [blob], IMAGES["python-small"].config(STAGES))
+    built = BuiltImage("python-small", str(layout), "small", desc.digest, [blob])
+    said = []
+    first = convert(built, fmt, str(tmp_path / "converted"), said.append)
+    again = convert(built, fmt, str(tmp_path / "converted"), said.append)
+    assert again == first
+    assert len([line for line in said if line.startswith("converting")]) == 1
+    image = open_image(first.ref, OpenOptions(discover_accelerated=False))
+    try:
+        assert image.mode == fmt
+        assert image.config["config"]["Cmd"] == ["python3", "/app/app.py"]
+        assert [layer.descriptor.size for layer in image.layers] == first.layer_sizes
+    finally:
+        image.store.close()

@@ -42,10 +42,21 @@ def table(results: list[tuple[str, ColdStart]]) -> str:
     for (link, r), ratio in zip(results, ratios(results)):
         rows.append((r.image, link, r.mode, f"{r.pull_s:.2f}", f"{r.available_s:.2f}", _size(r.bytes_fetched),
                      _size(r.registry_size), "-" if ratio is None else f"{ratio:.2f}x"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    return _format(rows)
+
+
+def _format(rows: list[tuple[str, ...]]) -> str:
+    """Rows as aligned columns, the first one a header underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def sizes_table(sizes: list[tuple[str, str, int]]) -> str:
+    """Registry size of each image in each format: manifest + config + the layers it lists
+    (for FastOCI the meta layers; the gzip layers they read are the OCI image's)."""
+    return _format([("image", "format", "registry size")] + [(n, f, _size(s)) for n, f, s in sizes])
 
 
 def machine() -> dict:
