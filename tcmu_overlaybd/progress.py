@@ -43,9 +43,8 @@ def progress_bar(total: int | None, desc: str, quiet: bool = False, unit: str = 
         return
     from tqdm import tqdm
 
-    # fixed width taken at start: dynamic_ncols draws nothing on a terminal reporting 0 columns
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
-               file=sys.stderr, leave=False)
+               file=sys.stderr, leave=False, dynamic_ncols=True)
     try:
         yield bar
     finally:
