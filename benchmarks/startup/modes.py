@@ -27,8 +27,8 @@ class Mode:
         return self.run is not None
 
 
-_LAZY_NEEDS = ("`obd mount` of a registry reference on a kernel with target_core_user + tcm_loop "
-               "(the VM harness), and the conversion step wired into this driver")
+_LAZY_NEEDS = ("its measuring step: `obd mount` of <registry>/bench/<image>:<mode> (already converted and "
+               "pushed by this driver) on a kernel with target_core_user + tcm_loop, i.e. in the VM harness")
 
 MODES = (
     Mode("traditional",
@@ -36,13 +36,13 @@ MODES = (
          "last layer is unpacked, service available s = until GET / answers; bytes counted by the client",
          run=cold_start),
     Mode("overlaybd",
-         "image converted to native overlaybd (obd convert) and pushed beside the OCI one; pull s = "
+         "image converted to native overlaybd (obd's converter) and pushed beside the OCI one; pull s = "
          "`obd mount REF MNT` until the mountpoint is usable, service available s = until the app started "
          "from MNT answers GET /; bytes = blob bytes the registry served for the mount (lazy range reads)",
          missing=_LAZY_NEEDS),
     Mode("fastoci",
-         "image converted to FastOCI (TurboOCI meta layers over the original gzip layers, obd convert "
-         "--fastoci); same timings and byte count as overlaybd",
+         "image converted to FastOCI (TurboOCI meta layers over the original gzip layers of the OCI "
+         "image); same timings and byte count as overlaybd",
          missing=_LAZY_NEEDS),
 )
 
