@@ -46,17 +46,21 @@ def open_source(st: MountState):
     opts = OpenOptions(**st.options)
     image = open_image(st.image, opts)
     try:
-        return _ImageDisk(open_disk(image, opts), image.store)
+        return _ImageDisk(open_disk(image, opts), image.store, local=image.reference.transport == "oci")
     except BaseException:
         image.store.close()
         raise
 
 
 class _ImageDisk:
-    """An image's virtual disk that also closes the image's blob store."""
+    """An image's virtual disk that also closes the image's blob store.
 
-    def __init__(self, disk, store):
-        self.name, self.size = disk.name, disk.size
+    ``local``: the blobs are in a local OCI layout, so reads never wait for a
+    network and the handler serves them on its ring thread (see handler.Handler).
+    """
+
+    def __init__(self, disk, store, local: bool):
+        self.name, self.size, self.local = disk.name, disk.size, local
         self.read = disk.read  # bound method: no extra call per read
         self._disk, self._store = disk, store
 
