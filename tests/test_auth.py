@@ -279,8 +279,8 @@ def test_ca_and_client_cert_from_a_certs_d_directory(tmp_path, test_ca):
         shutil.copy(test_ca.ca_cert, host_dir / "ca.crt")
         shutil.copy(test_ca.client_cert, host_dir / "client.cert")
         shutil.copy(test_ca.client_key, host_dir / "client.key")
-        client = RegistryClient(reg.host, opts(tmp_path), certs_dirs=(str(tmp_path / "nothing"),
-                                                                      str(tmp_path / "certs.d")))
+        # registry.hostsDir / OpenOptions.hosts_dir names the certs.d directory
+        client = RegistryClient(reg.host, opts(tmp_path, hosts_dir=str(tmp_path / "certs.d")))
         assert client.head_manifest("a/b", "v1") is None  # TLS and client auth worked: a clean 404
         with pytest.raises(NetworkError, match="certificate verify failed"):
             RegistryClient(reg.host, opts(tmp_path), certs_dirs=()).head_manifest("a/b", "v1")

@@ -26,6 +26,9 @@ class OpenOptions:
     # the on-disk block cache shared by all mounts
     cache_dir: str | None = None
     cache_size: int | None = None
+    cache_block_size: int = 262144
+    #: containerd-style certs.d directory (``<dir>/<host>/ca.crt``, ``client.cert``, ``client.key``)
+    hosts_dir: str | None = None
     # decompressed-data cache of gzip layers (FastOCI), like overlaybd's gzipCacheConfig
     gzip_cache_enable: bool = True
     gzip_cache_dir: str | None = None
@@ -47,6 +50,8 @@ class OpenOptions:
             authfile=cfg["registry.authfile"] or None,
             cache_dir=cfg["cache.dir"],
             cache_size=int(cfg["cache.sizeGB"] * gib),
+            cache_block_size=cfg["cache.blockSize"],
+            hosts_dir=cfg["registry.hostsDir"] or None,
             gzip_cache_enable=cfg["gzipCache.enable"],
             gzip_cache_dir=cfg["gzipCache.cacheDir"],
             gzip_cache_size=int(cfg["gzipCache.cacheSizeGB"] * gib),

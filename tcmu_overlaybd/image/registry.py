@@ -101,7 +101,11 @@ class RegistryClient:
     (default ``BACKOFF_BASE``) seconds, doubled each time, capped at ``MAX_BACKOFF``.
     """
 
-    def __init__(self, host: str, opts: OpenOptions, certs_dirs=CERTS_DIRS):
+    def __init__(self, host: str, opts: OpenOptions, certs_dirs=None):
+        if certs_dirs is None:
+            certs_dirs = CERTS_DIRS
+            if opts.hosts_dir and opts.hosts_dir not in certs_dirs:
+                certs_dirs = (opts.hosts_dir,) + CERTS_DIRS
         self.host = host
         self.scheme = "http" if opts.plain_http else "https"
         self.base_url = f"{self.scheme}://{host}"
@@ -471,7 +475,7 @@ class RegistryStore(BlobStore):
     def cache(self):
         """The process-wide block cache of ``opts.cache_dir`` (created on first use)."""
         if self._cache is None:
-            block_size = getattr(self.opts, "cache_block_size", None) or DEFAULT_BLOCK_SIZE
+            block_size = self.opts.cache_block_size or DEFAULT_BLOCK_SIZE
             self._cache = shared_cache(self.opts.cache_dir, self.opts.cache_size, block_size)
         return self._cache
 
