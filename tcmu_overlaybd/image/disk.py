@@ -22,7 +22,7 @@ def _gzip_cache(opts: OpenOptions):
     from ..cache.gzipcache import GzipCache
 
     cap = {"capacity_gb": opts.gzip_cache_size / (1 << 30)} if opts.gzip_cache_size else {}
-    return GzipCache(os.path.expanduser(opts.gzip_cache_dir), **cap)
+    return GzipCache.try_open(os.path.expanduser(opts.gzip_cache_dir), **cap)
 
 
 def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
