@@ -1,0 +1,187 @@
+"""``obd convert`` end to end: a real registry (docker-registry), real e2fsprogs, ``oci:`` layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from tcmu_overlaybd.cli.main import main
+from tcmu_overlaybd.convert.publish import publish
+from tcmu_overlaybd.image.oci_layout import OciLayoutStore
+from tcmu_overlaybd.image.options import OpenOptions
+from tcmu_overlaybd.image.reference import parse_reference
+
+from .helpers.ext4_tree import fsck_clean, read_tree
+from .helpers.oci_build import write_oci_layout
+from .helpers.reference_tree import reference_tree
+from .helpers.registry import (  # noqa: F401 - fixtures
+    needs_registry,
+    plain_registry,
+    proxied_registry,
+    sha256_digest,
+)
+from .test_convert_apply import torture_entries
+
+PUSH_OPTS = OpenOptions(plain_http=True, quiet=True, retries=0)
+
+
+def obd(capfd, *args):
+    rc = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture()
+def source(tmp_path):
+    """The torture image as a gzip'd OCI layout tagged v1, and its layer blobs."""
+    layout = str(tmp_path / "src")
+    manifest = write_oci_layout(layout, torture_entries(), "gzip", tag="v1")
+    blobs = [open(os.path.join(layout, "blobs", "sha256", d["digest"][7:]), "rb").read() for d in manifest["layers"]]
+    return layout, blobs
+
+
+def _exported_tree(capfd, tmp_path, ref: str, *flags) -> dict:
+    raw = tmp_path / f"export-{len(list(tmp_path.iterdir()))}.img"
+    rc, _out, err = obd(capfd, "export", ref, raw, *flags)
+    assert rc == 0, err
+    rc, msg = fsck_clean(str(raw))
+    assert rc == 0, msg
+    tree = read_tree(str(raw))
+    raw.unlink()
+    return tree
+
+
+def _uploads(proxy) -> int:
+    return sum(1 for method, path, _rng, status in proxy.log.requests
+               if method == "POST" and "/blobs/uploads/" in path and status == 202)
+
+
+@needs_registry
+def test_registry_round_trip_with_referrer(capfd, tmp_path, source, proxied_registry):
+    registry, proxy = proxied_registry
+    layout, blobs = source
+    base = f"{proxy.host}/app:v1"
+    src = OciLayoutStore(layout)
+    publish(layout, src.resolve(parse_reference(f"oci:{layout}:v1")), base, PUSH_OPTS)
+    layer_digests = [sha256_digest(b) for b in blobs]
+    flags = ["--plain-http", "-q", "--cache-dir", tmp_path / "cache"]
+    work = tmp_path / "work"
+    proxy.reset_counters()
+
+    rc, out, err = obd(capfd, "convert", base, "--overlaybd", f"{proxy.host}/app:v1_obd",
+                       "--fastoci", f"{proxy.host}/app:v1_turbo", "--referrer", "--vsize", "1",
+                       "--workdir", work, "--json", *flags)
+    assert rc == 0, err
+    result = json.loads(out)
+    assert set(result) == {"overlaybd", "fastoci"}
+    assert os.listdir(work) == []  # the work directory is gone
+    # each source layer was downloaded once for both formats
+    layer_gets = [p.rsplit("/", 1)[1] for m, p, _r, _s in proxy.log.requests if m == "GET" and "/blobs/" in p]
+    assert sorted(d for d in layer_gets if d in layer_digests) == sorted(layer_digests)
+    # FastOCI data stays in the original layers, which the repository already had
+    assert result["fastoci"]["blobsPresent"] >= len(blobs)
+
+    # the plain reference finds the native image on its own and reads the original tree
+    rc, out, err = obd(capfd, "inspect", base, "--json", *flags)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["mode"] == "overlaybd" and info["manifest"]["digest"] == result["overlaybd"]["digest"]
+    expected = reference_tree(blobs)
+    assert _exported_tree(capfd, tmp_path, base, *flags) == expected
+    turbo = f"{proxy.host}/app@{result['fastoci']['digest']}"
+    assert _exported_tree(capfd, tmp_path, turbo, *flags) == expected
+    rc, out, err = obd(capfd, "cat", base, "/etc/passwd", *flags)
+    assert rc == 0, err
+    assert hashlib.sha256(out.encode()).hexdigest() == expected["/etc/passwd"].sha256
+
+    # converting again pushes no blob: every one is there already (HEAD), only manifests go up
+    proxy.reset_counters()
+    rc, out, err = obd(capfd, "convert", base, "--overlaybd", f"{proxy.host}/app:v1_obd", "--referrer",
+                       "--vsize", "1", "--json", *flags)
+    assert rc == 0, err
+    again = json.loads(out)["overlaybd"]
+    assert again["digest"] == result["overlaybd"]["digest"]  # reproducible
+    assert again["blobsSent"] == 0 and _uploads(proxy) == 0
+
+
+@needs_registry
+def test_referrers_tag_lists_both_results(capfd, tmp_path, source, plain_registry):
+    """docker-registry 2.8 has no referrers API: the sha256-<hex> tag index carries the results."""
+    layout, _blobs = source
+    base = f"{plain_registry.host}/app:v1"
+    desc = OciLayoutStore(layout).resolve(parse_reference(f"oci:{layout}:v1"))
+    publish(layout, desc, base, PUSH_OPTS)
+    rc, out, err = obd(capfd, "convert", base, "--overlaybd", f"{plain_registry.host}/app:obd",
+                       "--fastoci", f"{plain_registry.host}/app:turbo", "--referrer", "--vsize", "1",
+                       "--json", "--plain-http", "-q")
+    assert rc == 0, err
+    result = json.loads(out)
+    from tcmu_overlaybd.image.registry import RegistryStore
+
+    store = RegistryStore(parse_reference(base), PUSH_OPTS)
+    try:
+        found = {d.digest: d.artifact_type for d in store.referrers(desc.digest)}
+    finally:
+        store.close()
+    assert found == {
+        result["overlaybd"]["digest"]: "application/vnd.containerd.overlaybd.native.v1+json",
+        result["fastoci"]["digest"]: "application/vnd.containerd.overlaybd.turbo.v1+json",
+    }
+
+
+def test_oci_destinations(capfd, tmp_path, source):
+    layout, blobs = source
+    out_dir = tmp_path / "out"
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{out_dir}:obd",
+                       "--fastoci", f"oci:{out_dir}:turbo", "--vsize", "1", "--docker", "--bs", "16K",
+                       "--algorithm", "zstd", "--workdir", tmp_path / "work", "-q")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert [line.split("@")[0] for line in lines] == [f"overlaybd: oci:{out_dir}:obd", f"fastoci: oci:{out_dir}:turbo"]
+    assert OciLayoutStore(str(out_dir)).tags == ["obd", "turbo"]
+    expected = reference_tree(blobs)
+    for tag in ("obd", "turbo"):
+        assert _exported_tree(capfd, tmp_path, f"oci:{out_dir}:{tag}") == expected
+    rc, out, err = obd(capfd, "inspect", f"oci:{out_dir}:obd", "--json")
+    info = json.loads(out)
+    assert info["manifest"]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert os.listdir(tmp_path / "work") == []
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "nothing to do: give --overlaybd DST and/or --fastoci DST"),
+    (["--overlaybd", "oci:/x:a", "--bs", "3K"], "--bs 3K: block size must be one of 4K, 8K, 16K, 32K, 64K"),
+    (["--overlaybd", "oci:/x:a", "--platform", "linux/amd64", "--all-platforms"],
+     "--platform and --all-platforms exclude each other"),
+    (["--overlaybd", "oci:/x:a", "--fastoci", "oci:/x:a"],
+     "--overlaybd and --fastoci both name oci:/x:a; give each its own tag"),
+    (["--overlaybd", "reg.example/app@sha256:" + "0" * 64],
+     "--overlaybd reg.example/app@sha256:" + "0" * 64 + ": a destination names a tag, not a digest"),
+])
+def test_usage_errors(capfd, tmp_path, source, args, message):
+    layout, _ = source
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", *args, "--workdir", tmp_path / "work")
+    assert (rc, out, err) == (2, "", f"obd: {message}\n")
+    assert os.listdir(tmp_path / "work") == [] if (tmp_path / "work").exists() else True
+
+
+def test_already_accelerated_source_is_refused(capfd, tmp_path, source):
+    layout, _ = source
+    rc, _out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{layout}:obd", "--vsize", "1", "-q")
+    assert rc == 0, err
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:obd", "--fastoci", f"oci:{layout}:t", "-q")
+    assert rc == 7 and err.startswith("obd: ") and "already overlaybd" in err and err.count("\n") == 1
+    assert "t" not in OciLayoutStore(layout).tags  # nothing published
+
+
+@needs_registry
+def test_missing_source(capfd, tmp_path, plain_registry):
+    work = tmp_path / "work"
+    rc, out, err = obd(capfd, "convert", f"{plain_registry.host}/nope:v1", "--overlaybd",
+                       f"{plain_registry.host}/nope:obd", "--plain-http", "-q", "--workdir", work)
+    assert rc == 3 and out == ""
+    assert err.startswith("obd: ") and "nope:v1" in err and err.count("\n") == 1
+    assert os.listdir(work) == []
