@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tcmu_overlaybd.block.source import BytesSource
-from tcmu_overlaybd.errors import KernelError, NetworkError
+from tcmu_overlaybd.errors import CorruptDataError, KernelError, NetworkError
 from tcmu_overlaybd.tcmu import ring as R
 from tcmu_overlaybd.tcmu.handler import Handler
 from tcmu_overlaybd.tcmu.scsi import DiskInfo, Target
@@ -158,17 +158,22 @@ def test_slow_read_does_not_hold_back_later_ones(served):
 
 class FailingSource(BytesSource):
     def read(self, offset, length):
-        raise NetworkError("registry.example: connection refused")
+        if offset == 0:
+            raise NetworkError("registry.example: connection refused")
+        raise CorruptDataError("bad CRC", blob="sha256:ab", offset=offset)
 
 
-def test_failed_fetch_becomes_medium_error_and_handler_survives(served):
+def test_failed_reads_get_sense_and_handler_survives(served):
     sim, h, t = served(source=FailingSource(DISK, "remote"))
     t.start()
-    cid = sim.submit(read10(0, 1), 512)
-    status, sense, _ = sim.wait([cid])[cid]
+    unreachable, corrupt = sim.submit(read10(0, 1), 512), sim.submit(read10(8, 1), 512)
+    done = sim.wait([unreachable, corrupt])
+    status, sense, _ = done[unreachable]  # NOT READY / LUN communication failure -> EIO
+    assert status == 0x02 and sense[2] == 0x02 and sense[12:14] == b"\x08\x00"
+    status, sense, _ = done[corrupt]      # MEDIUM ERROR / unrecovered read error
     assert status == 0x02 and sense[2] == 0x03 and sense[12:14] == b"\x11\x00"
     cid = sim.submit(bytes([0x00]) + bytes(5), 0)  # still answering
-    assert sim.wait([cid])[cid][0] == 0 and t.is_alive()
+    assert sim.wait([cid])[cid][0] == 0 and t.is_alive() and h.errors == 2
 
 
 def test_handler_returns_when_the_device_goes_away(served):

@@ -17,9 +17,10 @@ import queue
 import select
 import threading
 
-from ..errors import ObdError
+from ..errors import NetworkError, ObdError
 from .ring import Command, Ring
-from .scsi import CHECK_CONDITION, GOOD, SENSE_INTERNAL_FAILURE, SENSE_READ_ERROR, ReadIO, Target
+from .scsi import (CHECK_CONDITION, GOOD, SENSE_INTERNAL_FAILURE, SENSE_LUN_COMM_FAILURE, SENSE_READ_ERROR,
+                   ReadIO, Target)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class Handler:
         except ObdError as e:
             self.errors += 1
             log.warning("tcmu: read of %d bytes at %d failed: %s", length, io.offset, e)
+            if isinstance(e, NetworkError):
+                return CHECK_CONDITION, SENSE_LUN_COMM_FAILURE
             return CHECK_CONDITION, SENSE_READ_ERROR
         except Exception:
             self.errors += 1

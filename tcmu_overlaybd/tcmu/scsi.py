@@ -41,6 +41,9 @@ SENSE_SAVING_UNSUPPORTED = fixed_sense(ILLEGAL_REQUEST, 0x39, 0x00)
 SENSE_WRITE_PROTECTED = fixed_sense(DATA_PROTECT, 0x27, 0x00)
 SENSE_READ_ERROR = fixed_sense(MEDIUM_ERROR, 0x11, 0x00)
 SENSE_INTERNAL_FAILURE = fixed_sense(HARDWARE_ERROR, 0x44, 0x00)
+#: the backing store (registry) cannot be reached: what LIO itself reports on a handler
+#: timeout; Linux fails the I/O with EIO (a MEDIUM ERROR would surface as ENODATA)
+SENSE_LUN_COMM_FAILURE = fixed_sense(NOT_READY, 0x08, 0x00)
 SENSE_NONE = fixed_sense(NO_SENSE, 0x00, 0x00)
 
 # opcodes (§6.3)
