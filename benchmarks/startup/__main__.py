@@ -103,6 +103,7 @@ def measure(args, built: dict[str, BuiltImage], converted: dict[str, list[Conver
         if args.in_netns:
             apply_profile(PROFILES["unshaped"], args.in_netns)
         registry.stop()
+        shutil.rmtree(reg_dir, ignore_errors=True)  # the images stay in the build cache
     print()
     print(sizes_table(sizes))
     print()
