@@ -15,7 +15,7 @@ from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.reference import parse_reference
 
 from .helpers.ext4_tree import fsck_clean, read_tree
-from .helpers.oci_build import write_oci_layout
+from .helpers.oci_build import Entry, write_oci_layout, write_oci_multiarch
 from .helpers.reference_tree import reference_tree
 from .helpers.registry import (  # noqa: F401 - fixtures
     needs_registry,
@@ -149,6 +149,49 @@ def test_oci_destinations(capfd, tmp_path, source):
     info = json.loads(out)
     assert info["manifest"]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     assert os.listdir(tmp_path / "work") == []
+
+
+@needs_registry
+def test_failed_push_leaves_no_tag(capfd, tmp_path, source, proxied_registry):
+    """A blob upload the registry rejects: one-line error, no result tag, work directory removed."""
+    _registry, proxy = proxied_registry
+    layout, _blobs = source
+    base = f"{proxy.host}/app:v1"
+    publish(layout, OciLayoutStore(layout).resolve(parse_reference(f"oci:{layout}:v1")), base, PUSH_OPTS)
+    proxy.add_fault("status:400", "/blobs/uploads/", "PUT", times=100)
+    work = tmp_path / "work"
+    rc, out, err = obd(capfd, "convert", base, "--overlaybd", f"{proxy.host}/app:obd", "--vsize", "1",
+                       "--plain-http", "-q", "--workdir", work)
+    assert rc == 1 and out == "" and err.startswith("obd: registry ") and "HTTP 400" in err
+    assert err.count("\n") == 1
+    assert os.listdir(work) == []
+    rc, _out, err = obd(capfd, "inspect", f"{proxy.host}/app:obd", "--plain-http", "-q")
+    assert rc == 3 and "manifest unknown" in err
+
+
+def test_all_platforms_with_referrer_in_a_layout(capfd, tmp_path):
+    """Every platform converted; each platform's plain reference then finds its own overlaybd image."""
+    layout = str(tmp_path / "multi")
+    images = {arch: [[Entry("etc", "dir"), Entry("etc/arch", data=arch.encode()), Entry("etc/gone", data=b"x")],
+                     [Entry("etc/gone", "whiteout"), Entry("bin/tool", data=arch.encode() * 1000, mode=0o755)]]
+              for arch in ("amd64", "arm64")}
+    write_oci_multiarch(layout, images, tag="v1")
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{layout}:obd", "--all-platforms",
+                       "--referrer", "--vsize", "1", "--json", "-q")
+    assert rc == 0, err
+    result = json.loads(out)["overlaybd"]
+    assert result["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    converted = json.loads(OciLayoutStore(layout).fetch_blob(result["digest"]))
+    assert [m["platform"]["architecture"] for m in converted["manifests"]] == ["amd64", "arm64"]
+    assert converted["subject"]["digest"] == OciLayoutStore(layout).resolve(parse_reference(f"oci:{layout}:v1")).digest
+    for arch in ("amd64", "arm64"):
+        rc, out, err = obd(capfd, "inspect", f"oci:{layout}:v1", "--platform", f"linux/{arch}", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["mode"] == "overlaybd"
+        rc, out, err = obd(capfd, "cat", f"oci:{layout}:v1", "/etc/arch", "--platform", f"linux/{arch}")
+        assert (rc, out) == (0, arch), err
+        rc, out, err = obd(capfd, "cat", f"oci:{layout}:v1", "/etc/gone", "--platform", f"linux/{arch}")
+        assert rc == 3 and out == "" and err.startswith("obd: ")
 
 
 @pytest.mark.parametrize("args, message", [

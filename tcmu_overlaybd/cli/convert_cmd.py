@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ from .options import image_options
 BLOCK_SIZES = {f"{n}K": n << 10 for n in (4, 8, 16, 32, 64)}
 SOURCE_TAG = "source"
 DEFAULT_WORK_PARENT = "/var/tmp"
+
+log = logging.getLogger(__name__)
 
 
 def _block_size(text: str) -> int:
@@ -71,6 +74,17 @@ def _work_root(workdir: str | None) -> str:
     if parent:
         os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix="obd-convert-", dir=parent)
+
+
+def _warn_foreign_referrer(src: str, targets: dict[str, str]) -> None:
+    """A referrer is found only through its own repository: say so when DST is elsewhere."""
+    src_ref = parse_reference(src)
+    for fmt, dst in targets.items():
+        ref = parse_reference(dst)
+        if (ref.transport, ref.registry, ref.repository, ref.path) != (
+                src_ref.transport, src_ref.registry, src_ref.repository, src_ref.path):
+            log.warning("--%s %s: not in the repository of %s, so %s will not find it as a referrer",
+                        fmt, dst, src, src)
 
 
 def _check_destinations(targets: dict[str, str]) -> None:
@@ -155,6 +169,8 @@ def convert(src, overlaybd_dst, fastoci_dst, referrer, all_platforms, algorithm,
     targets = {fmt: dst for fmt, dst in ((FORMAT_OVERLAYBD, overlaybd_dst), (FORMAT_FASTOCI, fastoci_dst)) if dst}
     copts = ConvertOptions(vsize=vsize * GIB, algorithm=algorithm, block_size=_block_size(block_size), oci=oci,
                            referrer=referrer)
+    if referrer:
+        _warn_foreign_referrer(src, targets)
     results = run_convert(src, targets, copts, opts, all_platforms, workdir)
     if as_json:
         click.echo(json.dumps({fmt: p.to_json() for fmt, p in results.items()}, indent=2))
