@@ -65,9 +65,21 @@ def kernel_leftovers() -> dict:
         "state": glob.glob("/run/obd/*"),
         "mounts": [line.split()[4] for line in open("/proc/self/mountinfo")
                    if line.split()[4].startswith(("/tmp", "/run/obd", "/mnt"))],
-        "processes": subprocess.run(["pgrep", "-f", "tcmu_overlaybd.mount.supervisor"],
-                                    capture_output=True, text=True).stdout.split(),
+        "processes": supervisor_processes(),
     }
+
+
+def supervisor_processes() -> list[int]:
+    """Pids of live obd handler/supervisor processes (their command line names the module)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"tcmu_overlaybd.mount.supervisor" in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
 
 
 @pytest.fixture
