@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -25,6 +29,7 @@ from .helpers.registry import (  # noqa: F401 - fixtures
 )
 from .test_convert_apply import torture_entries
 
+OBD = pathlib.Path(sys.executable).parent / "obd"
 PUSH_OPTS = OpenOptions(plain_http=True, quiet=True, retries=0)
 
 
@@ -192,6 +197,44 @@ def test_all_platforms_with_referrer_in_a_layout(capfd, tmp_path):
         assert (rc, out) == (0, arch), err
         rc, out, err = obd(capfd, "cat", f"oci:{layout}:v1", "/etc/gone", "--platform", f"linux/{arch}")
         assert rc == 3 and out == "" and err.startswith("obd: ")
+
+
+@needs_registry
+def test_all_platforms_from_a_registry(capfd, tmp_path, plain_registry):
+    """A multi-platform source in a registry: its index is mirrored once, each platform converted."""
+    layout = str(tmp_path / "multi")
+    write_oci_multiarch(layout, {arch: [[Entry("etc/arch", data=arch.encode())]] for arch in ("amd64", "arm64")},
+                        tag="v1")
+    base = f"{plain_registry.host}/multi:v1"
+    publish(layout, OciLayoutStore(layout).resolve(parse_reference(f"oci:{layout}:v1")), base, PUSH_OPTS)
+    flags = ["--plain-http", "-q", "--cache-dir", tmp_path / "cache"]
+    rc, out, err = obd(capfd, "convert", base, "--fastoci", f"{plain_registry.host}/multi:turbo", "--all-platforms",
+                       "--referrer", "--vsize", "1", *flags)
+    assert rc == 0, err
+    assert out.startswith(f"fastoci: {plain_registry.host}/multi:turbo@sha256:")
+    for arch in ("amd64", "arm64"):
+        rc, out, err = obd(capfd, "inspect", base, "--platform", f"linux/{arch}", "--json", *flags)
+        assert rc == 0, err
+        assert json.loads(out)["mode"] == "fastoci"
+        rc, out, err = obd(capfd, "cat", base, "/etc/arch", "--platform", f"linux/{arch}", *flags)
+        assert (rc, out) == (0, arch), err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_per_layer_on_a_terminal(tmp_path, source, quiet):
+    """On a TTY each layer gets its own bar (named by format and layer); -q draws none."""
+    layout, blobs = source
+    cmd = [str(OBD), "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{tmp_path}/out:obd", "--vsize", "1"]
+    if quiet:
+        cmd.append("-q")
+    # a pseudo-terminal 120 columns wide (script(1) leaves it 0 wide: tqdm would draw nothing)
+    proc = subprocess.run(["script", "-qec", "stty cols 120 rows 40; " + shlex.join(cmd), "/dev/null"],
+                          capture_output=True, timeout=300)
+    text = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, text
+    shown = [i for i in range(1, len(blobs) + 1) if f"overlaybd layer {i}" in text]
+    assert shown == ([] if quiet else list(range(1, len(blobs) + 1)))
+    assert f"overlaybd: oci:{tmp_path}/out:obd@sha256:" in text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -155,7 +155,8 @@ def run_convert(src: str, targets: dict[str, str], copts: ConvertOptions, opts: 
 @click.option("--oci/--docker", default=True, show_default=True,
               help="OCI or Docker v2 media types for the results (--referrer implies --oci).")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False),
-              help=f"Where temporary files go (a fresh subdirectory, removed afterwards; default {DEFAULT_WORK_PARENT}).")
+              help="Where temporary files go (a fresh subdirectory, removed afterwards; "
+                   f"default {DEFAULT_WORK_PARENT}).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @image_options
 def convert(src, overlaybd_dst, fastoci_dst, referrer, all_platforms, algorithm, block_size, vsize, oci, workdir,
