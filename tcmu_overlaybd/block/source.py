@@ -29,7 +29,12 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
-def _clamp(size: int, offset: int, length: int) -> int:
+def clamp_read(size: int, offset: int, length: int) -> int:
+    """How many bytes a read of ``length`` at ``offset`` returns from a source of ``size``.
+
+    Every ``read`` implementation starts with this: negative arguments are a bug
+    of the caller (ValueError), reads past the end are short, never an error.
+    """
     if offset < 0 or length < 0:
         raise ValueError(f"negative read: offset={offset} length={length}")
     if offset >= size:
@@ -52,7 +57,7 @@ class FileSource:
         self.size = os.fstat(self._fd).st_size
 
     def read(self, offset: int, length: int) -> bytes:
-        n = _clamp(self.size, offset, length)
+        n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
         data = os.pread(self._fd, n, offset)
@@ -87,7 +92,7 @@ class BytesSource:
         self.size = len(self._data)
 
     def read(self, offset: int, length: int) -> bytes:
-        n = _clamp(self.size, offset, length)
+        n = clamp_read(self.size, offset, length)
         return self._data[offset : offset + n]
 
     def close(self) -> None:
@@ -106,7 +111,7 @@ class SliceSource:
         self.name = name or base.name
 
     def read(self, offset: int, length: int) -> bytes:
-        n = _clamp(self.size, offset, length)
+        n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
         return self.base.read(self.start + offset, n)

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import UsageError
 from ..format.lsmt import MAX_RW_INDEX_SIZE, SECTOR, SegmentIndex
+from .source import clamp_read
 
 MAX_LAYERS = 256
 
@@ -128,10 +129,8 @@ class StackedDisk:
         return self._readers[level](pos, n)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = min(length, self.size - offset)
-        if n <= 0:
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
             return b""
         return self.index.read(offset, n, self._fetch, self.name)
 

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..block.source import ByteSource
+from ..block.source import ByteSource, clamp_read
 from ..errors import CorruptDataError, StateError, UsageError
 
 log = logging.getLogger(__name__)
@@ -519,11 +519,10 @@ class CachedSource:
         return min(bs, self.size - index * bs)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        end = min(self.size, offset + length)
-        if offset >= end:
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
             return b""
+        end = offset + n
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
         sequential = offset == self._next_offset

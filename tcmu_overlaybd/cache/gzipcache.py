@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 
-from ..block.source import ByteSource
+from ..block.source import ByteSource, clamp_read
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, StateError
 
@@ -253,9 +253,7 @@ class CachedView:
         self._touch()
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = max(0, min(length, self.size - offset))
+        n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
         if not self._caching:

@@ -38,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ..block.source import ByteSource, BytesSource, read_exact
+from ..block.source import ByteSource, BytesSource, clamp_read, read_exact
 from ..cache.gzipcache import digest_in
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, StateError, UsageError
@@ -447,9 +447,7 @@ class GzipIndexedSource:
 
     def read_uncached(self, offset: int, length: int) -> bytes:
         """Inflate ``[offset, offset+length)`` (clamped to the stream) without the cache."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        length = max(0, min(length, self.size - offset))
+        length = clamp_read(self.size, offset, length)
         if length == 0:
             return b""
         inf = self._take_inflater(offset)

@@ -27,7 +27,7 @@ from itertools import islice, repeat
 from operator import add, and_, le, mul, rshift
 from typing import BinaryIO, Callable, Iterator, Mapping
 
-from ..block.source import ByteSource, FileSource, read_exact
+from ..block.source import ByteSource, FileSource, clamp_read, read_exact
 from ..errors import CorruptDataError, UsageError
 
 # --- constants (spec §1.1, §1.2, §1.3, §1.4) ------------------------------------------
@@ -448,9 +448,7 @@ class LsmtFile:
         return target.read(byte_offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = max(0, min(length, self.vsize - offset))
+        n = clamp_read(self.vsize, offset, length)
         return self.index.read(offset, n, self.read_mapped, self.name)
 
     def close(self) -> None:
@@ -623,9 +621,7 @@ class RwLayer:
         return self._data.read(byte_offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = max(0, min(length, self.vsize - offset))
+        n = clamp_read(self.vsize, offset, length)
         with self._lock:
             return self.index.read(offset, n, self.read_mapped, self.name)
 

@@ -27,7 +27,7 @@ from typing import BinaryIO
 import lz4.block
 import zstandard
 
-from ..block.source import ByteSource, read_exact
+from ..block.source import ByteSource, clamp_read, read_exact
 from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw
 from ..errors import CorruptDataError, UnsupportedError
 
@@ -233,10 +233,8 @@ class ZFileReader:
         return out
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = min(length, self.size - offset)
-        if n <= 0:
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
             return b""
         bs = self.block_size
         first, last = offset // bs, (offset + n - 1) // bs

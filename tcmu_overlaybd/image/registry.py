@@ -30,7 +30,7 @@ from urllib.parse import urlencode, urljoin
 import requests
 import urllib3
 
-from ..block.source import ByteSource
+from ..block.source import ByteSource, clamp_read
 from ..cache.blockcache import DEFAULT_BLOCK_SIZE, CachedSource, shared_cache
 from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, ObdError, UsageError
 from ..progress import progress_bar
@@ -428,10 +428,8 @@ class RemoteBlob:
         self.name = f"{client.host}/{repo}@{digest}"
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative read: offset={offset} length={length}")
-        n = min(length, self.size - offset)
-        if n <= 0:
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
             return b""
         return self.client.get_range(self.repo, self.digest, offset, n)
 
