@@ -13,10 +13,12 @@ import sys
 import pytest
 
 from tcmu_overlaybd.cli.main import main
-from tcmu_overlaybd.convert.publish import publish
+from tcmu_overlaybd.convert.publish import publish, walk
+from tcmu_overlaybd.errors import CorruptDataError
 from tcmu_overlaybd.image.oci_layout import OciLayoutStore
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.reference import parse_reference
+from tcmu_overlaybd.image.store import Descriptor
 
 from .helpers.ext4_tree import fsck_clean, read_tree
 from .helpers.oci_build import Entry, write_oci_layout, write_oci_multiarch
@@ -271,3 +273,23 @@ def test_missing_source(capfd, tmp_path, plain_registry):
     assert rc == 3 and out == ""
     assert err.startswith("obd: ") and "nope:v1" in err and err.count("\n") == 1
     assert os.listdir(work) == []
+
+
+def test_hostile_blob_digest_is_refused_before_any_file_is_written(tmp_path):
+    """A manifest naming a blob ``sha256:../..`` must not reach a file name (mirror and publish walk it)."""
+    layout = tmp_path / "evil"
+    write_oci_layout(str(layout), [[Entry("f", data=b"x")]], "gzip", tag="v1")
+    store = OciLayoutStore(str(layout))
+    desc = store.resolve(parse_reference(f"oci:{layout}:v1"))
+    manifest = json.loads(store.fetch_blob(desc.digest))
+    manifest["layers"][0]["digest"] = "sha256:../../../../etc/obd-evil"
+    raw = json.dumps(manifest).encode()
+    digest = sha256_digest(raw)
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(raw)
+    evil = Descriptor(desc.media_type, digest, len(raw))
+    with pytest.raises(CorruptDataError) as e:
+        walk(OciLayoutStore(str(layout)), evil)
+    assert str(e.value) == f"{digest}: invalid blob digest 'sha256:../../../../etc/obd-evil'"
+    with pytest.raises(CorruptDataError):
+        publish(str(layout), evil, f"oci:{tmp_path}/out:x", PUSH_OPTS)
+    assert not (tmp_path / "out").exists()

@@ -19,10 +19,11 @@ under the referrers tag ``sha256-<hex>`` when the registry does not answer with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..errors import CorruptDataError, UsageError
 from ..image.manifest import REF_NAME, classify_layer, index_entries, manifest_kind, parse_json
 from ..image.oci_layout import INDEX_FILE, OciLayoutStore, write_index
 from ..image.options import OpenOptions
@@ -31,16 +32,34 @@ from ..image.store import BlobStore, Descriptor
 from ..progress import progress_bar
 
 
+#: the digests blobs are stored under; anything else could name a path outside the layout
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+
+
 @dataclass
 class ImageTree:
     """The blobs of one image (manifest or index), children before the manifests that list them."""
 
-    blobs: list[Descriptor] = field(default_factory=list)  # configs and layers, each digest once
-    manifests: list[tuple[Descriptor, bytes]] = field(default_factory=list)  # the root is last
+    blobs: dict[str, Descriptor] = field(default_factory=dict)  # configs and layers by digest
+    manifests: dict[str, tuple[Descriptor, bytes]] = field(default_factory=dict)  # insertion order: root last
 
-    def _add_blob(self, desc: Descriptor) -> None:
-        if all(b.digest != desc.digest for b in self.blobs):
-            self.blobs.append(desc)
+    @property
+    def root(self) -> Descriptor:
+        return next(reversed(self.manifests.values()))[0]
+
+
+def _checked(desc: Descriptor, where: str) -> Descriptor:
+    if not _DIGEST.fullmatch(desc.digest):
+        raise CorruptDataError(f"invalid blob digest {desc.digest[:80]!r}", blob=where)
+    return desc
+
+
+def _blob_descriptor(d, where: str) -> Descriptor:
+    """A config or layer descriptor of the manifest ``where``, its digest safe to use as a file name."""
+    try:
+        return _checked(Descriptor.from_json(d), where)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CorruptDataError(f"malformed blob descriptor {str(d)[:80]}", blob=where) from None
 
 
 def walk(store: BlobStore, desc: Descriptor, blob_size=None) -> ImageTree:
@@ -53,21 +72,22 @@ def walk(store: BlobStore, desc: Descriptor, blob_size=None) -> ImageTree:
     tree = ImageTree()
 
     def visit(d: Descriptor) -> None:
-        raw = store.fetch_manifest(d)
+        if d.digest in tree.manifests:
+            return
+        raw = store.fetch_manifest(_checked(d, store.name))
         doc = parse_json(raw, d.digest)
         if manifest_kind(doc, d, d.digest) == "index":
             for child in index_entries(doc, d.digest):
                 visit(child)
         else:
-            for blob in [doc["config"], *doc["layers"]]:
-                tree._add_blob(Descriptor.from_json(blob))
-            for layer in doc["layers"] if blob_size else ():
-                target = classify_layer(Descriptor.from_json(layer), d.digest).target
-                if target is not None:
-                    tree._add_blob(Descriptor(target.media_type, target.digest, blob_size(target.digest)))
-        media_type = doc.get("mediaType") or d.media_type
-        if all(m.digest != d.digest for m, _ in tree.manifests):
-            tree.manifests.append((Descriptor(media_type, d.digest, len(raw)), raw))
+            layers = [_blob_descriptor(blob, d.digest) for blob in [doc["config"], *doc["layers"]]]
+            if blob_size:
+                targets = [classify_layer(layer, d.digest).target for layer in layers[1:]]
+                layers += [_checked(Descriptor(t.media_type, t.digest, blob_size(t.digest)), d.digest)
+                           for t in targets if t is not None]
+            for blob in layers:
+                tree.blobs.setdefault(blob.digest, blob)
+        tree.manifests[d.digest] = (Descriptor(doc.get("mediaType") or d.media_type, d.digest, len(raw)), raw)
 
     visit(desc)
     return tree
@@ -117,15 +137,15 @@ def _set_index_entry(layout: str, desc: Descriptor, tag: str | None) -> None:
 
 
 def mirror_source(store, desc: Descriptor, layout: str, tag: str) -> None:
-    """Copy the image ``desc`` from a registry store into ``layout`` under ``tag`` (digests unchanged)."""
+    """Copy the image ``desc`` from a ``RegistryStore`` into ``layout`` under ``tag`` (digests unchanged)."""
     tree = walk(store, desc)
-    for blob in tree.blobs:
+    for blob in tree.blobs.values():
         path = _blob_path(layout, blob.digest)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         store.download_blob(blob.digest, blob.size, path)  # verified, with its own progress bar
-    for mdesc, raw in tree.manifests:
+    for mdesc, raw in tree.manifests.values():
         _write_blob(layout, mdesc.digest, raw)
-    _set_index_entry(layout, Descriptor(tree.manifests[-1][0].media_type, desc.digest, desc.size,
+    _set_index_entry(layout, Descriptor(tree.root.media_type, desc.digest, desc.size,
                                         annotations={REF_NAME: tag}, platform=desc.platform), tag)
 
 
@@ -152,7 +172,7 @@ def publish(layout: str, desc: Descriptor, dest: str, opts: OpenOptions) -> Publ
         raise UsageError(f"{dest}: a destination names a tag, not a digest")
     store = OciLayoutStore(layout)
     tree = walk(store, desc, blob_size=lambda digest: os.path.getsize(store.blob_path(digest)))
-    root = tree.manifests[-1][0]
+    root = tree.root
     if ref.transport == "oci":
         sent, present = _publish_layout(store, tree, desc, ref)
     else:
@@ -163,12 +183,12 @@ def publish(layout: str, desc: Descriptor, dest: str, opts: OpenOptions) -> Publ
 def _publish_layout(store: OciLayoutStore, tree: ImageTree, desc: Descriptor, ref: Reference) -> tuple[int, int]:
     os.makedirs(ref.path, exist_ok=True)
     sent = present = 0
-    for blob in tree.blobs:
+    for blob in tree.blobs.values():
         if _link_blob(store.blob_path(blob.digest), ref.path, blob.digest):
             sent += 1
         else:
             present += 1
-    for mdesc, raw in tree.manifests:
+    for mdesc, raw in tree.manifests.values():
         _write_blob(ref.path, mdesc.digest, raw)
     entry = Descriptor(desc.media_type, desc.digest, desc.size, platform=desc.platform,
                        artifact_type=desc.artifact_type, annotations={REF_NAME: ref.tag} if ref.tag else {})
@@ -183,14 +203,14 @@ def _publish_registry(store: OciLayoutStore, tree: ImageTree, ref: Reference, op
     client = RegistryClient(ref.api_host, opts)
     sent = present = 0
     try:
-        for blob in tree.blobs:
+        for blob in tree.blobs.values():
             with progress_bar(blob.size, f"push {blob.digest[7:19]}", opts.quiet) as bar:
                 if push_blob(client, ref.repository, store.blob_path(blob.digest), blob.digest, blob.size,
                              progress=bar):
                     sent += 1
                 else:
                     present += 1
-        *children, (root, raw) = tree.manifests
+        *children, (root, raw) = tree.manifests.values()
         for mdesc, data in children:
             push_manifest(client, ref.repository, mdesc.digest, data, mdesc.media_type)
         push_manifest(client, ref.repository, ref.tag, raw, root.media_type)
