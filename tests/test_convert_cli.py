@@ -293,3 +293,27 @@ def test_hostile_blob_digest_is_refused_before_any_file_is_written(tmp_path):
     with pytest.raises(CorruptDataError):
         publish(str(layout), evil, f"oci:{tmp_path}/out:x", PUSH_OPTS)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_full_workdir_is_one_line_and_cleaned_up(capfd, tmp_path, source):
+    layout, _ = source
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{tmp_path}/out:x",
+                           "--vsize", "1", "-q", "--workdir", small)
+        assert rc == 9 and out == "" and err.startswith(f"obd: {small}/obd-convert-")
+        assert err.endswith(": No space left on device\n") and err.count("\n") == 1
+        assert os.listdir(small) == [] and not (tmp_path / "out").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_unusable_workdir(capfd, tmp_path, source):
+    layout, _ = source
+    (tmp_path / "file").write_text("")
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{tmp_path}/out:x",
+                       "--workdir", tmp_path / "file" / "sub")
+    assert (rc, out, err) == (2, "", f"obd: --workdir {tmp_path}/file/sub: Not a directory\n")

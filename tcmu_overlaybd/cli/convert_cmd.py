@@ -10,6 +10,7 @@ directory is removed in every case.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import click
 from ..convert.image import FORMAT_FASTOCI, FORMAT_OVERLAYBD, ConvertOptions, convert_all_platforms, convert_image
 from ..convert.mkfs import GIB
 from ..convert.publish import Published, mirror_source, publish
-from ..errors import UsageError
+from ..errors import StateError, UsageError
 from ..image.manifest import load_manifest
 from ..image.oci_layout import OciLayoutStore
 from ..image.options import OpenOptions
@@ -35,6 +36,8 @@ from .options import image_options
 BLOCK_SIZES = {f"{n}K": n << 10 for n in (4, 8, 16, 32, 64)}
 SOURCE_TAG = "source"
 DEFAULT_WORK_PARENT = "/var/tmp"
+#: local file-system failures a user can fix (space, quota, permissions): one line, not a traceback
+LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,12 @@ class LayerBars:
 
 def _work_root(workdir: str | None) -> str:
     parent = workdir or (DEFAULT_WORK_PARENT if os.path.isdir(DEFAULT_WORK_PARENT) else None)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix="obd-convert-", dir=parent)
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix="obd-convert-", dir=parent)
+    except OSError as e:
+        raise UsageError(f"--workdir {parent or tempfile.gettempdir()}: {e.strerror}") from None
 
 
 def _warn_foreign_referrer(src: str, targets: dict[str, str]) -> None:
@@ -131,6 +137,10 @@ def run_convert(src: str, targets: dict[str, str], copts: ConvertOptions, opts: 
             finally:
                 bars.close()
         return {fmt: publish(layout, desc, targets[fmt], opts) for fmt, (layout, desc) in converted.items()}
+    except OSError as e:
+        if e.errno not in LOCAL_ERRNOS:
+            raise
+        raise StateError(f"{e.filename or root}: {e.strerror}") from None
     finally:
         if store is not None:
             store.close()
