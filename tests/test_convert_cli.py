@@ -317,3 +317,15 @@ def test_unusable_workdir(capfd, tmp_path, source):
     rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{tmp_path}/out:x",
                        "--workdir", tmp_path / "file" / "sub")
     assert (rc, out, err) == (2, "", f"obd: --workdir {tmp_path}/file/sub: Not a directory\n")
+
+
+def test_referrer_elsewhere_warns(capfd, tmp_path, source):
+    """A --referrer result outside the source's layout/repository is still written, with a warning."""
+    layout, _ = source
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{tmp_path}/other:x", "--referrer",
+                       "--vsize", "1", "-q")
+    assert rc == 0 and out.startswith(f"overlaybd: oci:{tmp_path}/other:x@sha256:")
+    assert f"--overlaybd oci:{tmp_path}/other:x: not in the repository of oci:{layout}:v1" in err
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{layout}:x", "--referrer",
+                       "--vsize", "1", "-q")
+    assert rc == 0 and "warning" not in err
