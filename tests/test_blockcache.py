@@ -330,3 +330,37 @@ def test_obd_cache_prune_defaults_to_the_configured_cap(tmp_path, capsys, monkey
     rc, out, _ = _obd(capsys, "cache", "ls", "--json")
     doc = json.loads(out)
     assert doc["dir"] == str(cache_dir) and doc["capacity"] == 4 * BS and doc["usage"] <= 4 * BS
+
+
+def test_zfile_crc_mismatch_in_a_cached_block_is_refetched(tmp_path, vectors):
+    """A cached block whose bytes went bad is dropped and fetched again, not served forever."""
+    import hashlib
+
+    from tcmu_overlaybd.block.source import BytesSource, CountingSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+    from tcmu_overlaybd.format.tarwrap import unwrap
+    from tcmu_overlaybd.format.zfile import ZFileReader
+
+    name = "sha256_022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
+    blob = (vectors / "aci-hello-world" / name).read_bytes()
+    key = "sha256:" + name[7:]
+    lsmt_sha256 = "39195424aa10572fe002262190877b4306a66be9c62c8f1594141b01dc79c2ea"  # EXPECTED.json
+    origin = CountingSource(BytesSource(blob, name=key))
+    cache = BlockCache(str(tmp_path / "cache"), 64 << 20, 64 * 1024)
+
+    def decompressed() -> str:
+        zf = ZFileReader(unwrap(CachedSource(origin, cache, key)))
+        return hashlib.sha256(zf.read(0, zf.size)).hexdigest()
+
+    assert decompressed() == lsmt_sha256
+    fetched = origin.bytes_read
+    # flip bytes inside the cached blocks that hold only compressed data (block 0 has the
+    # headers, the last ones the jump table and trailer): same length, so only CRCs can tell
+    for idx in range(1, 8):
+        with open(cache.block_path(key, idx), "r+b") as f:
+            f.seek(cache.block_size // 2)
+            b = f.read(64)
+            f.seek(cache.block_size // 2)
+            f.write(bytes(x ^ 0xFF for x in b))
+    assert decompressed() == lsmt_sha256
+    assert origin.bytes_read - fetched >= 7 * cache.block_size  # the bad blocks came again

@@ -116,6 +116,12 @@ class SliceSource:
             return b""
         return self.base.read(self.start + offset, n)
 
+    def invalidate(self, offset: int, length: int) -> None:
+        """Forward a cache invalidation (bad bytes found by a reader) to the base, if it caches."""
+        inv = getattr(self.base, "invalidate", None)
+        if inv is not None:
+            inv(self.start + offset, length)
+
     def close(self) -> None:
         self.base.close()
 
@@ -137,6 +143,11 @@ class CountingSource:
             self.bytes_read += len(data)
             self.calls += 1
         return data
+
+    def invalidate(self, offset: int, length: int) -> None:
+        inv = getattr(self.base, "invalidate", None)
+        if inv is not None:
+            inv(offset, length)
 
     def close(self) -> None:
         self.base.close()

@@ -245,18 +245,19 @@ class ZFileReader:
                     self._cache.move_to_end(b)
         missing = [first + i for i, d in enumerate(blocks) if d is None]
         if missing:
-            lo, hi = missing[0], missing[-1]
-            base = self._starts[lo]
-            raw = self.source.read(base, self._starts[hi + 1] - base)
-            if len(raw) != self._starts[hi + 1] - base:
-                raise CorruptDataError("ZFile truncated inside its compressed blocks", blob=self.name,
-                                       offset=base + len(raw))
-            view = memoryview(raw)
-            fresh = {}
+            try:
+                fresh = self._load(missing)
+            except CorruptDataError:
+                # A cached copy of the compressed bytes may be what is bad (overlaybd evicts
+                # and re-reads too): drop it and fetch once more; a second failure is real.
+                invalidate = getattr(self.source, "invalidate", None)
+                if invalidate is None:
+                    raise
+                lo, hi = missing[0], missing[-1]
+                invalidate(self._starts[lo], self._starts[hi + 1] - self._starts[lo])
+                fresh = self._load(missing)
             for b in missing:
-                data = self._decompress(b, view[self._starts[b] - base : self._starts[b + 1] - base])
-                blocks[b - first] = data
-                fresh[b] = data
+                blocks[b - first] = fresh[b]
             with self._lock:
                 # keep the edges of large reads: those are the ones re-read by neighbours
                 for b in (missing if len(missing) <= 4 else (missing[0], missing[-1])):
@@ -270,6 +271,18 @@ class ZFileReader:
             return data if skip == 0 and n == len(data) else data[skip : skip + n]
         joined = b"".join(blocks)
         return joined if skip == 0 and len(joined) == n else joined[skip : skip + n]
+
+    def _load(self, missing: list[int]) -> dict[int, bytes]:
+        """Fetch the compressed bytes of the blocks ``missing`` (ascending) in one read; decompress."""
+        lo, hi = missing[0], missing[-1]
+        base = self._starts[lo]
+        raw = self.source.read(base, self._starts[hi + 1] - base)
+        if len(raw) != self._starts[hi + 1] - base:
+            raise CorruptDataError("ZFile truncated inside its compressed blocks", blob=self.name,
+                                   offset=base + len(raw))
+        view = memoryview(raw)
+        return {b: self._decompress(b, view[self._starts[b] - base : self._starts[b + 1] - base])
+                for b in missing}
 
     def close(self) -> None:
         self.source.close()
