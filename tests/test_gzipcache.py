@@ -302,3 +302,33 @@ def test_an_unusable_cache_directory_means_uncached_reads(tmp_path, caplog):
     src = GzipIndexedSource(BytesSource(blob, DIGEST_A), idx, cache=pool)
     assert src.cached_view is None and "without the gzip cache" in caplog.text
     assert src.read(10, 100) == gzip.decompress(blob)[10:110]
+
+
+def test_obd_cache_commands_cover_the_gzip_cache(tmp_path, capsys):
+    """`obd cache ls/prune/clear` list and free decompressed gzip layers too."""
+    import json
+
+    from tcmu_overlaybd.block.source import BytesSource
+    from tcmu_overlaybd.cache.gzipcache import GzipCache
+    from tcmu_overlaybd.cli.main import main
+
+    gz_dir, blocks_dir = tmp_path / "gz", tmp_path / "blocks"
+    pool = GzipCache(gz_dir, capacity_gb=1, refill_size=64 * 1024)
+    digests = ["sha256:" + c * 64 for c in "de"]
+    for i, d in enumerate(digests):
+        view = pool.open(d, BytesSource(bytes([i + 1]) * (256 * 1024), name=d))
+        assert view.read(0, 200 * 1024) == bytes([i + 1]) * (200 * 1024)
+    args = ["--cache-dir", str(blocks_dir), "--gzip-cache-dir", str(gz_dir)]
+
+    assert main(["cache", "ls", "--json", *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    layers = {r["digest"]: r for r in doc["gzip"]["layers"]}
+    assert set(layers) == set(digests) and all(r["bytes"] >= 200 * 1024 for r in layers.values())
+
+    assert main(["cache", "clear", digests[0], *args]) == 0
+    capsys.readouterr()
+    assert [name for name, _, _ in pool.files()] == [digests[1]]
+
+    assert main(["cache", "prune", "--max-size", "0", *args]) == 0
+    assert "gz" in capsys.readouterr().out
+    assert pool.usage() == 0
