@@ -329,3 +329,15 @@ def test_referrer_elsewhere_warns(capfd, tmp_path, source):
     rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--overlaybd", f"oci:{layout}:x", "--referrer",
                        "--vsize", "1", "-q")
     assert rc == 0 and "warning" not in err
+
+
+def test_one_platform_of_an_index_with_referrer_warns(capfd, tmp_path):
+    layout = str(tmp_path / "multi")
+    write_oci_multiarch(layout, {arch: [[Entry("etc/arch", data=arch.encode())]] for arch in ("amd64", "arm64")},
+                        tag="v1")
+    rc, out, err = obd(capfd, "convert", f"oci:{layout}:v1", "--platform", "linux/arm64", "--overlaybd",
+                       f"oci:{layout}:obd", "--referrer", "--vsize", "1", "-q")
+    assert rc == 0, err
+    assert f"oci:{layout}:v1 is a multi-platform index: the result links to its linux/arm64 manifest only" in err
+    rc, out, err = obd(capfd, "cat", f"oci:{layout}:obd", "/etc/arch")
+    assert (rc, out) == (0, "arm64"), err

@@ -115,9 +115,13 @@ def run_convert(src: str, targets: dict[str, str], copts: ConvertOptions, opts: 
     try:
         store = open_store(src_ref, source_opts)
         desc = store.resolve(src_ref)
+        if not all_platforms:
+            image = load_manifest(store, src_ref, desc, opts.platform)
+            desc = image.manifest_descriptor
+            if copts.referrer and image.index_descriptor is not None:
+                log.warning("%s is a multi-platform index: the result links to its %s manifest only, which "
+                            "%s does not look up (use --all-platforms)", src, image.platform, src)
         if src_ref.transport != "oci":  # fetch once for both formats
-            if not all_platforms:
-                desc = load_manifest(store, src_ref, desc, opts.platform).manifest_descriptor
             local = os.path.join(root, "source")
             mirror_source(store, desc, local, SOURCE_TAG)
             store.close()
@@ -132,11 +136,11 @@ def run_convert(src: str, targets: dict[str, str], copts: ConvertOptions, opts: 
                 if all_platforms:
                     converted[fmt] = (layout, convert_all_platforms(store, src_ref, layout, work, one))
                 else:
-                    image = load_manifest(store, src_ref, store.resolve(src_ref), opts.platform)
+                    image = load_manifest(store, src_ref, desc, opts.platform)
                     converted[fmt] = (layout, convert_image(image, layout, work, one).manifest_descriptor)
             finally:
                 bars.close()
-        return {fmt: publish(layout, desc, targets[fmt], opts) for fmt, (layout, desc) in converted.items()}
+        return {fmt: publish(layout, result, targets[fmt], opts) for fmt, (layout, result) in converted.items()}
     except OSError as e:
         if e.errno not in LOCAL_ERRNOS:
             raise
