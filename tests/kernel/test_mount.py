@@ -117,3 +117,9 @@ def test_foreground_mount_unmounts_on_ctrl_c(tree, mkext4, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert kernel_leftovers() == before
+
+
+def test_doctor_passes_on_a_tcmu_kernel():
+    rc, out = obd("doctor")
+    assert rc == 0 and "FAIL" not in out
+    assert "ok   kernel module target_core_user" in out and "ok   kernel module tcm_loop" in out
