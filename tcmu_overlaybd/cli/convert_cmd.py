@@ -62,7 +62,7 @@ class LayerBars:
         self._bar = None
 
     def __call__(self, layer: int, done: int, total: int) -> None:
-        if layer != self._layer:
+        if layer != self._layer or done < self._bar.n:  # the next layer (or platform, with --all-platforms)
             self._stack.close()
             self._layer = layer
             self._bar = self._stack.enter_context(progress_bar(total, f"{self.fmt} layer {layer + 1}", self.quiet))
