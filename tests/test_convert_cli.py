@@ -100,6 +100,9 @@ def test_registry_round_trip_with_referrer(capfd, tmp_path, source, proxied_regi
     assert _exported_tree(capfd, tmp_path, base, *flags) == expected
     turbo = f"{proxy.host}/app@{result['fastoci']['digest']}"
     assert _exported_tree(capfd, tmp_path, turbo, *flags) == expected
+    rc, out, err = obd(capfd, "ls", base, "/etc", *flags)
+    assert rc == 0, err
+    assert out.splitlines() == sorted(p[len("/etc/"):] for p in expected if p.count("/") == 2 and p.startswith("/etc/"))
     rc, out, err = obd(capfd, "cat", base, "/etc/passwd", *flags)
     assert rc == 0, err
     assert hashlib.sha256(out.encode()).hexdigest() == expected["/etc/passwd"].sha256
