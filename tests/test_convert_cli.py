@@ -67,6 +67,7 @@ def _uploads(proxy) -> int:
 
 
 @needs_registry
+@pytest.mark.registry
 def test_registry_round_trip_with_referrer(capfd, tmp_path, source, proxied_registry):
     registry, proxy = proxied_registry
     layout, blobs = source
@@ -118,6 +119,7 @@ def test_registry_round_trip_with_referrer(capfd, tmp_path, source, proxied_regi
 
 
 @needs_registry
+@pytest.mark.registry
 def test_referrers_tag_lists_both_results(capfd, tmp_path, source, plain_registry):
     """docker-registry 2.8 has no referrers API: the sha256-<hex> tag index carries the results."""
     layout, _blobs = source
@@ -162,6 +164,7 @@ def test_oci_destinations(capfd, tmp_path, source):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_failed_push_leaves_no_tag(capfd, tmp_path, source, proxied_registry):
     """A blob upload the registry rejects: one-line error, no result tag, work directory removed."""
     _registry, proxy = proxied_registry
@@ -205,6 +208,7 @@ def test_all_platforms_with_referrer_in_a_layout(capfd, tmp_path):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_all_platforms_from_a_registry(capfd, tmp_path, plain_registry):
     """A multi-platform source in a registry: its index is mirrored once, each platform converted."""
     layout = str(tmp_path / "multi")
@@ -269,6 +273,7 @@ def test_already_accelerated_source_is_refused(capfd, tmp_path, source):
 
 
 @needs_registry
+@pytest.mark.registry
 def test_missing_source(capfd, tmp_path, plain_registry):
     work = tmp_path / "work"
     rc, out, err = obd(capfd, "convert", f"{plain_registry.host}/nope:v1", "--overlaybd",
