@@ -89,6 +89,8 @@ def test_registry_round_trip_with_referrer(capfd, tmp_path, source, proxied_regi
     # each source layer was downloaded once for both formats
     layer_gets = [p.rsplit("/", 1)[1] for m, p, _r, _s in proxy.log.requests if m == "GET" and "/blobs/" in p]
     assert sorted(d for d in layer_gets if d in layer_digests) == sorted(layer_digests)
+    # one upload per blob the results report as sent
+    assert _uploads(proxy) == result["overlaybd"]["blobsSent"] + result["fastoci"]["blobsSent"] > len(blobs)
     # FastOCI data stays in the original layers, which the repository already had
     assert result["fastoci"]["blobsPresent"] >= len(blobs)
 
