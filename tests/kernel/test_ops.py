@@ -1,0 +1,137 @@
+"""The operator's helpers on a real kernel: scripts/obd-setup from a bare guest, then a
+crash (every obd process killed) handled by obd-cleanup and obd recover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import kernel_leftovers, obd, obd_json_list, supervisor_processes
+
+pytestmark = pytest.mark.kernel
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SETUP = os.path.join(REPO, "scripts", "obd-setup")
+CLEANUP = os.path.join(REPO, "scripts", "obd-cleanup")
+FOREIGN_WWN = "naa.5001405deadbeef"
+
+
+def script(*argv: str) -> tuple[int, str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout + r.stderr
+
+
+def make_image(tmp_path, name: str) -> str:
+    tree = tmp_path / f"{name}-tree"
+    tree.mkdir()
+    (tree / "whoami").write_text(f"image {name}\n")
+    img = str(tmp_path / f"{name}.img")
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", str(tree), img, "16M"], check=True)
+    return img
+
+
+def kill_every_obd_process() -> None:
+    for pid in supervisor_processes():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while supervisor_processes():
+        assert time.monotonic() < deadline, "obd processes survived SIGKILL"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def foreign_lio(tmp_path):
+    """Makes a fileio backstore exported by its own tcm_loop target: not obd's, never to be
+    touched.  Returns (backstore path, target path, SCSI address prefix of its disk)."""
+    import rtslib_fb as rtslib
+
+    made = []
+
+    def create() -> tuple[str, str, str]:
+        backing = tmp_path / "foreign.img"
+        backing.write_bytes(b"\0" * (4 << 20))
+        so = rtslib.FileIOStorageObject("foreign-disk", str(backing), size=4 << 20)
+        target = rtslib.Target(rtslib.FabricModule("loopback"), FOREIGN_WWN, mode="create")
+        tpg = rtslib.TPG(target, 1, mode="create")
+        made.extend([target, so])
+        rtslib.LUN(tpg, 0, storage_object=so)
+        with open(os.path.join(tpg.path, "address")) as f:
+            return so.path, target.path, f.read().strip() + ":"
+    yield create
+    for obj in made:
+        obj.delete()
+
+
+def obd_leftovers(foreign_scsi: str) -> dict:
+    left = kernel_leftovers()
+    left["targets"] = [t for t in left["targets"] if not t.endswith(FOREIGN_WWN)]
+    left["scsi_disks"] = [d for d in left["scsi_disks"] if not os.path.basename(d).startswith(foreign_scsi)]
+    return left
+
+
+def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_lio):
+    # a bare guest: TCMU modules unloaded (the session fixture loaded them)
+    subprocess.run(["modprobe", "-r", "tcm_loop", "target_core_user"], capture_output=True)
+    assert not os.path.isdir("/sys/module/target_core_user") and not os.path.isdir("/sys/module/tcm_loop")
+    rc, out = script(SETUP)
+    assert rc == 0, out
+    assert os.path.isdir("/sys/module/target_core_user") and os.path.isdir("/sys/module/tcm_loop")
+    with open(os.path.join(REPO, "udev", "61-obd.rules"), "rb") as f:
+        assert open("/etc/udev/rules.d/61-obd.rules", "rb").read() == f.read()
+    assert os.path.exists("/etc/systemd/system/obd-recover.service")
+    rc, again = script(SETUP)
+    assert rc == 0 and "\n+ " not in "\n" + again, again  # idempotent: nothing left to do
+    foreign_so, foreign_target, foreign_scsi = foreign_lio()
+
+    mounts = {}
+    for name in ("a", "b"):
+        mnt = tmp_path / f"mnt-{name}"
+        mnt.mkdir()
+        assert obd("mount", "--raw", make_image(tmp_path, name), str(mnt))[0] == 0
+        (mnt / "note").write_text(f"written into {name}\n")
+        mounts[name] = mnt
+    listed = {m["mountpoint"]: m for m in obd_json_list()}
+
+    # live mounts: obd-cleanup (for real) finds nothing to do
+    rc, out = script(CLEANUP)
+    assert (rc, out.strip()) == (0, "obd-cleanup: nothing to clean")
+
+    kill_every_obd_process()
+    rc, out = script(CLEANUP, "--dry-run")
+    assert rc == 0, out
+    for mnt in mounts.values():
+        assert f"kept {mnt}: handler dead but recoverable" in out
+    for m in listed.values():  # nothing of a recoverable mount is proposed
+        assert m["backstore"] not in out and m["wwn"] not in out and m["device"] not in out
+    assert "foreign" not in out and FOREIGN_WWN not in out
+
+    rc, out = obd("recover")
+    assert rc == 0 and sorted(out.splitlines()) == sorted(f"{m}: handler restarted" for m in mounts.values())
+    for name, mnt in mounts.items():
+        assert (mnt / "note").read_text() == f"written into {name}\n"
+        assert (mnt / "whoami").read_text() == f"image {name}\n"
+
+    # a crash that also lost a's state file (a is an orphan: nothing can recover it)
+    kill_every_obd_process()
+    a = listed[str(mounts["a"])]
+    b = listed[str(mounts["b"])]
+    os.unlink(f"/run/obd/{a['id']}.json")
+    rc, out = script(CLEANUP)
+    assert rc == 0, out
+    assert f"rmdir /sys/kernel/config/target/loopback/{a['wwn']}/tpgt_1" in out
+    assert f"kept {mounts['b']}: handler dead but recoverable" in out
+    assert not os.path.exists(f"/sys/kernel/config/target/loopback/{a['wwn']}")
+    assert not any(p.endswith(a["backstore"]) for p in obd_leftovers(foreign_scsi)["backstores"])
+    assert str(mounts["a"]) not in obd_leftovers(foreign_scsi)["mounts"]
+
+    rc, out = script(CLEANUP, "--discard-recoverable")
+    assert rc == 0, out
+    assert obd_leftovers(foreign_scsi) == {k: [] for k in obd_leftovers(foreign_scsi)}
+    assert os.path.isdir(foreign_so) and os.path.isdir(foreign_target)  # foreign objects intact
+    assert open(os.path.join(b["upper"], "note")).read() == "written into b\n"  # user data is never removed
+    rc, out = script(CLEANUP)
+    assert (rc, out.strip()) == (0, "obd-cleanup: nothing to clean")
