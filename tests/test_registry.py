@@ -376,3 +376,23 @@ def test_download_blob_to_a_file_is_verified_before_it_appears(proxied_registry,
         store.download_blob(digest, len(data), bad)
     assert not bad.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bad")) == []
+
+
+def test_device_reads_retry_until_io_timeout_then_fail(proxied_registry, tmp_path, caplog):
+    """A handler's read waits out an outage up to io.timeout (not retries), warning with the blob."""
+    import logging
+    import time
+
+    from tcmu_overlaybd.errors import NetworkError
+
+    registry, proxy = proxied_registry
+    data, src, _store = _layer(proxy, registry, tmp_path, device_reads=True, io_timeout=2.0, retries=1)
+    outage = proxy.add_fault("status:503", "/blobs/", "GET", times=10**6)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(NetworkError, match="io.timeout"):
+        src.read(0, 4096)
+    waited = time.monotonic() - t0
+    assert 1.8 <= waited < 10 and outage.hits > 2  # more attempts than retries=1 allows
+    assert any("left of io.timeout" in r.getMessage() and "bytes 0-" in r.getMessage() for r in caplog.records)
+    outage.times = 0
+    assert src.read(0, 4096) == data[:4096]

@@ -35,6 +35,10 @@ class OpenOptions:
     gzip_cache_size: int | None = None
     # seconds a device read may wait for the registry before failing with EIO
     io_timeout: float = 120.0
+    #: set by TCMU handlers: blob range reads keep retrying (with backoff) until
+    #: ``io_timeout`` has passed instead of giving up after ``retries`` attempts, so a
+    #: registry outage shows as slow I/O first and as EIO only after that bound
+    device_reads: bool = False
     # look for an accelerated (overlaybd / FastOCI) counterpart of a plain OCI image
     discover_accelerated: bool = True
     extra: dict = field(default_factory=dict)

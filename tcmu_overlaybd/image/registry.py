@@ -110,6 +110,8 @@ class RegistryClient:
         self.scheme = "http" if opts.plain_http else "https"
         self.base_url = f"{self.scheme}://{host}"
         self.timeout = (opts.connect_timeout, opts.read_timeout)
+        #: handlers bound blob reads by time (io.timeout), not by the retry count
+        self.io_timeout = opts.io_timeout if opts.device_reads else None
         self.retries = max(0, int(opts.retries))
         self.backoff_base = float(opts.extra.get("backoff_base", BACKOFF_BASE))
         self.session = requests.Session()
@@ -141,28 +143,34 @@ class RegistryClient:
 
     # ---- the one request loop --------------------------------------------------------
     def call(self, method: str, path: str, *, what: str, scope: str, headers: dict | None = None,
-             data=None, ok: tuple[int, ...] = (200,), read=None, not_found_ok: bool = False):
+             data=None, ok: tuple[int, ...] = (200,), read=None, not_found_ok: bool = False,
+             deadline: float | None = None):
         """Send a request until it succeeds, retrying what is retryable.
 
         ``read(response)`` consumes the body inside the retry loop (so a truncated
         body is retried) and its result is returned; without it the response is
         returned with its body read.  ``data`` may be bytes or a zero-argument
         callable returning a fresh body per attempt.  ``not_found_ok`` returns None
-        on 404 instead of raising.
+        on 404 instead of raising.  With a ``deadline`` (``time.monotonic()`` value)
+        retryable failures are retried until it passes, however many attempts that takes.
         """
         url = self.url(path)
         attempts = self.retries + 1
         auth_rounds = 0
         attempt = 0
         last = ""
-        while attempt < attempts:
+        while attempt < attempts or (deadline is not None and time.monotonic() < deadline):
             hdrs = dict(headers or {})
             sent_auth = self.auth.header(scope)
             if sent_auth:
                 hdrs["Authorization"] = sent_auth
             body = data() if callable(data) else data
             try:
-                resp = self.session.request(method, url, headers=hdrs, data=body, timeout=self.timeout,
+                timeout = self.timeout
+                if deadline is not None:  # one request may not outlive the whole budget
+                    left = max(0.5, deadline - time.monotonic())
+                    timeout = (min(timeout[0], left), min(timeout[1], left))
+                resp = self.session.request(method, url, headers=hdrs, data=body, timeout=timeout,
                                             stream=True, allow_redirects=True, **self.tls)
             except requests.exceptions.SSLError as e:
                 raise NetworkError(f"registry {self.host}: {what}: TLS error: {_short(e)} "
@@ -172,7 +180,7 @@ class RegistryClient:
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {_short(e)}"
                 attempt += 1
-                self._pause(attempt, attempts, None, what, last)
+                self._pause(attempt, attempts, None, what, last, deadline)
                 continue
             with self._lock:
                 self.requests_sent += 1
@@ -206,28 +214,41 @@ class RegistryClient:
             except _Retry as r:
                 last = r.cause
                 attempt += 1
-                self._pause(attempt, attempts, r.retry_after, what, last)
+                self._pause(attempt, attempts, r.retry_after, what, last, deadline)
             except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError) as e:
                 last = f"connection lost while reading the body ({type(e).__name__})"
                 attempt += 1
-                self._pause(attempt, attempts, None, what, last)
+                self._pause(attempt, attempts, None, what, last, deadline)
             finally:
                 resp.close()
+        if deadline is not None:
+            raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempt} attempts "
+                               f"in {self.io_timeout:g} s, io.timeout)")
         raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempts} attempts)")
 
     def _token_get(self, url: str, params: dict, headers: dict):
         """GET on a token server with this registry's TLS settings and timeouts."""
         return self.session.get(url, params=params, headers=headers, timeout=self.timeout, **self.tls)
 
-    def _pause(self, attempt: int, attempts: int, retry_after: float | None, what: str, cause: str) -> None:
-        """Exponential backoff (or the server's Retry-After) before attempt ``attempt + 1``."""
-        if attempt >= attempts:
+    def _pause(self, attempt: int, attempts: int, retry_after: float | None, what: str, cause: str,
+               deadline: float | None = None) -> None:
+        """Exponential backoff (or the server's Retry-After) before attempt ``attempt + 1``.
+
+        With a ``deadline`` the attempts are bounded by time, and the pause by what is left.
+        """
+        if deadline is None and attempt >= attempts:
             return
         delay = min(MAX_BACKOFF, self.backoff_base * (2 ** (attempt - 1)))
         if retry_after is not None:
             delay = min(MAX_BACKOFF, max(delay, retry_after))
-        log.info("registry %s: %s: %s; retry %d of %d in %.2f s", self.host, what, cause, attempt,
-                 attempts - 1, delay)
+        if deadline is not None:
+            delay = max(0.0, min(delay, deadline - time.monotonic()))
+        if deadline is not None:  # a device read is stalled: say so, with the blob and offset
+            log.warning("registry %s: %s: %s; retry %d in %.2f s, %.0f s left of io.timeout", self.host, what,
+                        cause, attempt, delay, deadline - time.monotonic())
+        else:
+            log.info("registry %s: %s: %s; retry %d of %d in %.2f s", self.host, what, cause, attempt,
+                     attempts - 1, delay)
         time.sleep(delay)
 
     def count_bytes(self, n: int) -> None:
@@ -253,8 +274,10 @@ class RegistryClient:
                 raise _Retry(f"truncated response ({len(data)} of {length} bytes)")
             return data
 
+        deadline = time.monotonic() + self.io_timeout if self.io_timeout is not None else None
         return self.call("GET", f"/v2/{repo}/blobs/{digest}", what=what, scope=repo_scope(repo),
-                         headers={"Range": f"bytes={offset}-{offset + length - 1}"}, ok=(200, 206), read=read)
+                         headers={"Range": f"bytes={offset}-{offset + length - 1}"}, ok=(200, 206), read=read,
+                         deadline=deadline)
 
     def blob_size(self, repo: str, digest: str) -> int:
         resp = self.call("HEAD", f"/v2/{repo}/blobs/{digest}", what=f"blob {digest}", scope=repo_scope(repo))

@@ -44,6 +44,7 @@ def open_source(st: MountState):
     from ..image.resolve import open_image
 
     opts = OpenOptions(**st.options)
+    opts.device_reads = True  # an outage is slow I/O up to io.timeout, then EIO
     image = open_image(st.image, opts)
     try:
         return _ImageDisk(open_disk(image, opts), image.store, local=image.reference.transport == "oci")

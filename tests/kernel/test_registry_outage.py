@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 
 import pytest
 
@@ -62,6 +63,7 @@ def read_direct(dev: str, offset: int) -> bytes:
 def test_reads_fail_with_eio_during_outage_and_recover(vectors, tmp_path, monkeypatch):
     monkeypatch.setenv("OBD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("OBD_REGISTRY_RETRIES", "1")
+    monkeypatch.setenv("OBD_IO_TIMEOUT", "4")  # reads wait out an outage this long, then EIO
     offset, want = offset_in_middle_unit((vectors / "aci-hello-world" / LAYER).read_bytes())
     reg = RegistryServer(str(tmp_path / "registry"))
     proxy = Proxy(reg.host)
@@ -72,9 +74,12 @@ def test_reads_fail_with_eio_during_outage_and_recover(vectors, tmp_path, monkey
         assert obd("mount", "--plain-http", f"{proxy.host}/lib/hello:c", str(mnt))[0] == 0
         [m] = obd_json_list()
         outage = proxy.add_fault("status:503", "/blobs/", times=10**6)
+        t0 = time.monotonic()
         with pytest.raises(OSError) as e:
             read_direct(m["device"], offset)
-        assert e.value.errno == errno.EIO and outage.hits >= 1
+        waited = time.monotonic() - t0
+        assert e.value.errno == errno.EIO and outage.hits > 2
+        assert 3.5 <= waited < 60  # bounded by io.timeout, not failed at the first 503
         [still] = obd_json_list()
         assert still["handler_alive"] and still["handler_pid"] == m["handler_pid"] and still["restarts"] == 0
         outage.times = 0  # the registry is back
