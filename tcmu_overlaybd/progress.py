@@ -9,6 +9,7 @@ branch on whether a bar is visible.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator
 
@@ -35,6 +36,13 @@ def bars_visible(quiet: bool, stream=None) -> bool:
         return False
 
 
+def _terminal_columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 @contextlib.contextmanager
 def progress_bar(total: int | None, desc: str, quiet: bool = False, unit: str = "B") -> Iterator:
     """A byte-counting bar (``unit="B"`` scales to KiB/MiB) that is silent off-TTY or when quiet."""
@@ -43,8 +51,11 @@ def progress_bar(total: int | None, desc: str, quiet: bool = False, unit: str = 
         return
     from tqdm import tqdm
 
+    # a terminal that reports a 0x0 size (script(1), some CI consoles) would get no bar at all
+    sized = _terminal_columns(sys.stderr) > 0
+    fixed = {} if sized else {"ncols": 80, "nrows": 24}
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
-               file=sys.stderr, leave=False, dynamic_ncols=True)
+               file=sys.stderr, leave=False, dynamic_ncols=sized, **fixed)
     try:
         yield bar
     finally:

@@ -117,10 +117,7 @@ def run_convert(src: str, targets: dict[str, str], copts: ConvertOptions, opts: 
         desc = store.resolve(src_ref)
         if not all_platforms:
             image = load_manifest(store, src_ref, desc, opts.platform)
-            desc = image.manifest_descriptor
-            if copts.referrer and image.index_descriptor is not None:
-                log.warning("%s is a multi-platform index: the result links to its %s manifest only, which "
-                            "%s does not look up (use --all-platforms)", src, image.platform, src)
+            desc = image.manifest_descriptor  # with --referrer the subject: found from the index too
         if src_ref.transport != "oci":  # fetch once for both formats
             local = os.path.join(root, "source")
             mirror_source(store, desc, local, SOURCE_TAG)

@@ -38,9 +38,14 @@ def open_image(ref_text: str, opts: OpenOptions) -> Image:
         if image.mode == "oci" and opts.discover_accelerated:
             from .discovery import find_accelerated
 
-            # the subject of a converted image is the source index (multi-arch) or manifest
-            subject = image.index_descriptor or image.manifest_descriptor
-            found = find_accelerated(store, ref, subject, opts)
+            # the subject of a converted image is the source index (all platforms converted)
+            # or the platform's own manifest (one platform converted): try both
+            subjects = [d for d in (image.index_descriptor, image.manifest_descriptor) if d is not None]
+            found = None
+            for subject in subjects:
+                found = find_accelerated(store, ref, subject, opts)
+                if found is not None:
+                    break
             if found is not None:
                 log.info("%s: using accelerated image %s", ref, found.digest)
                 image = load_manifest(store, ref, found, opts.platform)
