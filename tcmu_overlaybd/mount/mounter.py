@@ -11,6 +11,7 @@ stopped, backstore deleted (tcmu.md §4.8).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -47,16 +48,29 @@ def _run(argv: list[str], what: str) -> None:
         raise KernelError(f"{what}: {msg}")
 
 
-def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool) -> subprocess.Popen:
-    """Start the handler process group and wait until its handler serves the ring."""
+#: OpenOptions fields that are credentials
+SECRET_OPTIONS = ("username", "password")
+
+
+def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool, secrets: dict | None = None) -> subprocess.Popen:
+    """Start the handler process group and wait until its handler serves the ring.
+
+    ``secrets`` (registry credentials given with ``-u``) reach the supervisor on its
+    standard input: never on a command line, in the environment or in a state file.
+    """
     r, w = os.pipe()
     argv = [sys.executable, "-m", "tcmu_overlaybd.mount.supervisor", sd.file(st.id), str(w)]
     if recover:
         argv.append("--recover")
     with open(sd.log(st.id), "ab") as logf:
-        proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+        proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.PIPE, stdout=logf,
                                 stderr=logf, start_new_session=True, close_fds=True)
     os.close(w)
+    try:
+        proc.stdin.write(json.dumps(secrets or {}).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at once: the ready pipe says why
     try:
         line = _read_ready(r, READY_TIMEOUT_S)
     finally:
@@ -87,10 +101,10 @@ def _read_ready(fd: int, timeout: float) -> str:
     return out.decode(errors="replace").strip()
 
 
-def _probe_size(st: MountState) -> int:
+def _probe_size(st: MountState, secrets: dict) -> int:
     from .supervisor import open_source
 
-    src = open_source(st)
+    src = open_source(st, secrets)
     try:
         return src.size
     finally:
@@ -120,16 +134,21 @@ def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = No
     else:
         upper_dir = os.path.realpath(upper)
         work_dir = os.path.join(os.path.dirname(upper_dir), f".{os.path.basename(upper_dir)}.obd-work")
-    st = MountState(id=mid, mountpoint=mp, image=image, raw=raw, options=dataclasses.asdict(opts),
+    options = dataclasses.asdict(opts)
+    # credentials stay in memory: the state file must never hold them (see _spawn_supervisor)
+    secrets = {k: options.pop(k) for k in SECRET_OPTIONS if options.get(k)}
+    if secrets:
+        options["extra"] = {**options.get("extra", {}), "credentials": "memory-only"}
+    st = MountState(id=mid, mountpoint=mp, image=image, raw=raw, options=options,
                     size=0, backstore=f"obd-{mid}", wwn=loopback.wwn_for(mid),
                     lower=os.path.join(sd.path, mid + ".lower"), upper=upper_dir, work=work_dir,
                     own_upper=own_upper)
-    st.size = _probe_size(st)
+    st.size = _probe_size(st, secrets)
     sd.save(st)
     try:
         st.backstore_path = backstore.create(st.backstore, st.size)
         sd.save(st)
-        _spawn_supervisor(sd, st, recover=False)
+        _spawn_supervisor(sd, st, recover=False, secrets=secrets)
         st.device = loopback.export(st.backstore, st.wwn)
         sd.save(st)
         os.makedirs(st.lower, exist_ok=True)
@@ -227,7 +246,10 @@ def recover() -> list[tuple[MountState, str]]:
             continue
         try:
             _spawn_supervisor(sd, st, recover=True)
-            done.append((st, "handler restarted"))
+            note = ""
+            if st.options.get("extra", {}).get("credentials") == "memory-only":
+                note = " (its -u credentials were kept in memory only: registry access now uses the authfile/docker config)"
+            done.append((st, "handler restarted" + note))
         except ObdError as e:
             done.append((st, f"restart failed: {e}"))
     return done

@@ -12,6 +12,7 @@ one line: ``ready`` or ``error <exit code> <message>``.  SIGTERM stops both.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import time
 
 from .. import config
 from ..errors import ObdError
-from ..logs import setup_logging
+from ..logs import register_secret, setup_logging
 from ..tcmu.handler import Handler
 from ..tcmu.scsi import DiskInfo, Target
 from ..tcmu.uio import UioDevice, find_uio
@@ -33,8 +34,10 @@ RESTART_DELAY_S = 0.2
 REOPEN_RETRY_S = 1.0
 
 
-def open_source(st: MountState):
-    """The virtual disk of the mount as a ByteSource (re-opened in every handler)."""
+def open_source(st: MountState, secrets: dict | None = None):
+    """The virtual disk of the mount as a ByteSource (re-opened in every handler).
+
+    ``secrets``: credentials that are not in the state file (given by ``obd mount -u``)."""
     if st.raw:
         from .rawdisk import RawDisk
 
@@ -43,7 +46,7 @@ def open_source(st: MountState):
     from ..image.options import OpenOptions
     from ..image.resolve import open_image
 
-    opts = OpenOptions(**st.options)
+    opts = OpenOptions(**{**st.options, **(secrets or {})})
     opts.device_reads = True  # an outage is slow I/O up to io.timeout, then EIO
     image = open_image(st.image, opts)
     try:
@@ -70,10 +73,10 @@ class _ImageDisk:
         self._store.close()
 
 
-def run_handler(st: MountState, ready_fd: int, reset: bool) -> int:
+def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None = None) -> int:
     """Child process body: serve the device until it goes away or SIGTERM."""
     try:
-        source = open_source(st)
+        source = open_source(st, secrets)
         if reset:
             backstore.reset_for_new_handler(st.backstore_path)
         dev = UioDevice(find_uio(st.backstore))
@@ -106,7 +109,8 @@ def _read_line(fd: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, state_path: str):
+    def __init__(self, state_path: str, secrets: dict | None = None):
+        self.secrets = secrets or {}
         self.state_dir = StateDir(os.path.dirname(state_path))
         self.state_path = state_path
         self.child = 0
@@ -128,7 +132,7 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             code = 1
             try:
-                code = run_handler(st, w, reset)
+                code = run_handler(st, w, reset, self.secrets)
             finally:
                 logging.shutdown()
                 os._exit(code)
@@ -182,7 +186,24 @@ def main(argv: list[str]) -> int:
     recover = "--recover" in argv[2:]
     cfg = config.load()
     setup_logging(cfg["log.level"])
-    return Supervisor(state_path).run(ready_fd, recover)
+    secrets = _read_secrets()
+    return Supervisor(state_path, secrets).run(ready_fd, recover)
+
+
+def _read_secrets() -> dict:
+    """Credentials sent by ``obd mount`` on standard input (empty for ``obd recover``)."""
+    try:
+        text = sys.stdin.read() if sys.stdin is not None else ""
+    except OSError:
+        return {}
+    try:
+        secrets = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(secrets, dict):
+        return {}
+    register_secret(secrets.get("password"))
+    return {k: v for k, v in secrets.items() if k in ("username", "password") and isinstance(v, str)}
 
 
 if __name__ == "__main__":

@@ -89,3 +89,39 @@ def test_hello_world_from_registry_in_guest(vectors, tmp_path, hello_bytes):
             assert obd("umount", str(mnt))[0] == 0
     finally:
         reg.stop()
+
+
+@needs_registry
+def test_credentials_reach_the_handler_but_no_file_or_process_title(vectors, tmp_path, hello_bytes):
+    """obd mount -u over TLS + basic auth: the handler reads, and the password is nowhere on disk,
+    in no command line or environment of obd's processes, and in no log."""
+    from ..helpers.registry import BASIC_USERS, SelfSignedCA
+
+    ca = SelfSignedCA(str(tmp_path / "ca")).make()
+    reg = RegistryServer(str(tmp_path / "registry"), ca=ca, htpasswd_users=BASIC_USERS)
+    (user, password), = BASIC_USERS.items()
+    try:
+        opts = OpenOptions(tls_ca_cert=ca.ca_cert, username=user, password=password)
+        push_hello_world(RegistryClient(reg.host, opts), vectors, "private/hello", "v1")
+        ref = f"{reg.host}/private/hello:v1"
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        rc, out = obd("mount", "--tlscacert", ca.ca_cert, "-u", f"{user}:{password}", ref, str(mnt))
+        assert rc == 0, out
+        try:
+            check_hello_rootfs(mnt, hello_bytes)
+            [m] = obd_json_list()
+            secret = password.encode()
+            for root in ("/run/obd", os.path.dirname(m["upper"])):
+                for d, _, files in os.walk(root):
+                    for f in files:
+                        with open(os.path.join(d, f), "rb") as fh:
+                            assert secret not in fh.read(), os.path.join(d, f)
+            for pid in (m["supervisor_pid"], m["handler_pid"]):
+                for what in ("cmdline", "environ"):
+                    with open(f"/proc/{pid}/{what}", "rb") as fh:
+                        assert secret not in fh.read()
+        finally:
+            assert obd("umount", str(mnt))[0] == 0
+    finally:
+        reg.stop()
