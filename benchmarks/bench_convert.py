@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from tcmu_overlaybd.image.oci_layout import OciLayoutStore, write_index  # noqa: E402
 from tcmu_overlaybd.image.reference import parse_reference  # noqa: E402
-from tcmu_overlaybd.image.store import Descriptor  # noqa: E402
+from tcmu_overlaybd.image.store import Descriptor, file_digest  # noqa: E402
 
 BUILDER_VERSION = "1"
 CACHE = pathlib.Path("/var/cache/obd-bench")
@@ -140,13 +140,6 @@ class _Bytes:
         return chunk
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
 
 def _put(layout: pathlib.Path, data: bytes) -> dict:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -168,7 +161,7 @@ def build_image(rebuild: bool) -> tuple[pathlib.Path, list[dict]]:
         parts = [str(home / f"{layer[0]}.tar.gz") for layer in LAYERS]
         layers = list(pool.map(build_layer, LAYERS, parts))
     for info, part in zip(layers, parts):
-        info["digest"], info["size"] = _file_digest(part), os.path.getsize(part)
+        info["digest"], info["size"] = file_digest(part), os.path.getsize(part)
         os.replace(part, layout / "blobs" / "sha256" / info["digest"][7:])
     print(f"built input image in {time.monotonic() - started:.1f} s", file=sys.stderr)
     config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},

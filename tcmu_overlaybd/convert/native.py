@@ -9,12 +9,12 @@ overlaybd annotations.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
 from ..format import tarwrap
 from ..format.zfile import ZFileWriter
+from ..image.store import file_digest
 from .apply import MODE_DATA
 from .engine import LayerDelta, LayerProgress, apply_layers
 from .mkfs import GIB
@@ -52,13 +52,6 @@ class NativeLayer:
         }
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
 
 def write_native_blob(delta: LayerDelta, path: str, *, algorithm: str = "lz4", block_size: int = 4096) -> NativeLayer:
     """Write the native layer blob of ``delta`` to ``path``."""
@@ -73,7 +66,7 @@ def write_native_blob(delta: LayerDelta, path: str, *, algorithm: str = "lz4", b
     finally:
         if os.path.exists(zpath):
             os.unlink(zpath)
-    return NativeLayer(path, _sha256_file(path), size, delta.applied.diff_id, delta.uuid)
+    return NativeLayer(path, file_digest(path), size, delta.applied.diff_id, delta.uuid)
 
 
 def convert_native(

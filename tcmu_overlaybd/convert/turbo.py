@@ -19,6 +19,7 @@ from ..errors import UnsupportedError
 from ..format.gzindex import build_gzip_index
 from ..format.turbooci import build_meta_tar, build_meta_tarball
 from ..format.zfile import ZFileWriter
+from ..image.store import file_digest
 from .apply import MODE_MAP
 from .tarstream import GZIP_MAGIC, ZSTD_MAGIC
 from .engine import LayerDelta, LayerProgress, apply_layers
@@ -65,13 +66,6 @@ class TurboLayer:
         }
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
 
 def _is_gzip(path: str) -> bool:
     with open(path, "rb") as f:
@@ -99,10 +93,10 @@ def write_turbo_blob(delta: LayerDelta, path: str) -> TurboLayer:
         out.write(build_meta_tarball(meta, gzip_index))
     return TurboLayer(
         path=path,
-        digest=_sha256(path),
+        digest=file_digest(path),
         size=os.path.getsize(path),
         diff_id="sha256:" + hashlib.sha256(build_meta_tar(meta, gzip_index)).hexdigest(),
-        target_digest=_sha256(delta.source),
+        target_digest=file_digest(delta.source),
         target_is_gzip=gz,
         mapped_bytes=sum(m.length for m in delta.applied.mappings),
     )

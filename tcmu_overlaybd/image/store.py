@@ -48,6 +48,15 @@ class Descriptor:
         return d
 
 
+def file_digest(path: str) -> str:
+    """``sha256:<hex>`` of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
 def verify_digest(data: bytes, digest: str, what: str) -> bytes:
     """Raise CorruptDataError unless ``data`` hashes to ``digest``."""
     algo, _, expected = digest.partition(":")
