@@ -17,7 +17,9 @@ pytestmark = pytest.mark.kernel
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETUP = os.path.join(REPO, "scripts", "obd-setup")
 CLEANUP = os.path.join(REPO, "scripts", "obd-cleanup")
-FOREIGN_WWN = "naa.5001405deadbeef"
+FOREIGN_WWN = "naa.5001405deadbeef0"
+#: obd's backstore naming, but dev_config names another handler
+FOREIGN_LOOKALIKE = "obd-0123456789ab"
 
 
 def script(*argv: str) -> tuple[int, str]:
@@ -44,23 +46,27 @@ def kill_every_obd_process() -> None:
 
 
 @pytest.fixture
-def foreign_lio(tmp_path):
-    """Makes a fileio backstore exported by its own tcm_loop target: not obd's, never to be
-    touched.  Returns (backstore path, target path, SCSI address prefix of its disk)."""
+def foreign_lio():
+    """Makes LIO objects that are not obd's and must never be touched: a ramdisk backstore
+    exported by its own tcm_loop target, and an unexported TCMU backstore named like obd's
+    but configured for another handler.  Returns their configfs paths and the SCSI
+    address prefix of the foreign disk."""
     import rtslib_fb as rtslib
 
     made = []
 
-    def create() -> tuple[str, str, str]:
-        backing = tmp_path / "foreign.img"
-        backing.write_bytes(b"\0" * (4 << 20))
-        so = rtslib.FileIOStorageObject("foreign-disk", str(backing), size=4 << 20)
+    def create() -> tuple[list[str], str]:
+        so = rtslib.RDMCPStorageObject("foreign-disk", size=4 << 20)
+        made.append(so)
+        lookalike = rtslib.UserBackedStorageObject(FOREIGN_LOOKALIKE, config=f"other/{FOREIGN_LOOKALIKE}",
+                                                   size=1 << 20, control="nl_reply_supported=-1")
+        made.append(lookalike)
         target = rtslib.Target(rtslib.FabricModule("loopback"), FOREIGN_WWN, mode="create")
+        made.insert(0, target)
         tpg = rtslib.TPG(target, 1, mode="create")
-        made.extend([target, so])
         rtslib.LUN(tpg, 0, storage_object=so)
         with open(os.path.join(tpg.path, "address")) as f:
-            return so.path, target.path, f.read().strip() + ":"
+            return [so.path, lookalike.path, target.path], f.read().strip() + ":"
     yield create
     for obj in made:
         obj.delete()
@@ -70,6 +76,8 @@ def obd_leftovers(foreign_scsi: str) -> dict:
     left = kernel_leftovers()
     left["targets"] = [t for t in left["targets"] if not t.endswith(FOREIGN_WWN)]
     left["scsi_disks"] = [d for d in left["scsi_disks"] if not os.path.basename(d).startswith(foreign_scsi)]
+    left["backstores"] = [b for b in left["backstores"] if not b.endswith(FOREIGN_LOOKALIKE)]
+    left["uio"] = [u for u in left["uio"] if FOREIGN_LOOKALIKE not in open(f"{u}/name").read()]
     return left
 
 
@@ -85,7 +93,8 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
     assert os.path.exists("/etc/systemd/system/obd-recover.service")
     rc, again = script(SETUP)
     assert rc == 0 and "\n+ " not in "\n" + again, again  # idempotent: nothing left to do
-    foreign_so, foreign_target, foreign_scsi = foreign_lio()
+    foreign_paths, foreign_scsi = foreign_lio()
+    baseline = obd_leftovers(foreign_scsi)  # the guest's own mounts (/tmp, ...)
 
     mounts = {}
     for name in ("a", "b"):
@@ -107,7 +116,7 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
         assert f"kept {mnt}: handler dead but recoverable" in out
     for m in listed.values():  # nothing of a recoverable mount is proposed
         assert m["backstore"] not in out and m["wwn"] not in out and m["device"] not in out
-    assert "foreign" not in out and FOREIGN_WWN not in out
+    assert "foreign" not in out and FOREIGN_WWN not in out and FOREIGN_LOOKALIKE not in out
 
     rc, out = obd("recover")
     assert rc == 0 and sorted(out.splitlines()) == sorted(f"{m}: handler restarted" for m in mounts.values())
@@ -130,8 +139,8 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
 
     rc, out = script(CLEANUP, "--discard-recoverable")
     assert rc == 0, out
-    assert obd_leftovers(foreign_scsi) == {k: [] for k in obd_leftovers(foreign_scsi)}
-    assert os.path.isdir(foreign_so) and os.path.isdir(foreign_target)  # foreign objects intact
+    assert obd_leftovers(foreign_scsi) == baseline
+    assert all(os.path.isdir(p) for p in foreign_paths)  # foreign objects intact
     assert open(os.path.join(b["upper"], "note")).read() == "written into b\n"  # user data is never removed
     rc, out = script(CLEANUP)
     assert (rc, out.strip()) == (0, "obd-cleanup: nothing to clean")
