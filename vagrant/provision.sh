@@ -61,7 +61,8 @@ if [ -f "$vectors/index.json" ]; then
   for f in "$vectors"/sha256_*; do cp "$f" "$layout/blobs/sha256/${f##*/sha256_}"; done
   cp "$vectors/index.json" "$layout/index.json"
   echo '{"imageLayoutVersion": "1.0.0"}' > "$layout/oci-layout"
-  skopeo copy -q --dest-tls-verify=false "oci:$layout:amd64-converted" "docker://$registry/hello-world:obd"
+  # --preserve-digests: skopeo would otherwise gzip the layers and drop what makes them overlaybd
+  skopeo copy -q --preserve-digests --dest-tls-verify=false "oci:$layout:amd64-converted" "docker://$registry/hello-world:obd"
   say "sample image: $registry/hello-world:obd (obd mount --plain-http $registry/hello-world:obd DIR)"
 else
   say "no spec vectors at $vectors: the sample registry stays empty"

@@ -144,3 +144,28 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
     assert open(os.path.join(b["upper"], "note")).read() == "written into b\n"  # user data is never removed
     rc, out = script(CLEANUP)
     assert (rc, out.strip()) == (0, "obd-cleanup: nothing to clean")
+
+
+def test_vagrant_provisioning_runs_in_the_harness_and_serves_the_sample_image(tmp_path, vectors):
+    """vagrant/provision.sh (minus install-deps: the guest has no network) sets the guest up
+    with the shared scripts and a sample registry whose image obd mounts."""
+    storage = tmp_path / "registry"
+    env = {**os.environ, "OBD_REGISTRY_DIR": str(storage), "OBD_SHARED": os.path.dirname(os.path.dirname(vectors))}
+    r = subprocess.run([os.path.join(REPO, "vagrant", "provision.sh"), "--no-deps"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "provision: sample image: localhost:5000/hello-world:obd" in r.stdout
+        assert "obd-setup: done" in r.stdout
+        mnt = tmp_path / "rootfs"
+        mnt.mkdir()
+        assert obd("mount", "--plain-http", "localhost:5000/hello-world:obd", str(mnt))[0] == 0
+        assert os.path.getsize(mnt / "hello") > 0
+        assert obd("umount", str(mnt))[0] == 0
+        again = subprocess.run([os.path.join(REPO, "vagrant", "provision.sh"), "--no-deps"], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and "registry already answers on localhost:5000" in again.stdout
+    finally:
+        pidfile = f"{storage}.pid"
+        if os.path.exists(pidfile):
+            os.kill(int(open(pidfile).read()), signal.SIGTERM)
