@@ -3,9 +3,11 @@ crash (every obd process killed) handled by obd-cleanup and obd recover."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -169,3 +171,42 @@ def test_vagrant_provisioning_runs_in_the_harness_and_serves_the_sample_image(tm
         pidfile = f"{storage}.pid"
         if os.path.exists(pidfile):
             os.kill(int(open(pidfile).read()), signal.SIGTERM)
+
+
+def test_cleanup_of_a_dead_handler_with_a_blocked_reader_does_not_hang(tmp_path):
+    """The §4.8 trap: commands waiting in the ring of a dead handler.  obd-cleanup fails them
+    (disk offline, ring reset) instead of waiting the 24-day command timeout; without those
+    two steps the LUN removal hangs the guest (checked once by removing them)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "data").write_bytes(os.urandom(8 << 20))
+    img = str(tmp_path / "disk.img")
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), img, "32M"], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    baseline = kernel_leftovers()
+    assert obd("mount", "--raw", img, str(mnt))[0] == 0
+    [m] = obd_json_list()
+    kill_every_obd_process()
+    outcome: list = []
+
+    def read_device():
+        fd = os.open(m["device"], os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 20)
+            outcome.append(os.preadv(fd, [buf], 16 << 20))
+        except OSError as e:
+            outcome.append(e)
+        finally:
+            os.close(fd)
+    reader = threading.Thread(target=read_device, daemon=True)
+    reader.start()
+    time.sleep(3)
+    assert reader.is_alive() and not outcome  # waits for the dead handler
+    start = time.monotonic()
+    rc, out = script(CLEANUP, "--discard-recoverable")
+    assert rc == 0, out
+    reader.join(120)
+    assert not reader.is_alive() and isinstance(outcome[0], OSError), outcome
+    assert time.monotonic() - start < 120
+    assert kernel_leftovers() == baseline
