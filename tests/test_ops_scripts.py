@@ -18,8 +18,12 @@ SETUP = os.path.join(REPO, "scripts", "obd-setup")
 CLEANUP = os.path.join(REPO, "scripts", "obd-cleanup")
 PROVISION = os.path.join(REPO, "vagrant", "provision.sh")
 UNITS = [os.path.join(REPO, "systemd", u) for u in ("obd-recover.service", "obd-mount@.service")]
-INSTALLED = ["etc/udev/rules.d/61-obd.rules", "etc/systemd/system/obd-recover.service",
-             "etc/systemd/system/obd-mount@.service", "etc/modules-load.d/obd.conf"]
+#: what obd-setup installs (relative to / or --destdir) -> its source in the checkout
+SOURCES = {"etc/udev/rules.d/61-obd.rules": "udev/61-obd.rules",
+           "etc/systemd/system/obd-recover.service": "systemd/obd-recover.service",
+           "etc/systemd/system/obd-mount@.service": "systemd/obd-mount@.service",
+           "etc/modules-load.d/obd.conf": "systemd/obd-modules.conf"}
+INSTALLED = list(SOURCES)
 
 
 def run(*argv: str, env: dict | None = None) -> tuple[int, str]:
@@ -43,8 +47,8 @@ def test_cleanup_compiles_with_the_system_python():
 def test_setup_dry_run_lists_every_install_and_changes_nothing(tmp_path):
     rc, out = run(SETUP, "--dry-run", "--destdir", str(tmp_path))
     assert rc == 0, out
-    for rel in INSTALLED:
-        assert f"would: install -D -m 0644 " in out and f"{tmp_path}/{rel}\n" in out
+    for rel, src in SOURCES.items():
+        assert f"would: install -D -m 0644 {REPO}/{src} {tmp_path}/{rel}\n" in out
     assert f"would: ln -s {REPO}/.venv/bin/obd {tmp_path}/usr/local/bin/obd" in out
     assert os.listdir(tmp_path) == []
 
@@ -64,10 +68,8 @@ def test_setup_dry_run_on_the_live_system_plans_the_kernel_steps():
 def test_setup_installs_idempotently_and_uninstalls(tmp_path):
     rc, first = run(SETUP, "--destdir", str(tmp_path))
     assert rc == 0, first
-    for rel in INSTALLED:
-        assert f"+ install -D -m 0644 " in first
-        src = {"etc/modules-load.d/obd.conf": "systemd/obd-modules.conf"}.get(
-            rel, os.path.join("udev" if rel.endswith(".rules") else "systemd", os.path.basename(rel)))
+    for rel, src in SOURCES.items():
+        assert f"+ install -D -m 0644 {REPO}/{src} {tmp_path}/{rel}\n" in first
         with open(os.path.join(REPO, src), "rb") as f:
             assert (tmp_path / rel).read_bytes() == f.read()
         assert (tmp_path / rel).stat().st_mode & 0o777 == 0o644
