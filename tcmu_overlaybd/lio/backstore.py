@@ -97,5 +97,10 @@ def reset_for_new_handler(path: str) -> None:
     _action(path, "reset_ring", "1")
 
 
+def fail_ring(path: str) -> None:
+    """Complete every command still in the ring with an error (no handler will answer them)."""
+    _action(path, "reset_ring", "2")
+
+
 def unblock(path: str) -> None:
     _action(path, "block_dev", "0")

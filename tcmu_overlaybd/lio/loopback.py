@@ -69,6 +69,17 @@ def set_disk_timeout(dev: str, seconds: int) -> None:
         raise KernelError(f"cannot set {path}: {e.strerror}") from None
 
 
+def set_offline(dev: str) -> None:
+    """Take ``dev`` offline so the SCSI layer fails its queued I/O instead of waiting for a
+    handler that is gone (the trailing newline is required by sysfs)."""
+    path = f"/sys/block/{os.path.basename(dev)}/device/state"
+    try:
+        with open(path, "w") as f:
+            f.write("offline\n")
+    except OSError as e:
+        raise KernelError(f"cannot set {path}: {e.strerror}") from None
+
+
 def unexport(wwn: str) -> None:
     """Remove the LUN, TPG and target (the handler must still serve: sd flushes on removal)."""
     if not os.path.isdir(os.path.join(LOOPBACK_ROOT, wwn)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -47,6 +48,8 @@ def _run(argv: list[str], what: str) -> None:
         msg = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-1]
         raise KernelError(f"{what}: {msg}")
 
+
+log = logging.getLogger(__name__)
 
 #: OpenOptions fields that are credentials
 SECRET_OPTIONS = ("username", "password")
@@ -184,12 +187,31 @@ def _stop_processes(sd: StateDir, st: MountState) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _fail_pending_io(st: MountState) -> None:
+    """No handler serves the ring: removing the LUN would wait forever on sd's flush and on
+    commands queued in the ring.  Fail them first: short sd timeout, device offline, ring
+    reset with errors (the order obd-cleanup uses)."""
+    dev = loopback.device_of(st.wwn)
+    steps = []
+    if dev:
+        steps += [lambda: loopback.set_disk_timeout(dev, 5), lambda: loopback.set_offline(dev)]
+    if st.backstore_path and backstore.exists(st.backstore):
+        steps.append(lambda: backstore.fail_ring(st.backstore_path))
+    for step in steps:
+        try:
+            step()
+        except KernelError as e:  # best effort: the next steps may still unblock teardown
+            log.warning("%s: %s", st.mountpoint, e)
+
+
 def teardown(st: MountState, sd: StateDir, lazy: bool = False) -> None:
     """Undo everything ``mount`` did, in the kernel's order; each step skips what is absent."""
     for path in (st.mountpoint, st.lower):
         if _mounted(path):
             argv = ["umount", "-l", path] if lazy else ["umount", path]
             _run(argv, f"cannot unmount {path}")
+    if not pid_alive(sd.read_pids(st.id)["handler_pid"]):
+        _fail_pending_io(st)
     loopback.unexport(st.wwn)
     _stop_processes(sd, st)
     backstore.delete(st.backstore)

@@ -99,3 +99,31 @@ def test_obd_recover_restarts_a_dead_handler_process_group(mounted):
     [after] = obd_json_list()
     assert after["handler_alive"] and after["supervisor_pid"] != m["supervisor_pid"]
     assert (mnt / "data").stat().st_size == 24 << 20
+
+
+def test_umount_after_every_obd_process_was_killed(mkext4, tmp_path):
+    """No handler left at all: obd umount still finishes promptly and leaves nothing behind,
+    even with a reader blocked on the device."""
+    from .conftest import kernel_leftovers
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "data").write_bytes(os.urandom(8 << 20))
+    img = mkext4(str(tree), "16M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = kernel_leftovers()
+    assert obd("mount", "--raw", img, str(mnt))[0] == 0
+    [m] = obd_json_list()
+    for pid in (m["supervisor_pid"], m["handler_pid"]):
+        os.kill(pid, signal.SIGKILL)
+    reader = DeviceReader(m["device"], passes=1)  # blocks in the ring: nobody answers
+    reader.start()
+    time.sleep(1)
+    t0 = time.monotonic()
+    rc, out = obd("umount", str(mnt))
+    assert rc == 0, out
+    assert time.monotonic() - t0 < 120
+    reader.join(60)
+    assert not reader.is_alive() and isinstance(reader.error, OSError)
+    assert kernel_leftovers() == before
