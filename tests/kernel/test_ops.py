@@ -84,7 +84,11 @@ def obd_leftovers(foreign_scsi: str) -> dict:
 
 
 def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_lio):
-    # a bare guest: TCMU modules unloaded (the session fixture loaded them)
+    # a bare guest: TCMU modules unloaded (the session fixture loaded them; earlier tests'
+    # mounts left the empty loopback fabric directory, which holds a reference on tcm_loop)
+    for fabric in ("/sys/kernel/config/target/loopback",):
+        if os.path.isdir(fabric) and not any(n.startswith("naa.") for n in os.listdir(fabric)):
+            os.rmdir(fabric)
     subprocess.run(["modprobe", "-r", "tcm_loop", "target_core_user"], capture_output=True)
     assert not os.path.isdir("/sys/module/target_core_user") and not os.path.isdir("/sys/module/tcm_loop")
     rc, out = script(SETUP)
