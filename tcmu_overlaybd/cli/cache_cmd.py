@@ -45,18 +45,14 @@ def _human(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-def _open(cache_dir: str | None) -> BlockCache:
+def _open_caches(cache_dir: str | None, gzip_cache_dir: str | None) -> tuple[BlockCache, GzipCache | None]:
+    """The block cache, and the gzip cache or None when it does not exist yet (nothing to
+    list or free); one configuration read for both."""
     cfg = config.load()
-    return BlockCache(cache_dir or cfg["cache.dir"], int(cfg["cache.sizeGB"] * (1 << 30)), cfg["cache.blockSize"])
-
-
-def _open_gzip(gzip_cache_dir: str | None) -> GzipCache | None:
-    """The gzip cache, or None when it does not exist yet (nothing to list or free)."""
-    cfg = config.load()
+    blocks = BlockCache(cache_dir or cfg["cache.dir"], int(cfg["cache.sizeGB"] * (1 << 30)), cfg["cache.blockSize"])
     path = gzip_cache_dir or cfg["gzipCache.cacheDir"]
-    if not os.path.isdir(path):
-        return None
-    return GzipCache(path, capacity_gb=cfg["gzipCache.cacheSizeGB"])
+    gz = GzipCache(path, capacity_gb=cfg["gzipCache.cacheSizeGB"]) if os.path.isdir(path) else None
+    return blocks, gz
 
 
 _dir_option = click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
@@ -76,7 +72,7 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cache_ls(cache_dir: str | None, gzip_cache_dir: str | None, as_json: bool) -> None:
     """List cached blobs (blocks, bytes, last use) and cached gzip layers."""
-    cache = _open(cache_dir)
+    cache, gz = _open_caches(cache_dir, gzip_cache_dir)
     blobs: dict[str, dict] = defaultdict(lambda: {"blocks": 0, "bytes": 0, "last_used": 0.0})
     for e in cache.scan():
         b = blobs[e.digest]
@@ -85,7 +81,6 @@ def cache_ls(cache_dir: str | None, gzip_cache_dir: str | None, as_json: bool) -
         b["last_used"] = max(b["last_used"], e.mtime)
     rows = sorted(({"digest": d, **v} for d, v in blobs.items()), key=lambda r: r["last_used"], reverse=True)
     total = sum(r["bytes"] for r in rows)
-    gz = _open_gzip(gzip_cache_dir)
     gz_rows = [] if gz is None else sorted(
         ({"digest": name, "bytes": used, "last_used": when} for name, used, when in gz.files()),
         key=lambda r: r["last_used"], reverse=True)
@@ -117,10 +112,9 @@ def cache_ls(cache_dir: str | None, gzip_cache_dir: str | None, as_json: bool) -
 def cache_prune(cache_dir: str | None, gzip_cache_dir: str | None, max_size: str | None) -> None:
     """Evict least recently used blocks (and gzip layers) down to a size."""
     limit = _size_arg(max_size)
-    cache = _open(cache_dir)
+    cache, gz = _open_caches(cache_dir, gzip_cache_dir)
     freed = cache.prune(limit)
     click.echo(f"freed {_human(freed)}; {_human(cache.usage())} left in {cache.dir}")
-    gz = _open_gzip(gzip_cache_dir)
     if gz is not None:
         freed = gz.prune(limit)
         click.echo(f"freed {_human(freed)}; {_human(gz.usage())} left in {gz.dir}")
@@ -134,10 +128,9 @@ def cache_clear(cache_dir: str | None, gzip_cache_dir: str | None, digest: str |
     """Remove every cached block and gzip layer, or only those of DIGEST."""
     if digest:
         validate_digest(digest)
-    cache = _open(cache_dir)
+    cache, gz = _open_caches(cache_dir, gzip_cache_dir)
     freed = cache.clear(digest)
     click.echo(f"freed {_human(freed)} from {cache.dir}")
-    gz = _open_gzip(gzip_cache_dir)
     if gz is not None:
         freed = gz.clear(digest)
         click.echo(f"freed {_human(freed)} from {gz.dir}")

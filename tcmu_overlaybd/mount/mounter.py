@@ -24,7 +24,7 @@ from .. import config
 from ..errors import KernelError, ObdError, StateError, UsageError
 from ..image.options import OpenOptions
 from ..lio import backstore, host, loopback
-from .state import MountState, StateDir, mount_id, pid_alive
+from .state import SECRET_OPTIONS, MountState, StateDir, mount_id, pid_alive
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
@@ -50,10 +50,6 @@ def _run(argv: list[str], what: str) -> None:
 
 
 log = logging.getLogger(__name__)
-
-#: OpenOptions fields that are credentials
-SECRET_OPTIONS = ("username", "password")
-
 
 def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool, secrets: dict | None = None) -> subprocess.Popen:
     """Start the handler process group and wait until its handler serves the ring.

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 from ..errors import StateError
 
+#: OpenOptions fields that are credentials: never written to a state file
+SECRET_OPTIONS = ("username", "password")
+
 
 @dataclass
 class MountState:

@@ -26,7 +26,7 @@ from ..tcmu.handler import Handler
 from ..tcmu.scsi import DiskInfo, Target
 from ..tcmu.uio import UioDevice, find_uio
 from ..lio import backstore
-from .state import MountState, StateDir
+from .state import SECRET_OPTIONS, MountState, StateDir
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _read_secrets() -> dict:
     if not isinstance(secrets, dict):
         return {}
     register_secret(secrets.get("password"))
-    return {k: v for k, v in secrets.items() if k in ("username", "password") and isinstance(v, str)}
+    return {k: v for k, v in secrets.items() if k in SECRET_OPTIONS and isinstance(v, str)}
 
 
 if __name__ == "__main__":
