@@ -44,6 +44,13 @@ def _log_level(v) -> str | None:
     return None if v.lower() in ok else f"must be one of {', '.join(ok)}"
 
 
+def _host_port(v) -> str | None:
+    if v == "":
+        return None
+    host, sep, port = v.rpartition(":")
+    return None if sep and host and port.isdigit() and int(port) < 65536 else "must be HOST:PORT or empty"
+
+
 def _power_of_two_4k(v) -> str | None:
     return None if v >= 4096 and v & (v - 1) == 0 else "must be a power of two >= 4096"
 
@@ -75,11 +82,28 @@ KEYS: tuple[Key, ...] = (
         "seconds a read may wait for the registry before the device returns EIO", _positive),
     Key("io.threads", int, 8, "OBD_IO_THREADS",
         "handler worker threads per device", _positive),
+    Key("io.parallelFetches", int, 4, "OBD_IO_PARALLEL_FETCHES",
+        "range requests in flight per blob for one large cold read", _positive),
+    Key("io.slowMs", float, 1000.0, "OBD_IO_SLOW_MS",
+        "a device read slower than this, ms, counts as slow in obd stats and logs a warning", _positive),
+    Key("prefetch.concurrency", int, 16, "OBD_PREFETCH_CONCURRENCY",
+        "range requests in flight while a mount replays a trace or prefetch list", _positive),
+    Key("prefetch.background", bool, False, "OBD_PREFETCH_BACKGROUND",
+        "download every block of the image in the background after a mount"),
+    Key("prefetch.backgroundDelay", float, 10.0, "OBD_PREFETCH_BACKGROUND_DELAY",
+        "seconds after the mount before the background download starts", _non_negative),
+    Key("prefetch.backgroundRateMBps", float, 20.0, "OBD_PREFETCH_BACKGROUND_RATE",
+        "bandwidth cap of the background download, MB/s", _positive),
+    Key("metrics.listen", str, "", "OBD_METRICS_LISTEN",
+        "Prometheus text endpoint of each handler, HOST:PORT (port 0 = any free port); empty = off",
+        _host_port),
     Key("log.level", str, "warning", "OBD_LOG_LEVEL", "debug, info, warning or error", _log_level),
     Key("log.file", str, "", "OBD_LOG_FILE", "handler log file; empty = stderr / journal"),
     Key("state.dir", str, "/run/obd", "OBD_STATE_DIR", "per-mount state files"),
     Key("state.upperDir", str, "/var/lib/obd/upper", "OBD_UPPER_DIR",
         "default parent of overlayfs upper/work directories"),
+    Key("state.persistDir", str, "/var/lib/obd/mounts", "OBD_PERSIST_DIR",
+        "mount records kept across reboots, from which obd recover re-creates the mounts"),
 )
 
 _BY_NAME = {k.name: k for k in KEYS}

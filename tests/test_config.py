@@ -22,10 +22,18 @@ SAMPLES = {
     "registry.hostsDir": ("/etc/obd/certs.d", True),
     "io.timeout": (30, 0),
     "io.threads": (16, 0),
+    "io.parallelFetches": (8, 0),
+    "io.slowMs": (250, -1),
+    "prefetch.concurrency": (32, 0),
+    "prefetch.background": (True, "sometimes"),
+    "prefetch.backgroundDelay": (0, -3),
+    "prefetch.backgroundRateMBps": (5, 0),
+    "metrics.listen": ("127.0.0.1:9464", "nine"),
     "log.level": ("debug", "loud"),
     "log.file": ("/var/log/obd.log", 5),
     "state.dir": ("/run/obd2", None),
     "state.upperDir": ("/var/lib/x", 3.5),
+    "state.persistDir": ("/srv/obd/mounts", 7),
 }
 
 
