@@ -29,10 +29,10 @@ def blob(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def cached(tmp_path, data: bytes, key=DIGEST_A, cap=64 << 20, bs=BS):
+def cached(tmp_path, data: bytes, key=DIGEST_A, cap=64 << 20, bs=BS, parallel=1):
     cache = BlockCache(tmp_path / "cache", cap, bs)
     base = CountingSource(BytesSource(data, name=key))
-    return cache, base, CachedSource(base, cache, key)
+    return cache, base, CachedSource(base, cache, key, parallel=parallel)
 
 
 def test_reads_match_source_across_block_boundaries_and_tail(tmp_path):
@@ -364,3 +364,151 @@ def test_zfile_crc_mismatch_in_a_cached_block_is_refetched(tmp_path, vectors):
             f.write(bytes(x ^ 0xFF for x in b))
     assert decompressed() == lsmt_sha256
     assert origin.bytes_read - fetched >= 7 * cache.block_size  # the bad blocks came again
+
+
+# ---- parallel range requests (io.parallelFetches) ---------------------------------------------
+
+class ShapedSource:
+    """A remote blob over one TCP stream per request: ``rtt`` per request, then ``rate`` bytes/s.
+
+    Records each request's (offset, length) and the most requests ever in flight at once."""
+
+    def __init__(self, data: bytes, rtt: float, rate: float, name: str = "shaped"):
+        self.data, self.rtt, self.rate, self.name, self.size = data, rtt, rate, name, len(data)
+        self.requests: list[tuple[int, int]] = []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.requests.append((offset, length))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(self.rtt + length / self.rate)
+        with self._lock:
+            self.in_flight -= 1
+        return self.data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+def test_split_runs_halves_the_longest_run_up_to_the_limit():
+    from tcmu_overlaybd.cache.blockcache import split_runs
+
+    assert split_runs([list(range(8))], 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert split_runs([[0], [2, 3, 4, 5, 6, 7]], 3) == [[0], [2, 3, 4], [5, 6, 7]]
+    assert split_runs([[0], [2], [4], [6], [8]], 2) == [[0], [2], [4], [6], [8]]  # never merged
+    assert split_runs([[5, 6, 7]], 1) == [[5, 6, 7]]
+    assert split_runs([], 4) == []
+
+
+@pytest.mark.parametrize("mib", [1, 8])
+def test_cold_read_is_parallel_whole_block_requests_about_one_round_trip(tmp_path, mib):
+    bs = 256 * 1024
+    data = blob(mib << 20, 30 + mib)
+    rtt, rate = 0.1, 32 << 20  # 100 ms per request, 32 MiB/s per stream
+    base = ShapedSource(data, rtt, rate)
+    src = CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, bs), DIGEST_A, parallel=4)
+    t0 = time.monotonic()
+    assert src.read(0, mib << 20) == data
+    wall = time.monotonic() - t0
+    serial = rtt + len(data) / rate  # one merged request on one stream
+    assert len(base.requests) == min(4, mib * 4) and base.max_in_flight == min(4, mib * 4)
+    assert all(off % bs == 0 and n % bs == 0 for off, n in base.requests)
+    assert sorted(base.requests) == [(i * len(data) // 4, len(data) // 4) for i in range(4)]
+    # about one round trip plus a quarter of the transfer, far from 4-32 round trips
+    assert wall < 1.6 * (rtt + len(data) / 4 / rate), (wall, serial)
+    base.requests.clear()
+    assert src.read(0, mib << 20) == data and base.requests == []  # warm: no request
+
+
+def test_fragmented_misses_go_out_concurrently_and_stay_merged(tmp_path):
+    bs = 64 * 1024
+    data = blob(16 * bs, 40)
+    base = ShapedSource(data, 0.05, 1 << 30)
+    src = CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, bs), DIGEST_A, parallel=4)
+    for i in (2, 5, 11):  # cached islands split blocks 0-15 into 4 runs
+        src.read(i * bs, 1)
+    base.requests.clear()
+    base.max_in_flight = 0
+    t0 = time.monotonic()
+    assert src.read(0, 16 * bs) == data
+    wall = time.monotonic() - t0
+    assert sorted(base.requests) == [(0, 2 * bs), (3 * bs, 2 * bs), (6 * bs, 5 * bs), (12 * bs, 4 * bs)]
+    assert base.max_in_flight == 4 and wall < 0.05 * 2.5  # not 4 serial round trips
+
+
+def test_concurrent_readers_share_blocks_in_flight_with_parallel_pieces(tmp_path):
+    bs = 64 * 1024
+    data = blob(32 * bs, 41)
+    base = ShapedSource(data, 0.05, 1 << 30)
+    src = CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, bs), DIGEST_A, parallel=4)
+    out: list[bytes] = []
+    threads = [threading.Thread(target=lambda: out.append(src.read(0, 32 * bs))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [data] * 6
+    assert sum(n for _o, n in base.requests) == len(data)  # every block fetched exactly once
+
+
+def test_a_failing_piece_fails_the_read_and_stores_the_other_pieces(tmp_path):
+    bs = 64 * 1024
+    data = blob(8 * bs, 42)
+
+    class Flaky(ShapedSource):
+        def read(self, offset, length):
+            if offset == 4 * bs:
+                raise CorruptDataError("boom", blob=self.name, offset=offset)
+            return super().read(offset, length)
+
+    base = Flaky(data, 0.01, 1 << 30)
+    cache = BlockCache(tmp_path / "c", 64 << 20, bs)
+    src = CachedSource(base, cache, DIGEST_A, parallel=4)
+    with pytest.raises(CorruptDataError, match="boom"):
+        src.read(0, 8 * bs)
+    assert sorted(e.index for e in cache.scan()) == [0, 1, 2, 3, 6, 7]
+    assert not cache._inflight  # nothing left claimed: a retry fetches the failed blocks
+
+
+def _zfile_layer_blob(vsize: int, content: bytes) -> bytes:
+    """A native overlaybd layer blob (tar → ZFile lz4 → sealed LSMT) holding ``content`` at 0."""
+    import io
+
+    from tcmu_overlaybd.block.source import BytesSource as _B
+    from tcmu_overlaybd.format import lsmt, tarwrap, zfile
+
+    b = lsmt.SealedLayerBuilder(vsize)
+    b.add_data(0, content)
+    raw = io.BytesIO()
+    b.finish(raw)
+    z = io.BytesIO()
+    size = zfile.compress_source(_B(raw.getvalue()), z, "lz4", 4096)
+    z.seek(0)
+    out = io.BytesIO()
+    tarwrap.wrap(z, out, size)
+    return out.getvalue()
+
+
+def test_cold_1mib_read_of_a_zfile_layer_is_one_parallel_round_trip(tmp_path):
+    """LSMT → ZFile → tar → cache: a cold 1 MiB device read becomes a few concurrent whole-block
+    Range requests (ZFile asks for all its missing compressed blocks at once), not 256 serial ones."""
+    from tcmu_overlaybd.block.stack import StackedDisk
+    from tcmu_overlaybd.format.layer import open_layer_blob
+
+    rng = random.Random(43)
+    content = b"".join(rng.randbytes(2048) + bytes(2048) for _ in range(8 << 8))  # 8 MiB, ~50% lz4
+    layer_blob = _zfile_layer_blob(64 << 20, content)
+    rtt = 0.1
+    base = ShapedSource(layer_blob, rtt, 64 << 20, name="sha256:layer")
+    disk = StackedDisk([open_layer_blob(CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, 64 * 1024),
+                                                     DIGEST_A, parallel=4))])
+    base.requests.clear()
+    base.max_in_flight = 0
+    t0 = time.monotonic()
+    assert disk.read(3 << 20, 1 << 20) == content[3 << 20 : 4 << 20]
+    wall = time.monotonic() - t0
+    assert 2 <= len(base.requests) <= 5 and base.max_in_flight >= 2
+    assert wall < 2 * rtt + 0.1

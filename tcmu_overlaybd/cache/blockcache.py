@@ -26,12 +26,18 @@ older than ``TOUCH_INTERVAL`` (so LRU order has that resolution).  Readers in
 other processes that lose a block to eviction see a miss, or keep reading the
 same bytes from an fd they hold.  Threads of one process that miss the same
 block wait for one fetch instead of each fetching it.
+
+Parallel fetches: a read that misses several blocks sends up to
+``parallel_fetches`` (``io.parallelFetches``) Range requests at once, each for a
+run of whole adjacent blocks, so a cold 1 MiB read costs about one round trip
+instead of four (see ``split_runs``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import itertools
 import logging
 import os
@@ -39,8 +45,10 @@ import resource
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .. import config
 from ..block.source import ByteSource, clamp_read
 from ..errors import CorruptDataError, StateError, UsageError
 
@@ -63,6 +71,39 @@ def _fd_table_size() -> int:
 #: open block files kept per cache object (fd reuse makes warm reads cheap)
 FD_CACHE_SIZE = _fd_table_size()
 FORMAT_PREFIX = "v1-"
+#: Range requests in flight per cold read (the ``io.parallelFetches`` default)
+DEFAULT_PARALLEL_FETCHES = 4
+#: threads of the process-wide pool that sends the extra requests of parallel fetches
+FETCH_POOL_THREADS = 32
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _fetch_pool() -> ThreadPoolExecutor:
+    """The process-wide pool of fetch threads (created on first use, so after any fork)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(FETCH_POOL_THREADS, thread_name_prefix="obd-fetch")
+        return _pool
+
+
+def split_runs(runs: list[list[int]], parallel: int) -> list[list[int]]:
+    """Cut runs of adjacent block indexes into at most ``parallel`` requests where possible.
+
+    Runs are never merged (they are not adjacent); while there are fewer pieces
+    than ``parallel``, the longest piece is halved on a block boundary.  Pieces
+    come back in block order.
+    """
+    heap = [(-len(r), r[0], r) for r in runs]
+    heapq.heapify(heap)
+    while len(heap) < parallel and heap and -heap[0][0] > 1:
+        _n, _first, run = heapq.heappop(heap)
+        half = len(run) // 2
+        for piece in (run[:half], run[half:]):
+            heapq.heappush(heap, (-len(piece), piece[0], piece))
+    return [r for _n, _first, r in sorted(heap, key=lambda e: e[1])]
 
 
 @dataclass
@@ -132,6 +173,8 @@ class BlockCache:
         self.capacity = int(capacity_bytes)
         self.block_size = block_size
         self.counters = CacheStats()
+        #: Range requests one cold read may have in flight (``io.parallelFetches``)
+        self.parallel_fetches = DEFAULT_PARALLEL_FETCHES
         self._blocks_dir = os.path.join(self.dir, f"{FORMAT_PREFIX}{block_size}")
         self._tmp_dir = os.path.join(self.dir, "tmp")
         self._seq = itertools.count()
@@ -492,8 +535,10 @@ class _FileLock:
 class CachedSource:
     """A ByteSource reading ``base`` through a BlockCache, fetching only missing blocks.
 
-    Consecutive missing blocks of one read become one ``base.read`` (one Range GET
-    for a registry blob).  Sequential reads that miss grow a readahead window
+    Consecutive missing blocks of one read are fetched together: as one
+    ``base.read`` (one Range GET for a registry blob), or, up to ``parallel``
+    (default: the cache's ``parallel_fetches``), as that many concurrent reads
+    of whole-block pieces; ``base.read`` must therefore be thread-safe.  Sequential reads that miss grow a readahead window
     (doubling from ``READAHEAD_MIN`` up to ``READAHEAD_MAX`` blocks) so a streaming
     reader makes few large requests; random reads never read ahead.  ``key`` is the
     blob's digest: the cache trusts that the same key always names the same bytes.
@@ -502,10 +547,11 @@ class CachedSource:
     READAHEAD_MIN = 2
     READAHEAD_MAX = 16
 
-    def __init__(self, base: ByteSource, cache: BlockCache, key: str):
+    def __init__(self, base: ByteSource, cache: BlockCache, key: str, parallel: int | None = None):
         self.base = base
         self.cache = cache
         self.key = key
+        self.parallel = max(1, parallel if parallel is not None else cache.parallel_fetches)
         self.name = base.name
         self.size = base.size
         _split_digest(key)
@@ -568,7 +614,8 @@ class CachedSource:
         """Fetch the missing blocks (and the readahead blocks ``ahead``), store them, fill ``parts``.
 
         Blocks another thread of this process is already fetching are waited for,
-        not fetched twice; the rest go out as one request per run of adjacent blocks.
+        not fetched twice; the rest go out as runs of adjacent blocks, up to
+        ``self.parallel`` requests at once (see ``split_runs``).
         """
         bs = self.cache.block_size
         mine, theirs = self.cache._claim(self.key, list(missing) + list(ahead))
@@ -581,8 +628,11 @@ class CachedSource:
                     runs[-1].append(idx)
                 else:
                     runs.append([idx])
-            for run in runs:
-                self._fetch_run(run, offset, end, first, parts)
+            pieces = split_runs(runs, self.parallel)
+            if len(pieces) == 1:
+                self._fetch_run(pieces[0], offset, end, first, parts)
+            elif pieces:
+                self._fetch_parallel(pieces, offset, end, first, parts)
         finally:
             self.cache._release(self.key, mine)
         for idx, done in theirs:
@@ -594,6 +644,36 @@ class CachedSource:
                 self._fill([idx], offset, end, first, parts)
             else:
                 parts[idx - first] = data
+
+    def _fetch_parallel(self, pieces: list[list[int]], offset: int, end: int, first: int,
+                        parts: list) -> None:
+        """Fetch ``pieces`` with at most ``self.parallel`` in flight: this thread and pool threads
+        take pieces from one queue; the first failure is raised once every piece is done."""
+        queue = iter(pieces)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    return
+                self._fetch_run(piece, offset, end, first, parts)
+
+        pool = _fetch_pool()
+        helpers = [pool.submit(drain) for _ in range(min(self.parallel, len(pieces)) - 1)]
+        error: BaseException | None = None
+        try:
+            drain()
+        except BaseException as e:  # wait for the helpers first: they fill ``parts``
+            error = e
+        for fut in helpers:
+            try:
+                fut.result()
+            except BaseException as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def _fetch_run(self, run: list[int], offset: int, end: int, first: int, parts: list) -> None:
         """One base read for adjacent blocks ``run``; every block is stored."""
@@ -651,5 +731,7 @@ def shared_cache(dir: str | None, capacity_bytes: int | None, block_size: int = 
         cache = _shared.get((path, block_size))
         if cache is None:
             cap = capacity_bytes if capacity_bytes else 4 << 30
-            cache = _shared[(path, block_size)] = BlockCache(path, cap, block_size)
+            cache = BlockCache(path, cap, block_size)
+            cache.parallel_fetches = config.load()["io.parallelFetches"]
+            _shared[(path, block_size)] = cache
         return cache
