@@ -31,7 +31,7 @@ def mount_cmd(image: str, mountpoint: str, upper: str | None, foreground: bool, 
     if foreground:  # before mounting: a Ctrl-C at any point then unmounts cleanly
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.append(True))
-    st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw)
+    st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw, persist=not foreground)
     click.echo(st.mountpoint)
     if foreground:
         mounter.foreground(st, stop)
@@ -40,7 +40,8 @@ def mount_cmd(image: str, mountpoint: str, upper: str | None, foreground: bool, 
 @click.command("umount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 def umount_cmd(mountpoint: str) -> None:
-    """Unmount MOUNTPOINT and remove its device, LUN, backstore and handler."""
+    """Unmount MOUNTPOINT and remove its device, LUN, backstore, handler and mount record
+    (of a mount that is not active, only the record)."""
     from ..mount import mounter
 
     mounter.umount(mountpoint)
@@ -49,7 +50,11 @@ def umount_cmd(mountpoint: str) -> None:
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of mounts.")
 def list_cmd(as_json: bool) -> None:
-    """Show obd mounts: mountpoint, device, image, handler pid."""
+    """Show obd mounts: mountpoint, device, handler pid, status, image.
+
+    STATUS is ``active``, ``handler dead`` (obd recover restarts it), ``starting``, or
+    ``not active``: recorded before a restart and not mounted now (obd recover re-creates it).
+    """
     from ..mount import mounter
 
     mounts = mounter.list_mounts()
@@ -58,23 +63,25 @@ def list_cmd(as_json: bool) -> None:
         return
     if not mounts:
         return
-    click.echo(f"{'MOUNTPOINT':30} {'DEVICE':10} {'HANDLER':>8} {'RESTARTS':>8}  IMAGE")
+    click.echo(f"{'MOUNTPOINT':30} {'DEVICE':10} {'HANDLER':>8} {'RESTARTS':>8}  {'STATUS':12} IMAGE")
     for m in mounts:
-        pid = str(m["handler_pid"]) if m["handler_alive"] else "dead"
-        click.echo(f"{m['mountpoint']:30} {m['device'] or '-':10} {pid:>8} {m['restarts']:>8}  {m['image']}")
+        pid = str(m["handler_pid"]) if m["handler_alive"] else "-"
+        click.echo(f"{m['mountpoint']:30} {m['device'] or '-':10} {pid:>8} {m['restarts']:>8}  "
+                   f"{m['status']:12} {m['image']}")
 
 
 @click.command("recover")
 def recover_cmd() -> None:
-    """Restart the handler of every mount whose handler process is gone."""
+    """Bring back obd mounts after a crash or a reboot: restart dead handlers, re-create
+    recorded mounts (same upper directory).  One line per mount acted on."""
     from ..mount import mounter
 
-    failed = False
-    for st, outcome in mounter.recover():
-        click.echo(f"{st.mountpoint}: {outcome}")
-        failed = failed or outcome.startswith(("restart failed", "backstore gone"))
+    failed = 0
+    for mountpoint, outcome in mounter.recover():
+        click.echo(f"{mountpoint}: {outcome}")
+        failed += outcome.startswith("failed")
     if failed:
-        raise KernelError("some mounts could not be recovered")
+        raise KernelError(f"{failed} mount(s) could not be recovered")
 
 
 @click.command("doctor")

@@ -21,6 +21,17 @@ MAX_DATA_AREA_MB = 64
 WAIT_FOR_HANDLER_S = 2147483
 
 
+def name_for(mount_id: str) -> str:
+    """The backstore of mount ``mount_id`` (obd-cleanup recognises this naming)."""
+    return f"obd-{mount_id}"
+
+
+def dev_config(name: str) -> str:
+    """The dev_config of backstore ``name``: ``obd/<name>``, i.e. our subtype and a cfgstring
+    naming the mount (the UIO name ends with it, tcmu.md §2.1)."""
+    return f"{SUBTYPE}/{name}"
+
+
 def _control(block_size: int) -> str:
     # nl_reply_supported=-1: the kernel never waits for a netlink reply for this device (§3.4)
     return f"nl_reply_supported=-1,max_data_area_mb={MAX_DATA_AREA_MB},hw_block_size={block_size}"
@@ -35,7 +46,7 @@ def create(name: str, size: int, block_size: int = BLOCK_SIZE) -> str:
     size = -(-size // block_size) * block_size
     try:
         rtslib.RTSRoot().invalidate_caches()  # other tools may have created backstores meanwhile
-        so = rtslib.UserBackedStorageObject(name, config=f"{SUBTYPE}/{name}", size=size,
+        so = rtslib.UserBackedStorageObject(name, config=dev_config(name), size=size,
                                             hw_max_sectors=MAX_SECTORS, control=_control(block_size))
     except (rtslib.RTSLibError, OSError) as e:
         raise KernelError(f"cannot create TCMU backstore {name}: {e}") from None
@@ -49,18 +60,28 @@ def create(name: str, size: int, block_size: int = BLOCK_SIZE) -> str:
 
 
 def _find(name: str):
+    """Our backstore ``name``: a user backstore of that name whose dev_config is ours.  A
+    namesake configured for another handler is never returned, so nothing here deletes,
+    resets or exports a foreign device even when a state file names one."""
+    want = dev_config(name)
     for so in rtslib.RTSRoot().storage_objects:
-        if so.plugin == "user" and so.name == name:
+        if so.plugin == "user" and so.name == name and so.config == want:
             return so
     return None
 
 
 def find(name: str):
-    """The rtslib storage object of backstore ``name`` or raise NotFoundError."""
+    """The rtslib storage object of our backstore ``name`` or raise NotFoundError."""
     so = _find(name)
     if so is None:
-        raise NotFoundError(f"no TCMU backstore named {name}")
+        raise NotFoundError(f"no obd TCMU backstore named {name}")
     return so
+
+
+def path_of(name: str) -> str | None:
+    """The configfs directory of our backstore ``name`` (None if there is none)."""
+    so = _find(name)
+    return so.path if so is not None else None
 
 
 def exists(name: str) -> bool:

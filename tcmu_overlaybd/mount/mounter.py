@@ -6,6 +6,10 @@ tcm_loop LUN (the SCSI scan runs inside that call) → /dev/sdX → ext4
 directory on the mountpoint.  Teardown runs the other way round: overlay and
 ext4 unmounted, loopback target removed while the handler still serves, handler
 stopped, backstore deleted (tcmu.md §4.8).
+
+Every mount but ``obd mount -f`` also leaves a record in ``state.persistDir``
+(removed by ``umount``) from which ``recover`` re-creates it after a reboot,
+on the same upper directory.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from .. import config
 from ..errors import KernelError, ObdError, StateError, UsageError
 from ..image.options import OpenOptions
 from ..lio import backstore, host, loopback
-from .state import SECRET_OPTIONS, MountState, StateDir, mount_id, pid_alive
+from .state import SECRET_OPTIONS, MountRecord, MountState, RecordDir, StateDir, mount_id, pid_alive
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
@@ -32,6 +36,10 @@ STOP_TIMEOUT_S = 20.0
 
 def state_dir() -> StateDir:
     return StateDir(config.load()["state.dir"])
+
+
+def record_dir() -> RecordDir:
+    return RecordDir(config.load()["state.persistDir"])
 
 
 def _mounted(path: str) -> bool:
@@ -110,18 +118,63 @@ def _probe_size(st: MountState, secrets: dict) -> int:
         src.close()
 
 
+def _new_state(sd: StateDir, mid: str, mountpoint: str, image: str, raw: bool, options: dict,
+               upper: str, work: str, own_upper: bool) -> MountState:
+    return MountState(id=mid, mountpoint=mountpoint, image=image, raw=raw, options=options,
+                      size=0, backstore=backstore.name_for(mid), wwn=loopback.wwn_for(mid),
+                      lower=os.path.join(sd.path, mid + ".lower"), upper=upper, work=work,
+                      own_upper=own_upper)
+
+
+def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep_upper: bool = False) -> None:
+    """Backstore, handler, LUN, ext4 and overlayfs of ``st`` (whose ``size`` is known).
+
+    ``on_success`` runs once everything is mounted, before the state turns "mounted";
+    on any failure everything is undone (the upper directory too unless ``keep_upper``).
+    """
+    sd.save(st)
+    try:
+        st.backstore_path = backstore.create(st.backstore, st.size)
+        sd.save(st)
+        _spawn_supervisor(sd, st, recover=False, secrets=secrets)
+        st.device = loopback.export(st.backstore, st.wwn)
+        sd.save(st)
+        os.makedirs(st.lower, exist_ok=True)
+        _run(["mount", "-t", "ext4", "-o", "ro,noload", st.device, st.lower],
+             f"cannot mount {st.device} (ext4) of {st.image}")
+        os.makedirs(st.upper, exist_ok=True)
+        os.makedirs(st.work, exist_ok=True)
+        _run(["mount", "-t", "overlay", "overlay", "-o",
+              f"lowerdir={st.lower},upperdir={st.upper},workdir={st.work}", st.mountpoint],
+             f"cannot mount overlayfs on {st.mountpoint}")
+        if on_success is not None:
+            on_success()
+    except BaseException:
+        teardown(st, sd, forget=not keep_upper)
+        raise
+    st.phase = "mounted"
+    sd.save(st)
+
+
 def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = None,
-          raw: bool = False) -> MountState:
-    """Mount ``image`` as a writable rootfs on ``mountpoint``; returns once it is usable."""
+          raw: bool = False, persist: bool = True) -> MountState:
+    """Mount ``image`` as a writable rootfs on ``mountpoint``; returns once it is usable.
+
+    ``persist``: also record it in ``state.persistDir`` so ``recover`` re-creates it after a
+    reboot (off for ``obd mount -f``, whose caller, e.g. a systemd unit, mounts it again).
+    """
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise UsageError(f"{mountpoint}: mountpoint is not a directory")
     if raw:
         image = os.path.realpath(image)
-    sd = state_dir()
+    sd, rd = state_dir(), record_dir()
     mid = mount_id(mp)
     if os.path.exists(sd.file(mid)):
         raise StateError(f"{mp} is already an obd mount (obd umount {mp} first)")
+    if os.path.exists(rd.file(mid)):
+        raise StateError(f"{mp} has an obd mount record from before a restart "
+                         f"(obd recover brings it back, obd umount {mp} drops it)")
     if _mounted(mp):
         raise StateError(f"{mp} is already a mountpoint")
     host.prepare()
@@ -138,31 +191,9 @@ def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = No
     secrets = {k: options.pop(k) for k in SECRET_OPTIONS if options.get(k)}
     if secrets:
         options["extra"] = {**options.get("extra", {}), "credentials": "memory-only"}
-    st = MountState(id=mid, mountpoint=mp, image=image, raw=raw, options=options,
-                    size=0, backstore=f"obd-{mid}", wwn=loopback.wwn_for(mid),
-                    lower=os.path.join(sd.path, mid + ".lower"), upper=upper_dir, work=work_dir,
-                    own_upper=own_upper)
+    st = _new_state(sd, mid, mp, image, raw, options, upper_dir, work_dir, own_upper)
     st.size = _probe_size(st, secrets)
-    sd.save(st)
-    try:
-        st.backstore_path = backstore.create(st.backstore, st.size)
-        sd.save(st)
-        _spawn_supervisor(sd, st, recover=False, secrets=secrets)
-        st.device = loopback.export(st.backstore, st.wwn)
-        sd.save(st)
-        os.makedirs(st.lower, exist_ok=True)
-        _run(["mount", "-t", "ext4", "-o", "ro,noload", st.device, st.lower],
-             f"cannot mount {st.device} (ext4) of {image}")
-        os.makedirs(st.upper, exist_ok=True)
-        os.makedirs(st.work, exist_ok=True)
-        _run(["mount", "-t", "overlay", "overlay", "-o",
-              f"lowerdir={st.lower},upperdir={st.upper},workdir={st.work}", mp],
-             f"cannot mount overlayfs on {mp}")
-    except BaseException:
-        teardown(st, sd)
-        raise
-    st.phase = "mounted"
-    sd.save(st)
+    _bring_up(st, sd, secrets, on_success=(lambda: rd.save(MountRecord.of(st))) if persist else None)
     return st
 
 
@@ -191,8 +222,9 @@ def _fail_pending_io(st: MountState) -> None:
     steps = []
     if dev:
         steps += [lambda: loopback.set_disk_timeout(dev, 5), lambda: loopback.set_offline(dev)]
-    if st.backstore_path and backstore.exists(st.backstore):
-        steps.append(lambda: backstore.fail_ring(st.backstore_path))
+    path = backstore.path_of(st.backstore)  # ours only: never the path a state file claims
+    if path:
+        steps.append(lambda: backstore.fail_ring(path))
     for step in steps:
         try:
             step()
@@ -200,8 +232,12 @@ def _fail_pending_io(st: MountState) -> None:
             log.warning("%s: %s", st.mountpoint, e)
 
 
-def teardown(st: MountState, sd: StateDir, lazy: bool = False) -> None:
-    """Undo everything ``mount`` did, in the kernel's order; each step skips what is absent."""
+def teardown(st: MountState, sd: StateDir, lazy: bool = False, forget: bool = True) -> None:
+    """Undo everything ``mount`` did, in the kernel's order; each step skips what is absent.
+
+    ``forget``: also drop the mount record and an upper directory obd created; without it
+    both stay, for ``recover`` to mount the same upper again later.
+    """
     for path in (st.mountpoint, st.lower):
         if _mounted(path):
             argv = ["umount", "-l", path] if lazy else ["umount", path]
@@ -214,29 +250,42 @@ def teardown(st: MountState, sd: StateDir, lazy: bool = False) -> None:
     for d in (st.lower,):
         if os.path.isdir(d):
             os.rmdir(d)
-    if st.own_upper:
-        shutil.rmtree(os.path.dirname(st.upper), ignore_errors=True)
-    elif os.path.isdir(st.work):
-        shutil.rmtree(st.work, ignore_errors=True)
+    if forget:
+        _drop_upper(st.upper, st.work, st.own_upper)
+        record_dir().remove(st.id)
     sd.remove(st.id)
 
 
-def umount(mountpoint: str) -> MountState:
-    """Tear down the obd mount on ``mountpoint``."""
+def _drop_upper(upper: str, work: str, own_upper: bool) -> None:
+    """Remove what obd created for the writes: the whole upper/work pair if obd chose it,
+    else only the work directory beside the user's upper."""
+    if own_upper:
+        shutil.rmtree(os.path.dirname(upper), ignore_errors=True)
+    elif os.path.isdir(work):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def umount(mountpoint: str) -> None:
+    """Tear down the obd mount on ``mountpoint``, or drop its record if it is not active."""
     sd = state_dir()
     st = sd.find_mountpoint(mountpoint)
     if st is None:
-        raise StateError(f"{mountpoint} is not an obd mount")
+        rd = record_dir()
+        rec = rd.find_mountpoint(mountpoint)
+        if rec is None:
+            raise StateError(f"{mountpoint} is not an obd mount")
+        _drop_upper(rec.upper, rec.work, rec.own_upper)
+        rd.remove(rec.id)
+        return
     if _mounted(st.mountpoint):
         r = subprocess.run(["umount", st.mountpoint], capture_output=True, text=True)
         if r.returncode != 0:
             raise StateError(f"{st.mountpoint} is busy: {r.stderr.strip().splitlines()[-1]}")
     teardown(st, sd)
-    return st
 
 
-def status(st: MountState, sd: StateDir) -> dict:
-    """What ``obd list`` shows about one mount."""
+def status(st: MountState, sd: StateDir, persisted: bool) -> dict:
+    """What ``obd list`` shows about one mount with a state file."""
     pids = sd.read_pids(st.id)
     d = st.public()
     d.update(pids)
@@ -244,32 +293,115 @@ def status(st: MountState, sd: StateDir) -> dict:
     d["mounted"] = _mounted(st.mountpoint)
     d["handler_alive"] = pid_alive(pids["handler_pid"])
     d["supervisor_alive"] = pid_alive(pids["supervisor_pid"])
+    d["persisted"] = persisted
+    if st.phase != "mounted":
+        d["status"] = st.phase
+    else:
+        d["status"] = "active" if d["handler_alive"] else "handler dead"
+    return d
+
+
+def _record_status(rec: MountRecord) -> dict:
+    """What ``obd list`` shows about a recorded mount that is not active (after a reboot)."""
+    d = rec.public()
+    d.update(device="", supervisor_pid=0, handler_pid=0, restarts=0, mounted=_mounted(rec.mountpoint),
+             handler_alive=False, supervisor_alive=False, persisted=True, status="not active")
     return d
 
 
 def list_mounts() -> list[dict]:
-    sd = state_dir()
-    return [status(st, sd) for st in sd.all()]
+    """Every mount with a state file, then every recorded mount without one."""
+    sd, rd = state_dir(), record_dir()
+    recorded = set(rd.ids())
+    out = [status(st, sd, st.id in recorded) for st in sd.all()]
+    active = {m["id"] for m in out}
+    for mid in recorded - active:
+        try:
+            out.append(_record_status(rd.load(mid)))
+        except StateError as e:
+            log.warning("%s", e)
+    return out
 
 
-def recover() -> list[tuple[MountState, str]]:
-    """Restart the handler process of every mount whose supervisor is gone."""
-    sd = state_dir()
+def _crash_outcome(st: MountState, sd: StateDir) -> str:
+    """The supervisor of ``st`` is dead but its backstore lives: restart the handler."""
+    try:
+        _spawn_supervisor(sd, st, recover=True)
+    except ObdError as e:
+        return f"failed: {e}"
+    note = ""
+    if st.options.get("extra", {}).get("credentials") == "memory-only":
+        note = " (its -u credentials were kept in memory only: registry access now uses the authfile/docker config)"
+    return "handler restarted" + note
+
+
+def _recreate(rec: MountRecord, sd: StateDir) -> str:
+    """Mount a recorded mount again from nothing (after a reboot), on its own upper directory."""
+    if _mounted(rec.mountpoint):
+        return f"failed: {rec.mountpoint} is already a mountpoint"
+    if not os.path.isdir(rec.upper):  # mounting an empty one would hide that the writes are lost
+        return f"failed: its upper directory {rec.upper} is gone"
+    try:
+        host.prepare()
+        os.makedirs(rec.mountpoint, exist_ok=True)
+        st = _new_state(sd, rec.id, rec.mountpoint, rec.image, rec.raw, dict(rec.options),
+                        rec.upper, rec.work, rec.own_upper)
+        st.size = _probe_size(st, {})
+        if st.size != rec.size:
+            return (f"failed: {rec.image} is now {st.size} bytes, not the {rec.size} "
+                    f"it had when mounted: not putting the old upper layer over it")
+        _bring_up(st, sd, {}, keep_upper=True)
+    except ObdError as e:
+        return f"failed: {e}"
+    except OSError as e:
+        return f"failed: {e.filename or rec.mountpoint}: {e.strerror}"
+    return "recovered"
+
+
+def _mount_in_progress(sd: StateDir, st: MountState) -> bool:
+    """An ``obd mount`` that may still be starting this mount's handler (not ours to restart)."""
+    try:
+        age = time.time() - os.path.getmtime(sd.file(st.id))
+    except OSError:
+        return False
+    return st.phase == "starting" and age < READY_TIMEOUT_S + 60
+
+
+def recover() -> list[tuple[str, str]]:
+    """Bring back every obd mount that is down: (mountpoint, outcome) per mount acted on.
+
+    - state file, supervisor dead, backstore alive (a crash): restart the handler;
+    - recorded but without a state file (a reboot), or state file left but backstore gone
+      (leftovers are torn down first): re-create it from its record, same upper directory;
+    - running mounts are not touched, so a second run does nothing.
+    A mount that cannot be brought back is reported ``failed: <reason>``; its record stays.
+    """
+    sd, rd = state_dir(), record_dir()
+    states = {st.id: st for st in sd.all()}
     done = []
-    for st in sd.all():
-        if pid_alive(sd.read_pids(st.id)["supervisor_pid"]):
+    for mid in sorted(set(states) | set(rd.ids())):
+        st = states.get(mid)
+        if st is not None and (pid_alive(sd.read_pids(mid)["supervisor_pid"]) or _mount_in_progress(sd, st)):
             continue
-        if not backstore.exists(st.backstore):
-            done.append((st, "backstore gone: run obd umount"))
+        if st is not None and backstore.exists(st.backstore):
+            done.append((st.mountpoint, _crash_outcome(st, sd)))
             continue
         try:
-            _spawn_supervisor(sd, st, recover=True)
-            note = ""
-            if st.options.get("extra", {}).get("credentials") == "memory-only":
-                note = " (its -u credentials were kept in memory only: registry access now uses the authfile/docker config)"
-            done.append((st, "handler restarted" + note))
-        except ObdError as e:
-            done.append((st, f"restart failed: {e}"))
+            rec = rd.load(mid) if os.path.exists(rd.file(mid)) else None
+        except StateError as e:
+            done.append((st.mountpoint if st else rd.file(mid), f"failed: {e}"))
+            continue
+        if rec is None:
+            done.append((st.mountpoint, f"failed: its backstore is gone and it has no mount record "
+                                        f"(obd umount {st.mountpoint} cleans up)"))
+            continue
+        if st is not None:
+            try:  # what is left of it (mounts, LUN, files) goes; the upper and record stay
+                teardown(st, sd, lazy=True, forget=False)
+            except ObdError as e:
+                done.append((st.mountpoint, f"failed: cannot clear what is left of it: {e}"))
+                continue
+        done.append((rec.mountpoint, _recreate(rec, sd)))
     return done
 
 

@@ -1,8 +1,15 @@
-"""Per-mount state files under ``/run/obd`` (config ``state.dir``): one JSON file per mount.
+"""What obd keeps about its mounts: run-time state files and persistent mount records.
 
-The file is the handler process's only input (image reference and open
-options, never on a command line) and what ``obd list``/``umount``/``recover``
-read.  It may hold registry credentials, so it is written 0600 by root.
+State files live under ``/run/obd`` (config ``state.dir``), one JSON file per
+mount: the handler process's only input (image reference and open options,
+never on a command line) and what ``obd list``/``umount``/``recover`` read.
+
+Mount records live under ``/var/lib/obd/mounts`` (config ``state.persistDir``)
+and survive a reboot: what ``obd recover`` needs to re-create a mount whose
+state file, kernel objects and processes are all gone.
+
+Both are written 0600 in 0700 directories by root and never hold credentials
+(``SECRET_OPTIONS`` are kept out of them).
 """
 
 from __future__ import annotations
@@ -84,12 +91,7 @@ class StateDir:
             return {"supervisor_pid": 0, "handler_pid": 0, "restarts": 0}
 
     def save(self, st: MountState) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        tmp = self.file(st.id) + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataclasses.asdict(st), f, indent=1)
-        os.replace(tmp, self.file(st.id))
+        _write_private_json(self.path, self.file(st.id), dataclasses.asdict(st))
 
     def load_file(self, path: str) -> MountState:
         try:
@@ -121,6 +123,99 @@ class StateDir:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+def _write_private_json(directory: str, path: str, data: dict) -> None:
+    """Atomically write ``data`` to ``path`` (0600) inside ``directory`` (made 0700)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+@dataclass
+class MountRecord:
+    """One mount as ``obd mount`` made it, kept across reboots (``<persistDir>/<id>.json``).
+
+    Everything ``obd recover`` needs to mount it again the same way, with the same
+    upper directory; ``size`` is the virtual disk size, checked again on recovery so a
+    changed image is refused rather than put under the old upper layer.
+    """
+
+    id: str
+    mountpoint: str
+    image: str
+    raw: bool
+    #: ``OpenOptions`` fields without ``SECRET_OPTIONS``
+    options: dict
+    upper: str
+    work: str
+    own_upper: bool
+    size: int
+
+    @classmethod
+    def of(cls, st: MountState) -> "MountRecord":
+        options = {k: v for k, v in st.options.items() if k not in SECRET_OPTIONS}
+        return cls(id=st.id, mountpoint=st.mountpoint, image=st.image, raw=st.raw, options=options,
+                   upper=st.upper, work=st.work, own_upper=st.own_upper, size=st.size)
+
+    def public(self) -> dict:
+        """The fields ``obd list --json`` shows."""
+        d = dataclasses.asdict(self)
+        d.pop("options")
+        return d
+
+
+class RecordDir:
+    """The directory of persistent mount records (``<id>.json``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, mid: str) -> str:
+        return os.path.join(self.path, f"{mid}.json")
+
+    def save(self, rec: MountRecord) -> None:
+        data = dataclasses.asdict(rec)
+        data["options"] = {k: v for k, v in rec.options.items() if k not in SECRET_OPTIONS}
+        _write_private_json(self.path, self.file(rec.id), data)
+
+    def load_file(self, path: str) -> MountRecord:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            rec = MountRecord(**data)
+        except FileNotFoundError:
+            raise StateError(f"{path}: no such mount record") from None
+        except (ValueError, TypeError) as e:
+            raise StateError(f"{path}: unreadable mount record: {e}") from None
+        if not isinstance(rec.options, dict) or os.path.basename(path) != f"{rec.id}.json":
+            raise StateError(f"{path}: unreadable mount record: its id is not its file name")
+        return rec
+
+    def load(self, mid: str) -> MountRecord:
+        return self.load_file(self.file(mid))
+
+    def ids(self) -> list[str]:
+        """The ids of every record, readable or not."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        return [n[:-5] for n in names if n.endswith(".json")]
+
+    def find_mountpoint(self, mountpoint: str) -> MountRecord | None:
+        mid = mount_id(mountpoint)
+        return self.load(mid) if os.path.exists(self.file(mid)) else None
+
+    def remove(self, mid: str) -> None:
+        try:
+            os.unlink(self.file(mid))
+        except FileNotFoundError:
+            pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -76,10 +76,12 @@ class _ImageDisk:
 def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None = None) -> int:
     """Child process body: serve the device until it goes away or SIGTERM."""
     try:
+        # ownership first (issue 7.7): a device that is not this mount's is never reset nor opened
+        tcmu = find_uio(st.backstore, backstore.dev_config(backstore.name_for(st.id)))
         source = open_source(st, secrets)
         if reset:
-            backstore.reset_for_new_handler(st.backstore_path)
-        dev = UioDevice(find_uio(st.backstore))
+            backstore.reset_for_new_handler(tcmu.name.configfs_path)
+        dev = UioDevice(tcmu.uio)
         info = DiskInfo.for_size(st.size, st.id, backstore.BLOCK_SIZE, backstore.MAX_SECTORS)
         handler = Handler(dev.fd, dev.buf, Target(info), source, workers=config.load()["io.threads"])
     except ObdError as e:
@@ -87,7 +89,7 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
         return e.exit_code
     signal.signal(signal.SIGTERM, lambda *_: handler.stop())
     if reset:
-        backstore.unblock(st.backstore_path)
+        backstore.unblock(tcmu.name.configfs_path)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     log.info("handler %d serving %s (%s)", os.getpid(), st.backstore, st.image)
