@@ -26,6 +26,7 @@ from ..tcmu.handler import Handler
 from ..tcmu.scsi import DiskInfo, Target
 from ..tcmu.uio import UioDevice, find_uio
 from ..lio import backstore
+from ..stats.telemetry import Telemetry
 from .state import SECRET_OPTIONS, MountState, StateDir
 
 log = logging.getLogger(__name__)
@@ -83,17 +84,24 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
             backstore.reset_for_new_handler(tcmu.name.configfs_path)
         dev = UioDevice(tcmu.uio)
         info = DiskInfo.for_size(st.size, st.id, backstore.BLOCK_SIZE, backstore.MAX_SECTORS)
-        handler = Handler(dev.fd, dev.buf, Target(info), source, workers=config.load()["io.threads"])
+        cfg = config.load()
+        telemetry = Telemetry(st, source, state_dir=cfg["state.dir"], slow_ms=cfg["io.slowMs"],
+                              metrics_listen=cfg["metrics.listen"], store=getattr(source, "_store", None))
+        handler = Handler(dev.fd, dev.buf, Target(info), telemetry.device, workers=cfg["io.threads"])
     except ObdError as e:
         os.write(ready_fd, f"error {e.exit_code} {e}\n".encode())
         return e.exit_code
     signal.signal(signal.SIGTERM, lambda *_: handler.stop())
+    telemetry.start(handler)
     if reset:
         backstore.unblock(tcmu.name.configfs_path)
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     log.info("handler %d serving %s (%s)", os.getpid(), st.backstore, st.image)
-    handler.serve()
+    try:
+        handler.serve()
+    finally:
+        telemetry.stop()
     dev.close()
     source.close()
     log.info("handler %d done after %d commands", os.getpid(), handler.commands)
