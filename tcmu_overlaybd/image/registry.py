@@ -1,18 +1,20 @@
 """OCI distribution client and the registry BlobStore (issue 3).
 
-``RegistryClient`` speaks HTTP to one registry host over one ``requests.Session``
-(connection reuse keeps small Range GETs cheap): TLS options, split connect/read
-timeouts, the 401 challenge flow of ``auth.Authenticator``, and bounded retries
-with exponential backoff on connection errors, timeouts, 5xx, 429 and truncated
-bodies.  Once retries are spent it raises one ``NetworkError`` naming the
-registry, what was being fetched and the cause.  401/403 become ``AuthError`` and
-404 ``NotFoundError``.
+``RegistryClient`` speaks HTTP to one registry endpoint (a registry, or a mirror
+of one, see ``hosts.py``) over one ``requests.Session`` (connection reuse keeps
+small Range GETs cheap): TLS options, split connect/read timeouts, the 401
+challenge flow of ``auth.Authenticator``, and bounded retries with exponential
+backoff on connection errors, timeouts, 5xx, 429 and truncated bodies.  Once
+retries are spent it raises one ``NetworkError`` naming the registry, what was
+being fetched and the cause.  401/403 become ``AuthError`` and 404 ``NotFoundError``.
 
 ``RegistryStore`` is the ``BlobStore`` of one repository: manifests by tag or
 digest (OCI and Docker media types), small blobs verified against their digest,
 and layer blobs opened lazily as byte sources that read through the shared
-block cache with Range GETs.  ``referrers`` uses the OCI 1.1 referrers API and
-falls back to the ``sha256-<hex>`` tag schema when the registry answers 404.
+block cache with Range GETs.  Every read goes through the ``mirrors.EndpointPool``
+of the registry's hosts.toml: mirrors first, then the registry.  ``referrers``
+uses the OCI 1.1 referrers API and falls back to the ``sha256-<hex>`` tag schema
+when the registry answers 404.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import os
 import re
 import threading
 import time
-from urllib.parse import urlencode, urljoin
+from dataclasses import replace
+from urllib.parse import urlencode
 
 import requests
 import urllib3
@@ -35,6 +38,8 @@ from ..cache.blockcache import DEFAULT_BLOCK_SIZE, CachedSource, shared_cache
 from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, ObdError, UsageError
 from ..progress import progress_bar
 from .auth import Authenticator
+from .hosts import CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DIR, PULL, PUSH, RESOLVE, Endpoint, host_config, namespace_of
+from .mirrors import EndpointPool
 from .options import OpenOptions
 from .reference import Reference
 from .store import BlobStore, Descriptor, verify_digest
@@ -58,6 +63,8 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: first backoff pause, doubled on every retry and capped at MAX_BACKOFF
 BACKOFF_BASE = 0.25
 MAX_BACKOFF = 8.0
+#: retries on a mirror before the next endpoint is tried (the next endpoint is the better retry)
+MIRROR_RETRIES = 1
 
 
 class _Retry(Exception):
@@ -73,73 +80,103 @@ def repo_scope(repo: str, actions: str = "pull") -> str:
     return f"repository:{repo}:{actions}"
 
 
-#: per-host TLS material, as containerd and docker lay it out: <dir>/<host>/ca.crt,
-#: client.cert + client.key (used when no --tlscacert / --tlscert is given)
-CERTS_DIRS = ("/etc/containerd/certs.d", "/etc/docker/certs.d")
+def hosts_dirs(opts: OpenOptions) -> tuple[str, ...]:
+    """Where hosts.toml / certs.d directories are looked up: ``registry.hostsDir``, then docker's."""
+    return tuple(dict.fromkeys((opts.hosts_dir or CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DIR)))
 
 
-def host_tls_files(host: str, dirs=CERTS_DIRS) -> tuple[str | None, tuple[str, str] | None]:
-    """(CA bundle, (client cert, key)) found for ``host`` in a certs.d directory, else None."""
-    for d in dirs:
-        base = os.path.join(d, host)
-        if not os.path.isdir(base):
-            continue
-        ca = os.path.join(base, "ca.crt")
-        cert, key = os.path.join(base, "client.cert"), os.path.join(base, "client.key")
-        return (ca if os.path.isfile(ca) else None,
-                (cert, key) if os.path.isfile(cert) and os.path.isfile(key) else None)
-    return None, None
+def _read_pem(paths, what: str) -> str:
+    out = []
+    for p in paths:
+        try:
+            with open(p, encoding="ascii", errors="replace") as f:
+                out.append(f.read())
+        except OSError as e:
+            raise UsageError(f"{p}: cannot read {what}: {e.strerror}") from None
+    return "\n".join(out)
+
+
+class _TrustAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose TLS connections also trust ``ca_data`` (PEM), like containerd's
+    ``ca`` files that are added to the system roots."""
+
+    def __init__(self, ca_data: str | None = None, **kw):
+        self._ca_data = ca_data
+        super().__init__(**kw)
+
+    def init_poolmanager(self, *args, **kw):
+        if self._ca_data:
+            kw["ca_cert_data"] = self._ca_data
+        super().init_poolmanager(*args, **kw)
 
 
 class RegistryClient:
-    """HTTP access to one registry host (auth, TLS, timeouts, retries).
+    """HTTP access to one registry endpoint (auth, TLS, timeouts, retries).
 
-    TLS trust: ``--tlscacert`` if given, else ``<certs dir>/<host>/ca.crt`` if present
-    (``certs_dirs``, default ``CERTS_DIRS``), else the system store; the client
-    certificate likewise from ``--tlscert/--tlskey`` or ``client.cert/client.key``.
+    ``endpoint`` (a ``hosts.Endpoint``) says where and how: URL and API root, TLS
+    files, extra headers, connect timeout.  Without one, the client talks to the
+    endpoint of ``host`` that receives pushes: the first in its hosts.toml with the
+    ``push`` capability, normally the registry itself (``certs_dirs`` overrides
+    where hosts.toml / certs.d directories are looked up; ``()`` = none).
+    TLS trust: the system store plus ``--tlscacert`` and the endpoint's ``ca`` files;
+    ``-k`` or the endpoint's ``skip_verify`` turn verification off; the client
+    certificate comes from ``--tlscert/--tlskey``, else the endpoint's first ``client``.
+    Credentials: ``-u`` applies to the registry's own server, a mirror gets those the
+    authfile has for the mirror's host.  ``ns`` (mirrors) is sent as the ``ns`` query
+    parameter naming the registry the request is for, as containerd does.
     Retries: ``opts.retries`` more attempts, pausing ``opts.extra["backoff_base"]``
     (default ``BACKOFF_BASE``) seconds, doubled each time, capped at ``MAX_BACKOFF``.
     """
 
-    def __init__(self, host: str, opts: OpenOptions, certs_dirs=None):
-        if certs_dirs is None:
-            certs_dirs = CERTS_DIRS
-            if opts.hosts_dir and opts.hosts_dir not in certs_dirs:
-                certs_dirs = (opts.hosts_dir,) + CERTS_DIRS
-        self.host = host
-        self.scheme = "http" if opts.plain_http else "https"
-        self.base_url = f"{self.scheme}://{host}"
-        self.timeout = (opts.connect_timeout, opts.read_timeout)
+    def __init__(self, host: str, opts: OpenOptions, certs_dirs=None, *, endpoint: Endpoint | None = None,
+                 ns: str | None = None):
+        if endpoint is None:
+            endpoint = push_endpoint(host, opts, certs_dirs)
+        self.endpoint = endpoint
+        self.host = endpoint.host
+        self.base_url = f"{endpoint.scheme}://{endpoint.host}"
+        self.ns = ns
+        self.timeout = (endpoint.dial_timeout or opts.connect_timeout, opts.read_timeout)
         #: handlers bound blob reads by time (io.timeout), not by the retry count
         self.io_timeout = opts.io_timeout if opts.device_reads else None
         self.retries = max(0, int(opts.retries))
         self.backoff_base = float(opts.extra.get("backoff_base", BACKOFF_BASE))
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        self.session.headers.update(dict(endpoint.headers))
+        extra_ca = ([opts.tls_ca_cert] if opts.tls_ca_cert else []) + list(endpoint.ca)
+        adapter = _TrustAdapter(_read_pem(extra_ca, "CA certificates") if extra_ca else None,
+                                pool_connections=4, pool_maxsize=32, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         # passed on every request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
         self.tls: dict = {"verify": True}
-        host_ca, host_cert = host_tls_files(host, certs_dirs) if not opts.plain_http else (None, None)
-        if opts.skip_verify:
+        if opts.skip_verify or endpoint.skip_verify:
             self.tls["verify"] = False
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        elif opts.tls_ca_cert or host_ca:
-            self.tls["verify"] = opts.tls_ca_cert or host_ca
         if opts.client_cert:
             self.tls["cert"] = (opts.client_cert, opts.client_key) if opts.client_key else opts.client_cert
         elif opts.client_key:
             raise UsageError("--tlskey needs --tlscert")
-        elif host_cert:
-            self.tls["cert"] = host_cert
-        self.auth = Authenticator(host, opts.username, opts.password, opts.authfile)
+        elif endpoint.client:
+            cert, key = endpoint.client[0]
+            self.tls["cert"] = (cert, key) if key else cert
+        if endpoint.mirror:
+            self.auth = Authenticator(endpoint.host, None, None, opts.authfile)
+        else:
+            self.auth = Authenticator(endpoint.host, opts.username, opts.password, opts.authfile)
         self._lock = threading.Lock()
         self.bytes_received = 0
         self.requests_sent = 0
 
     def url(self, path: str) -> str:
-        return urljoin(self.base_url + "/", path.lstrip("/")) if not path.startswith("http") else path
+        """The URL of an API path (``/v2/...``, mapped onto the endpoint's API root) or of an absolute URL."""
+        if path.startswith(("http://", "https://")):
+            return path
+        url = self.endpoint.api_url(path[3:]) if path.startswith("/v2/") else self.base_url + path
+        if self.ns:
+            url += ("&" if "?" in url else "?") + urlencode({"ns": self.ns})
+        return url
 
     # ---- the one request loop --------------------------------------------------------
     def call(self, method: str, path: str, *, what: str, scope: str, headers: dict | None = None,
@@ -173,10 +210,10 @@ class RegistryClient:
                 resp = self.session.request(method, url, headers=hdrs, data=body, timeout=timeout,
                                             stream=True, allow_redirects=True, **self.tls)
             except requests.exceptions.SSLError as e:
-                raise NetworkError(f"registry {self.host}: {what}: TLS error: {_short(e)} "
-                                   "(see --tlscacert, --tlscert/--tlskey, -k, --plain-http)") from None
+                raise _fail(NetworkError, self.host, what, f"TLS error: {_short(e)} "
+                            "(see --tlscacert, --tlscert/--tlskey, -k, --plain-http)") from None
             except (requests.TooManyRedirects, requests.exceptions.InvalidURL) as e:
-                raise NetworkError(f"registry {self.host}: {what}: {type(e).__name__}: {_short(e)}") from None
+                raise _fail(NetworkError, self.host, what, f"{type(e).__name__}: {_short(e)}") from None
             except requests.RequestException as e:
                 last = f"{type(e).__name__}: {_short(e)}"
                 attempt += 1
@@ -195,17 +232,17 @@ class RegistryClient:
                 if status in (401, 403):
                     who = self.auth.credentials
                     user = f"user {who.username!r}" if who else "anonymous access"
-                    raise AuthError(f"registry {self.host}: {what}: access denied for {user} (HTTP {status})")
+                    raise _fail(AuthError, self.host, what, f"access denied for {user} (HTTP {status})")
                 if status == 404:
                     if not_found_ok:
                         resp.content  # noqa: B018 - drain, so the connection goes back to the pool
                         return None
-                    raise NotFoundError(f"registry {self.host}: {what}: not found")
+                    raise _fail(NotFoundError, self.host, what, "not found")
                 if status in RETRY_STATUSES:
                     raise _Retry(f"HTTP {status} {resp.reason}", _retry_after(resp))
                 if status not in ok:
-                    raise ObdError(f"registry {self.host}: {what}: unexpected HTTP {status} {resp.reason}"
-                                   f"{_error_detail(resp)}")
+                    raise _fail(ObdError, self.host, what,
+                                f"unexpected HTTP {status} {resp.reason}{_error_detail(resp)}")
                 self.auth.mark_used(scope)
                 if read is not None:
                     return read(resp)
@@ -222,9 +259,9 @@ class RegistryClient:
             finally:
                 resp.close()
         if deadline is not None:
-            raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempt} attempts "
-                               f"in {self.io_timeout:g} s, io.timeout)")
-        raise NetworkError(f"registry {self.host}: {what}: {last} (gave up after {attempts} attempts)")
+            raise _fail(NetworkError, self.host, what, f"{last} (gave up after {attempt} attempts "
+                        f"in {self.io_timeout:g} s, io.timeout)")
+        raise _fail(NetworkError, self.host, what, f"{last} (gave up after {attempts} attempts)")
 
     def _token_get(self, url: str, params: dict, headers: dict):
         """GET on a token server with this registry's TLS settings and timeouts."""
@@ -264,8 +301,8 @@ class RegistryClient:
             if resp.status_code == 206:
                 m = re.match(r"bytes (\d+)-(\d+)/", resp.headers.get("Content-Range", ""))
                 if not m or int(m.group(1)) != offset:
-                    raise ObdError(f"registry {self.host}: {what}: answered Content-Range "
-                                   f"{resp.headers.get('Content-Range')!r}")
+                    raise _fail(ObdError, self.host, what,
+                                f"answered Content-Range {resp.headers.get('Content-Range')!r}")
                 data = resp.raw.read(length, decode_content=False)
             else:  # 200: the server ignored Range; skip to the offset
                 data = _read_window(resp, offset, length)
@@ -284,7 +321,7 @@ class RegistryClient:
         try:
             return int(resp.headers["Content-Length"])
         except (KeyError, ValueError):
-            raise ObdError(f"registry {self.host}: blob {digest}: HEAD without Content-Length") from None
+            raise _fail(ObdError, self.host, f"blob {digest}", "HEAD without Content-Length") from None
 
     def get_blob(self, repo: str, digest: str, size: int | None = None, quiet: bool = True) -> bytes:
         """A whole blob in memory, verified against its digest before it is returned."""
@@ -392,6 +429,13 @@ class RegistryClient:
         self.session.close()
 
 
+def _fail(cls, host: str, what: str, cause: str) -> ObdError:
+    """``cls("registry HOST: WHAT: CAUSE")`` that also keeps ``cause`` (the failover error lists causes)."""
+    err = cls(f"registry {host}: {what}: {cause}")
+    err.cause = cause
+    return err
+
+
 def _short(e: Exception) -> str:
     text = str(e)
     m = re.search(r"certificate verify failed: [^'\")(]*|alert [a-z ]+|wrong version number|"
@@ -440,10 +484,41 @@ def _read_window(resp, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
-class RemoteBlob:
-    """A registry blob as a ByteSource: every read is one Range GET (use through the cache)."""
+def _host_config(host: str, opts: OpenOptions, certs_dirs=None):
+    dirs = hosts_dirs(opts) if certs_dirs is None else tuple(certs_dirs)
+    return host_config(namespace_of(host), dirs, "http" if opts.plain_http else "https")
 
-    def __init__(self, client: RegistryClient, repo: str, digest: str, size: int):
+
+def push_endpoint(host: str, opts: OpenOptions, certs_dirs=None) -> Endpoint:
+    """Where pushes to ``host`` go: the first endpoint of its hosts.toml with the push capability."""
+    config = _host_config(host, opts, certs_dirs)
+    for endpoint in config.endpoints:
+        if endpoint.can({PUSH}):
+            return endpoint
+    raise UsageError(f"{config.source}: no endpoint of {config.registry} has the push capability")
+
+
+def endpoint_pool(registry: str, opts: OpenOptions) -> EndpointPool:
+    """Clients for every endpoint of ``registry`` (a reference's registry name), mirrors first.
+
+    A mirror gets at most ``MIRROR_RETRIES`` retries and no ``io.timeout`` budget (the next
+    endpoint is its retry), nor the ``-u`` credentials (those are for the registry itself).
+    """
+    config = _host_config(registry, opts)
+    mirror_opts = replace(opts, retries=min(opts.retries, MIRROR_RETRIES), device_reads=False,
+                          username=None, password=None)
+    clients = [RegistryClient(e.host, mirror_opts if e.mirror else opts, endpoint=e,
+                              ns=config.registry if e.mirror else None) for e in config.endpoints]
+    return EndpointPool(config, clients)
+
+
+class RemoteBlob:
+    """A registry blob as a ByteSource: every read is one Range GET (use through the cache).
+
+    ``client`` is a ``RegistryClient`` (one endpoint) or an ``EndpointPool`` (failover).
+    """
+
+    def __init__(self, client: RegistryClient | EndpointPool, repo: str, digest: str, size: int):
         self.client = client
         self.repo = repo
         self.digest = digest
@@ -461,7 +536,10 @@ class RemoteBlob:
 
 
 class RegistryStore(BlobStore):
-    """The BlobStore of one registry repository."""
+    """The BlobStore of one registry repository, read through its mirrors (``endpoint_pool``).
+
+    ``client`` is the client of the registry itself (its server endpoint).
+    """
 
     def __init__(self, ref: Reference, opts: OpenOptions):
         if ref.transport != "docker":
@@ -469,28 +547,38 @@ class RegistryStore(BlobStore):
         self.ref = ref
         self.opts = opts
         self.repo = ref.repository
-        self.client = RegistryClient(ref.api_host, opts)
+        self.pool = endpoint_pool(ref.registry, opts)
+        self.client = self.pool.clients[-1]
         self.name = f"{ref.registry}/{ref.repository}"
         self._cache = None
 
     def resolve(self, ref: Reference) -> Descriptor:
-        desc = self.client.head_manifest(ref.repository, ref.reference)
-        if desc is None:
-            raise NotFoundError(f"{ref}: manifest unknown to registry {self.client.host}")
-        if ref.digest and desc.digest != ref.digest:
-            raise CorruptDataError(f"registry answered digest {desc.digest}", blob=str(ref))
-        return desc
+        caps = {PULL} if ref.digest else {PULL, RESOLVE}  # a digest is checked, a tag must be trusted
+
+        def head(client: RegistryClient) -> Descriptor:
+            desc = client.head_manifest(ref.repository, ref.reference)
+            if desc is None:
+                err = NotFoundError(f"{ref}: manifest unknown to registry {client.host}")
+                err.cause = "manifest unknown"
+                raise err
+            if ref.digest and desc.digest != ref.digest:
+                raise CorruptDataError(f"registry answered digest {desc.digest}", blob=str(ref))
+            return desc
+
+        return self.pool.run(caps, f"manifest {ref}", head)[1]
 
     def fetch_manifest(self, desc: Descriptor) -> bytes:
-        data, _mt = self.client.get_manifest(self.repo, desc.digest, desc.digest)
-        return data
+        return self.pool.run({PULL}, f"manifest {self.name}@{desc.digest}",
+                             lambda c: c.get_manifest(self.repo, desc.digest, desc.digest)[0])[1]
 
     def fetch_blob(self, digest: str, size: int | None = None) -> bytes:
-        return self.client.get_blob(self.repo, digest, size, quiet=self.opts.quiet)
+        return self.pool.run({PULL}, f"blob {self.name}@{digest}",
+                             lambda c: c.get_blob(self.repo, digest, size, quiet=self.opts.quiet))[1]
 
     def download_blob(self, digest: str, size: int | None, dest: str | os.PathLike) -> int:
         """A large blob streamed to ``dest`` with a progress bar, verified before it appears."""
-        return self.client.download_blob(self.repo, digest, dest, size, quiet=self.opts.quiet)
+        return self.pool.run({PULL}, f"blob {self.name}@{digest}",
+                             lambda c: c.download_blob(self.repo, digest, dest, size, quiet=self.opts.quiet))[1]
 
     @property
     def cache(self):
@@ -502,27 +590,29 @@ class RegistryStore(BlobStore):
 
     def open_blob(self, digest: str, size: int) -> ByteSource:
         if size is None or size < 0:
-            size = self.client.blob_size(self.repo, digest)
-        return CachedSource(RemoteBlob(self.client, self.repo, digest, size), self.cache, key=digest)
+            size = self.pool.run({PULL}, f"blob {self.name}@{digest}", lambda c: c.blob_size(self.repo, digest))[1]
+        return CachedSource(RemoteBlob(self.pool, self.repo, digest, size), self.cache, key=digest)
 
     def referrers(self, digest: str, artifact_type: str | None = None) -> list[Descriptor]:
-        found = self._referrers_api(digest, artifact_type)
-        if found is None:
-            found = self._referrers_tag(digest)
+        def listing(client: RegistryClient) -> list[Descriptor]:
+            found = self._referrers_api(client, digest, artifact_type)
+            return self._referrers_tag(client, digest) if found is None else found
+
+        # which manifests refer to a digest is mutable, like a tag: only endpoints trusted to resolve
+        found = self.pool.run({PULL, RESOLVE}, f"referrers of {self.name}@{digest}", listing)[1]
         if artifact_type:
             found = [d for d in found if d.artifact_type == artifact_type]
         return found
 
-    def _referrers_api(self, digest: str, artifact_type: str | None) -> list[Descriptor] | None:
+    def _referrers_api(self, client: RegistryClient, digest: str, artifact_type: str | None) -> list[Descriptor] | None:
         """GET /v2/<repo>/referrers/<digest> (following Link pages); None on 404."""
         path = f"/v2/{self.repo}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})
         out: list[Descriptor] = []
         while path:
-            resp = self.client.call("GET", path, what=f"referrers of {digest}", scope=repo_scope(self.repo),
-                                    headers={"Accept": MT_OCI_INDEX}, not_found_ok=True,
-                                    ok=(200,) + NO_REFERRERS_API)
+            resp = client.call("GET", path, what=f"referrers of {digest}", scope=repo_scope(self.repo),
+                               headers={"Accept": MT_OCI_INDEX}, not_found_ok=True, ok=(200,) + NO_REFERRERS_API)
             if resp is None or resp.status_code in NO_REFERRERS_API:
                 return None
             if not resp.headers.get("Content-Type", "").startswith(MT_OCI_INDEX):
@@ -531,17 +621,17 @@ class RegistryStore(BlobStore):
             path = _next_link(resp.headers.get("Link"))
         return out
 
-    def _referrers_tag(self, digest: str) -> list[Descriptor]:
+    def _referrers_tag(self, client: RegistryClient, digest: str) -> list[Descriptor]:
         """The referrers tag schema: an index tagged ``<algo>-<hex>``."""
         tag = digest.replace(":", "-")
-        desc = self.client.head_manifest(self.repo, tag)
+        desc = client.head_manifest(self.repo, tag)
         if desc is None:
             return []
-        data, _ = self.client.get_manifest(self.repo, desc.digest, desc.digest)
+        data, _ = client.get_manifest(self.repo, desc.digest, desc.digest)
         return _index_descriptors(data, f"{self.name}:{tag}")
 
     def close(self) -> None:
-        self.client.close()
+        self.pool.close()
 
 
 def _index_descriptors(data: bytes, what: str) -> list[Descriptor]:
