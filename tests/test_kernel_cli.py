@@ -57,3 +57,177 @@ def test_list_and_umount_with_no_mounts(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout) == []
     r = obd("umount", str(tmp_path), env=env)
     assert r.returncode == 9 and r.stderr.strip() == f"obd: {tmp_path} is not an obd mount"
+
+
+# ------------------------------------------------------------------ TCMU ownership (issue 7.7)
+
+
+def fake_uio(sys_uio, entry: str, name: str) -> None:
+    (sys_uio / entry).mkdir(parents=True)
+    (sys_uio / entry / "name").write_text(name + "\n")  # sysfs ends it with a newline
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("tcm-user/3/obd-0123456789ab/obd/obd-0123456789ab\n", (3, "obd-0123456789ab", "obd", "obd-0123456789ab")),
+    ("tcm-user/0/disk1/file//var/lib/img.raw", (0, "disk1", "file", "/var/lib/img.raw")),
+    ("tcm-user/12/ovbd/overlaybd//etc/ovbd/config.v1.json;128",
+     (12, "ovbd", "overlaybd", "/etc/ovbd/config.v1.json;128")),
+    ("tcm-user/1/bare", (1, "bare", "", "")),
+])
+def test_tcmu_uio_name_parses_into_hba_name_subtype_and_cfgstring(text, parsed):
+    from tcmu_overlaybd.tcmu.uio import TcmuName
+
+    n = TcmuName.parse(text)
+    assert (n.hba, n.dev_name, n.subtype, n.cfgstring) == parsed
+    assert str(n) == text.rstrip("\n")
+    assert n.configfs_path == f"/sys/kernel/config/target/core/user_{parsed[0]}/{parsed[1]}"
+
+
+@pytest.mark.parametrize("text", ["uio_pdrv_genirq", "tcm-user", "tcm-user/x/name/obd/y", "tcm-user/1/", ""])
+def test_names_of_other_uio_drivers_are_not_tcmu_devices(text):
+    from tcmu_overlaybd.tcmu.uio import TcmuName
+
+    assert TcmuName.parse(text) is None
+
+
+def test_find_uio_returns_only_the_device_configured_for_this_mount(tmp_path):
+    from tcmu_overlaybd.tcmu.uio import find_uio
+
+    fake_uio(tmp_path, "uio0", "uio_pdrv_genirq")
+    fake_uio(tmp_path, "uio1", "tcm-user/1/obd-aaaaaaaaaaaa/other/obd-aaaaaaaaaaaa")  # a namesake, other HBA
+    fake_uio(tmp_path, "uio10", "tcm-user/4/obd-aaaaaaaaaaaa/obd/obd-aaaaaaaaaaaa")
+    dev = find_uio("obd-aaaaaaaaaaaa", "obd/obd-aaaaaaaaaaaa", str(tmp_path))
+    assert (dev.uio, dev.name.configfs_path) == ("uio10", "/sys/kernel/config/target/core/user_4/obd-aaaaaaaaaaaa")
+
+
+@pytest.mark.parametrize("name, config_shown", [
+    ("tcm-user/0/runner-disk/file//srv/disk.img", "file//srv/disk.img"),      # tcmu-runner's
+    ("tcm-user/2/runner-disk/obd/obd-bbbbbbbbbbbb", "obd/obd-bbbbbbbbbbbb"),  # another mount's
+    ("tcm-user/2/runner-disk/obdx/obd-aaaaaaaaaaaa", "obdx/obd-aaaaaaaaaaaa"),  # subtype prefix trap (§2.3)
+    ("tcm-user/2/runner-disk", "no dev_config"),
+])
+def test_find_uio_refuses_a_device_whose_config_is_not_ours(tmp_path, name, config_shown):
+    from tcmu_overlaybd.errors import KernelError
+    from tcmu_overlaybd.tcmu.uio import find_uio
+
+    fake_uio(tmp_path, "uio7", name)
+    with pytest.raises(KernelError) as e:
+        find_uio("runner-disk", "obd/obd-aaaaaaaaaaaa", str(tmp_path))
+    assert str(e.value) == (f"refusing /dev/uio7 ({name}): its config is {config_shown}, "
+                            f"not this mount's obd/obd-aaaaaaaaaaaa")
+    assert e.value.exit_code == 8
+
+
+def test_find_uio_of_a_missing_backstore_is_not_found(tmp_path):
+    from tcmu_overlaybd.errors import NotFoundError
+    from tcmu_overlaybd.tcmu.uio import find_uio
+
+    fake_uio(tmp_path, "uio0", "tcm-user/0/other/obd/other")
+    with pytest.raises(NotFoundError, match="^no TCMU uio device for backstore obd-aaaaaaaaaaaa$"):
+        find_uio("obd-aaaaaaaaaaaa", "obd/obd-aaaaaaaaaaaa", str(tmp_path))
+
+
+# ------------------------------------------------------------------ mount records (reboot persistence)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """Private state, record and upper directories; the environment that points obd at them."""
+    d = {"state": tmp_path / "run", "records": tmp_path / "records", "upper": tmp_path / "upper"}
+    env = {"OBD_STATE_DIR": str(d["state"]), "OBD_PERSIST_DIR": str(d["records"]),
+           "OBD_UPPER_DIR": str(d["upper"])}
+    return d, env
+
+
+def record(dirs, mnt, upper_exists=True, **fields):
+    """A mount record as obd mount leaves it, of a raw image mounted on ``mnt`` with an obd-made upper."""
+    from tcmu_overlaybd.mount.state import MountRecord, RecordDir, mount_id
+
+    d, _ = dirs
+    mid = mount_id(str(mnt))
+    base = d["upper"] / mid
+    if upper_exists:
+        (base / "upper").mkdir(parents=True)
+        (base / "upper" / "written-before-reboot").write_text("keep me\n")
+    rec = MountRecord(id=mid, mountpoint=str(mnt), image="/srv/disk.img", raw=True,
+                      options={"plain_http": True, "authfile": "/root/auth.json"},
+                      upper=str(base / "upper"), work=str(base / "work"), own_upper=True, size=1 << 20)
+    for k, v in fields.items():
+        setattr(rec, k, v)
+    RecordDir(str(d["records"])).save(rec)
+    return rec
+
+
+def test_record_is_root_only_and_never_holds_credentials(dirs, tmp_path):
+    from tcmu_overlaybd.mount.state import RecordDir
+
+    d, _ = dirs
+    rec = record(dirs, tmp_path, options={"username": "alice", "password": "s3cret", "plain_http": True})
+    path = d["records"] / f"{rec.id}.json"
+    assert path.stat().st_mode & 0o777 == 0o600 and d["records"].stat().st_mode & 0o777 == 0o700
+    text = path.read_text()
+    assert "s3cret" not in text and "alice" not in text
+    assert RecordDir(str(d["records"])).load(rec.id).options == {"plain_http": True}
+
+
+def test_list_shows_a_recorded_mount_that_is_not_active(dirs, tmp_path):
+    _, env = dirs
+    mnt = tmp_path / "mnt"
+    rec = record(dirs, mnt)
+    r = obd("list", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    [m] = json.loads(r.stdout)
+    assert (m["mountpoint"], m["status"], m["persisted"], m["handler_alive"], m["device"]) == \
+        (str(mnt), "not active", True, False, "")
+    assert "options" not in m and m["id"] == rec.id
+    r = obd("list", env=env)
+    assert r.stdout.splitlines()[1].split() == [str(mnt), "-", "-", "0", "not", "active", "/srv/disk.img"]
+
+
+def test_mount_over_a_recorded_mount_is_refused(dirs, tmp_path):
+    _, env = dirs
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    record(dirs, mnt)
+    r = obd("mount", "--raw", "/srv/disk.img", str(mnt), env=env)
+    assert r.returncode == 9
+    assert r.stderr == (f"obd: {mnt} has an obd mount record from before a restart "
+                        f"(obd recover brings it back, obd umount {mnt} drops it)\n")
+
+
+def test_umount_of_a_recorded_mount_drops_its_record_and_upper(dirs, tmp_path):
+    d, env = dirs
+    mnt = tmp_path / "mnt"
+    rec = record(dirs, mnt)
+    r = obd("umount", str(mnt), env=env)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert os.listdir(d["records"]) == [] and not os.path.exists(os.path.dirname(rec.upper))
+    assert obd("umount", str(mnt), env=env).returncode == 9
+
+
+def test_recover_refuses_a_record_whose_upper_is_gone_and_keeps_it(dirs, tmp_path):
+    d, env = dirs
+    mnt = tmp_path / "mnt"
+    rec = record(dirs, mnt, upper_exists=False)
+    r = obd("recover", env=env)
+    assert r.returncode == 8
+    assert r.stdout == f"{mnt}: failed: its upper directory {rec.upper} is gone\n"
+    assert r.stderr == "obd: 1 mount(s) could not be recovered\n"
+    assert os.listdir(d["records"]) == [f"{rec.id}.json"] and not mnt.exists()
+
+
+@no_tcmu
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get past the root check")
+def test_recover_without_tcmu_reports_each_mount_and_keeps_records_and_uppers(dirs, tmp_path):
+    d, env = dirs
+    recs = [record(dirs, tmp_path / name) for name in ("a", "b")]
+    for _ in range(2):  # a failed recovery changes nothing: the next run finds the same
+        r = obd("recover", env=env)
+        assert r.returncode == 8 and r.stderr == "obd: 2 mount(s) could not be recovered\n"
+        lines = sorted(r.stdout.splitlines())
+        assert [line.split(": failed: cannot load target_core_user")[0] for line in lines] == \
+            sorted(rec.mountpoint for rec in recs)
+        assert sorted(os.listdir(d["records"])) == sorted(f"{rec.id}.json" for rec in recs)
+        for rec in recs:
+            assert open(os.path.join(rec.upper, "written-before-reboot")).read() == "keep me\n"
+        assert not d["state"].exists() or os.listdir(d["state"]) == []

@@ -91,6 +91,12 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
             os.rmdir(fabric)
     subprocess.run(["modprobe", "-r", "tcm_loop", "target_core_user"], capture_output=True)
     assert not os.path.isdir("/sys/module/target_core_user") and not os.path.isdir("/sys/module/tcm_loop")
+    rc, out = script(SETUP, "--dry-run")  # plans everything, changes nothing
+    assert rc == 0 and "would: modprobe -a target_core_user tcm_loop" in out, out
+    assert "would: install -D -m 0644 " + os.path.join(REPO, "udev", "61-obd.rules") in out
+    assert not os.path.isdir("/sys/module/target_core_user") and not os.path.isdir("/sys/module/tcm_loop")
+    assert not os.path.exists("/etc/udev/rules.d/61-obd.rules")
+    assert not os.path.exists("/etc/systemd/system/obd-recover.service")
     rc, out = script(SETUP)
     assert rc == 0, out
     assert os.path.isdir("/sys/module/target_core_user") and os.path.isdir("/sys/module/tcm_loop")
@@ -150,6 +156,12 @@ def test_setup_from_nothing_then_crash_recovery_and_cleanup(tmp_path, foreign_li
     assert open(os.path.join(b["upper"], "note")).read() == "written into b\n"  # user data is never removed
     rc, out = script(CLEANUP)
     assert (rc, out.strip()) == (0, "obd-cleanup: nothing to clean")
+    # obd-cleanup never drops mount records: both mounts wait for obd recover (or obd umount)
+    assert {m["mountpoint"]: m["status"] for m in obd_json_list()} == {
+        str(mnt): "not active" for mnt in mounts.values()}
+    for mnt in mounts.values():
+        assert obd("umount", str(mnt))[0] == 0
+    assert obd_json_list() == []
 
 
 def test_vagrant_provisioning_runs_in_the_harness_and_serves_the_sample_image(tmp_path, vectors):
@@ -214,3 +226,121 @@ def test_cleanup_of_a_dead_handler_with_a_blocked_reader_does_not_hang(tmp_path)
     assert not reader.is_alive() and isinstance(outcome[0], OSError), outcome
     assert time.monotonic() - start < 120
     assert kernel_leftovers() == baseline
+
+
+def start_supervisor(state_file: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """Run the handler's supervisor on ``state_file`` the way obd mount does; its first line."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "python"), "-m", "tcmu_overlaybd.mount.supervisor",
+                             state_file, str(w), *flags], pass_fds=(w,), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    with os.fdopen(r) as f:
+        return proc, f.readline().strip()
+
+
+def uio_holders(uio: str) -> list[str]:
+    held = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        held += [pid for target in fds if target == f"/dev/{uio}"]
+    return held
+
+
+def read_direct(dev: str, offset: int, timeout: float = 60.0) -> bytes:
+    """One O_DIRECT 64 KiB read of ``dev`` that must finish within ``timeout``."""
+    out: list = []
+
+    def run():
+        fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 16)
+            os.preadv(fd, [buf], offset)
+            out.append(bytes(buf))
+        finally:
+            os.close(fd)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"read of {dev} at {offset} did not complete within {timeout:.0f}s"
+    return out[0]
+
+
+def test_handler_refuses_devices_whose_config_is_not_its_own(tmp_path):
+    """A state file pointing at a tcmu-runner backstore or at another mount's: the handler
+    says why in one line and neither opens nor resets that ring (issue 7.7)."""
+    import json
+
+    import rtslib_fb as rtslib
+
+    from tcmu_overlaybd.tcmu.uio import tcmu_devices
+
+    mnt, img = {}, {}
+    for name in ("a", "b"):
+        mnt[name] = tmp_path / f"mnt-{name}"
+        mnt[name].mkdir()
+        img[name] = make_image(tmp_path, name)
+        assert obd("mount", "--raw", img[name], str(mnt[name]))[0] == 0
+    ms = {m["mountpoint"]: m for m in obd_json_list()}
+    a, b = ms[str(mnt["a"])], ms[str(mnt["b"])]
+    runner = rtslib.UserBackedStorageObject("runner-disk", config="file//srv/disk.img", size=1 << 20,
+                                            control="nl_reply_supported=-1")
+    try:
+        [runner_uio] = [d for d in tcmu_devices() if d.name.dev_name == "runner-disk"]
+        [b_uio] = [d for d in tcmu_devices() if d.name.dev_name == b["backstore"]]
+        forged = tmp_path / "forged"
+        forged.mkdir()
+        st = json.load(open(f"/run/obd/{a['id']}.json"))
+        for target, uio, flags in ((runner, runner_uio, ()), (None, b_uio, ("--recover",))):
+            name = target.name if target is not None else b["backstore"]
+            path = target.path if target is not None else b_uio.name.configfs_path
+            (forged / f"{a['id']}.json").write_text(json.dumps({**st, "backstore": name, "backstore_path": path}))
+            proc, line = start_supervisor(str(forged / f"{a['id']}.json"), *flags)
+            proc.kill()  # --recover would retry: the one answer is enough
+            proc.wait()
+            assert line == (f"error 8 refusing /dev/{uio.uio} ({uio.name}): its config is "
+                            f"{uio.name.dev_config}, not this mount's obd/{a['backstore']}")
+        assert uio_holders(runner_uio.uio) == []
+        # b's ring was neither blocked nor reset: its handler still answers uncached reads
+        assert uio_holders(b_uio.uio) == [str(b["handler_pid"])]
+        with open(img["b"], "rb") as f:
+            f.seek(1 << 20)
+            assert read_direct(b["device"], 1 << 20) == f.read(1 << 16)
+        assert (mnt["b"] / "whoami").read_text() == "image b\n"
+    finally:
+        runner.delete()
+        for p in mnt.values():
+            obd("umount", str(p))
+
+
+def test_udev_links_dev_obd_to_the_disk_of_each_mount(tmp_path):
+    """Under a real systemd-udevd with the rules obd-setup installs: /dev/obd/<mount id> names
+    the sdX of the mount while it exists."""
+    udevd = "/lib/systemd/systemd-udevd"
+    assert os.access(udevd, os.X_OK), "udev is not installed (scripts/install-deps lists it)"
+    proc = subprocess.Popen([udevd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists("/run/udev/control"):
+            assert proc.poll() is None and time.monotonic() < deadline, "systemd-udevd did not start"
+            time.sleep(0.1)
+        rc, out = script(SETUP)
+        assert rc == 0 and "+ udevadm control --reload" in out, out
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        assert obd("mount", "--raw", make_image(tmp_path, "u"), str(mnt))[0] == 0
+        try:
+            [m] = obd_json_list()
+            subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+            link = f"/dev/obd/{m['id']}"
+            assert os.path.islink(link) and os.path.realpath(link) == m["device"]
+        finally:
+            assert obd("umount", str(mnt))[0] == 0
+        subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+        assert not os.path.lexists(link)
+    finally:
+        proc.terminate()
+        proc.wait(30)
