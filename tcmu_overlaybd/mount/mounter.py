@@ -265,8 +265,9 @@ def _drop_upper(upper: str, work: str, own_upper: bool) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def umount(mountpoint: str) -> None:
-    """Tear down the obd mount on ``mountpoint``, or drop its record if it is not active."""
+def umount(mountpoint: str) -> MountState | MountRecord:
+    """Tear down the obd mount on ``mountpoint``, or drop its record if it is not active;
+    returns what was torn down or dropped."""
     sd = state_dir()
     st = sd.find_mountpoint(mountpoint)
     if st is None:
@@ -276,12 +277,13 @@ def umount(mountpoint: str) -> None:
             raise StateError(f"{mountpoint} is not an obd mount")
         _drop_upper(rec.upper, rec.work, rec.own_upper)
         rd.remove(rec.id)
-        return
+        return rec
     if _mounted(st.mountpoint):
         r = subprocess.run(["umount", st.mountpoint], capture_output=True, text=True)
         if r.returncode != 0:
             raise StateError(f"{st.mountpoint} is busy: {r.stderr.strip().splitlines()[-1]}")
     teardown(st, sd)
+    return st
 
 
 def status(st: MountState, sd: StateDir, persisted: bool) -> dict:
