@@ -1,32 +1,47 @@
-"""Driver of the cold-start benchmark: build, push, measure, print the table, write JSON.
+"""Driver of the cold-start benchmark: build, push, measure, print the table and the goals, write JSON.
 
 Steps: build the images (cached, see ``images``) and convert them to overlaybd
-and FastOCI (cached, see ``convert``); start a docker-registry on 127.0.0.1 and
-push each image to ``bench/<image>:oci`` and its conversions to
-``bench/<image>:overlaybd`` and ``:fastoci``; for each link profile,
-image and runnable mode, measure cold starts; print the table of issue 6 with
-ratios against the traditional pull of the same run and write
-``benchmarks/results/startup.json``.  With a shaped link profile (``--shape``)
-the measuring part re-runs itself inside a network namespace of its own (see
-``shaping``); building stays outside, where the Debian mirror is reachable.
+and FastOCI (cached, see ``convert``); push each image to ``bench/<image>:oci``
+and its conversions to ``bench/<image>:overlaybd`` and ``:fastoci`` of a seed
+registry storage; then measure, each run starting from a fresh copy of the seed
+served by a docker-registry on 127.0.0.1.  Where the measuring happens:
+
+* here, when the kernel has TCMU (or only the traditional mode is asked for);
+* in the VM harness otherwise (``vm``), after the traditional mode was measured
+  here too, unshaped, for the VM/host factor;
+* with a shaped link profile (``--shape``), inside a network namespace of its own
+  (``shaping``), wherever that is.
+
+The measuring part reads the plan (``plan``) and writes a raw result document;
+the top-level driver prints the table of issue 6 with ratios against the
+traditional pull of the same run, the goal lines (``goals``) and writes
+``benchmarks/results/startup.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shutil
 import sys
 
-from tcmu_overlaybd.errors import ObdError, UsageError
-from tests.helpers.registry import free_port
+from tcmu_overlaybd.errors import CorruptDataError, ObdError, UsageError
+from tcmu_overlaybd.image.options import OpenOptions
+from tcmu_overlaybd.image.resolve import open_image
 
+from . import goals as goals_mod
 from . import modes as modes_mod
-from .convert import FORMATS, Converted, convert
+from .convert import FORMATS, convert
 from .images import DEFAULT_CACHE, IMAGES, BuiltImage, ImageBuilder
-from .registry import REPO_PREFIX, BenchRegistry, registry_options
-from .report import sizes_table, table, write_json
+from .plan import Plan
+from .registry import REPO_PREFIX, BenchRegistry, free_port
+from .report import document, results_from_json, sizes_table, table, write_json
+from .result import ColdStart
+from .service import AppConfig
 from .shaping import PROFILES, Namespace, apply_profile, parse_profiles
+from .vm import guest_memory_mb, have_tcmu, in_vm, run_in_vm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "benchmarks", "results", "startup.json")
@@ -37,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/startup/run", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", default=",".join(IMAGES), help=f"comma-separated (default: {','.join(IMAGES)})")
     p.add_argument("--modes", default=",".join(m.name for m in modes_mod.MODES),
-                   help="comma-separated modes (default: all; those not available yet are listed)")
+                   help="comma-separated modes (default: all; those obd cannot run yet are listed)")
     p.add_argument("--links", default="unshaped", help=f"comma-separated link profiles ({', '.join(PROFILES)})")
     p.add_argument("--shape", action="store_true", help=f"also measure on the shaped link {SHAPED} "
                    "(tc netem on lo of a private network namespace)")
@@ -46,7 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", default="/var/tmp/obd-bench", help="scratch space: registry storage, rootfs")
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON result file")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds an app may take to answer")
+    p.add_argument("--vm-timeout", type=int, default=5400, help="seconds the VM harness run may take")
+    p.add_argument("--vm-mem", type=int, default=0, help="guest RAM in MB (default: by image size)")
+    p.add_argument("--no-host-baseline", action="store_true",
+                   help="do not measure the traditional mode on the host before booting the VM")
     p.add_argument("--build-only", action="store_true", help="build and convert (or find cached) images and stop")
+    p.add_argument("--plan", help=argparse.SUPPRESS)  # measuring part only: the plan to read ...
+    p.add_argument("--doc", help=argparse.SUPPRESS)  # ... and the raw result document to write
     p.add_argument("--in-netns", metavar="NAME", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.image_names = [n for n in args.images.split(",") if n]
@@ -61,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.profiles = parse_profiles(args.links + (f",{SHAPED}" if args.shape and SHAPED not in args.links else ""))
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
+    if bool(args.plan) != bool(args.doc):
+        raise UsageError("--plan and --doc go together")
     return args
 
 
@@ -70,78 +93,192 @@ def image_figures(image: BuiltImage) -> dict:
             "build_seconds": round(image.build_seconds, 1), "layers": [layer.to_json() for layer in image.layers]}
 
 
-def measure(args, built: dict[str, BuiltImage], converted: dict[str, list[Converted]]) -> int:
-    runnable, missing = modes_mod.select(args.mode_names)
-    os.makedirs(args.work, exist_ok=True)
-    reg_dir = os.path.join(args.work, "registry")
-    shutil.rmtree(reg_dir, ignore_errors=True)
-    registry = BenchRegistry(reg_dir)
-    results = []
+def seed_registry(work: str, built: dict[str, BuiltImage], converted: dict) -> Plan:
+    """Push every image and conversion into the seed storage (blobs already there are skipped)."""
+    seed = os.path.join(work, "seed-" + "+".join(sorted(built)))
+    registry = BenchRegistry(seed)
+    pushed: dict = {}
     try:
-        refs, sizes = {}, []
         for name, image in built.items():
             repo = f"{REPO_PREFIX}/{name}"
+            # the OCI image goes first: a FastOCI image reads the OCI layers of its repository
             for fmt, ref in [("oci", image.ref)] + [(c.fmt, c.ref) for c in converted[name]]:
-                # the OCI image goes first: a FastOCI image reads the OCI layers of its repository
-                pushed = registry.push_layout(ref, repo, fmt)
-                refs[(name, fmt)] = pushed.ref
-                sizes.append((name, fmt, pushed.registry_size))
-                print(f"pushed {pushed.ref}: {pushed.registry_size / 1e6:.1f} MB in the registry", flush=True)
+                p = registry.push_layout(ref, repo, fmt)
+                pushed.setdefault(name, {})[fmt] = p
+                print(f"pushed {p.ref(registry.host)}: {p.registry_size / 1e6:.1f} MB in the registry", flush=True)
+    finally:
+        registry.stop()
+    return Plan(built, converted, seed, pushed)
+
+
+def app_config(image: BuiltImage) -> AppConfig:
+    """How the image's app starts (its OCI config, read from the local layout)."""
+    source = open_image(image.ref, OpenOptions(quiet=True, discover_accelerated=False))
+    try:
+        return AppConfig.from_image_config(source.config)
+    finally:
+        source.store.close()
+
+
+def measure(args, plan: Plan) -> dict:
+    """Measure every runnable mode here; the raw result document."""
+    runnable, missing = modes_mod.select(args.mode_names, modes_mod.obd_mount_flags())
+    names = [n for n in args.image_names if n in plan.built]
+    os.makedirs(args.work, exist_ok=True)
+    reg_dir = os.path.join(args.work, "registry")
+    registry = BenchRegistry.from_seed(plan.seed, reg_dir)
+    results: list[tuple[str, ColdStart]] = []
+    recordings: list[dict] = []
+    try:
+        trials = {}
+        for name in names:
+            pushed = plan.pushed[name]
+            trials[name] = modes_mod.Trial(name, {f: p.ref(registry.host) for f, p in pushed.items()},
+                                           {f: p.registry_size for f, p in pushed.items()},
+                                           app_config(plan.built[name]), "", 0, args.timeout)
+        recorded = sorted({m.fmt for m in runnable if m.prefetch})
+        if recorded and args.in_netns:
+            apply_profile(PROFILES["unshaped"], args.in_netns)
+        for name in names:
+            for fmt in recorded:  # one untimed unshaped run per image and format records its trace
+                t = dataclasses.replace(trials[name], work=os.path.join(args.work, f"{fmt}-recording"),
+                                        port=free_port())
+                path = os.path.join(args.work, "traces", f"{name}-{fmt}.trace")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                r = modes_mod.record_trace(t, fmt, path)
+                trials[name].traces[fmt] = path
+                recordings.append(dict(dataclasses.asdict(r), trace=path, trace_size=os.path.getsize(path)))
+                print(f"{name} {fmt}: trace recorded ({os.path.getsize(path)} bytes, app up in "
+                      f"{r.available_s:.1f} s)", flush=True)
         for profile in args.profiles:
             if args.in_netns:
                 apply_profile(profile, args.in_netns)
-            for name in built:
+            for name in names:
                 for mode in runnable:
                     for _ in range(args.runs):
-                        work = os.path.join(args.work, mode.name)
-                        r = mode.run(name, refs[(name, "oci")], work, registry_options(), free_port(),
-                                     args.timeout)
+                        t = dataclasses.replace(trials[name], work=os.path.join(args.work, mode.name),
+                                                port=free_port())
+                        mark = registry.mark()
+                        r = mode.run(t)
+                        served = registry.served_since(mark)
+                        if not mode.lazy:
+                            r.details["client_bytes"] = r.bytes_fetched
+                        r.bytes_fetched, r.requests = served.bytes, served.requests
+                        r.details["range_requests"] = served.range_requests
                         results.append((profile.name, r))
-                        print(f"{name} {profile.name} {mode.name}: pull {r.pull_s:.2f} s, available "
-                              f"{r.available_s:.2f} s, {r.bytes_fetched / 1e6:.1f} MB fetched", flush=True)
+                        print(_run_line(profile.name, r), flush=True)
     finally:
         if args.in_netns:
             apply_profile(PROFILES["unshaped"], args.in_netns)
         registry.stop()
-        shutil.rmtree(reg_dir, ignore_errors=True)  # the images stay in the build cache
+        shutil.rmtree(reg_dir, ignore_errors=True)  # the seed stays
+    mode_doc = {m.name: {"measures": m.measures, "available": True} for m in runnable}
+    mode_doc.update({m.name: {"measures": m.measures, "available": False, "missing": why} for m, why in missing})
+    images = {n: image_figures(plan.built[n]) for n in names}
+    for name in names:
+        images[name]["registry"] = {f: {"ref": f"{REPO_PREFIX}/{name}:{f}", "registry_size": p.registry_size}
+                                    for f, p in plan.pushed[name].items()}
+        for c in plan.converted[name]:
+            images[name]["registry"][c.fmt]["convert_seconds"] = round(c.convert_seconds, 1)
+    return document(results, images, mode_doc, {"recordings": recordings})
+
+
+def _run_line(link: str, r: ColdStart) -> str:
+    line = (f"{r.image} {link} {r.mode}: pull {r.pull_s:.2f} s, available {r.available_s:.2f} s, "
+            f"{r.bytes_fetched / 1e6:.1f} MB fetched")
+    if r.bytes_read is not None:
+        line += f", {r.bytes_read / 1e6:.1f} MB read, handler RSS {r.handler_rss / 1e6:.0f} MB"
+    return line
+
+
+def measure_here(args, argv: list[str], plan: Plan) -> dict:
+    """Measure on this kernel: in a network namespace of our own when a link is shaped."""
+    if not any(p.shaped for p in args.profiles) or args.in_netns:
+        return measure(args, plan)
+    os.makedirs(args.work, exist_ok=True)
+    plan_path, doc_path = os.path.join(args.work, "netns-plan.json"), os.path.join(args.work, "netns-doc.json")
+    plan.save(plan_path)
+    if os.path.exists(doc_path):
+        os.unlink(doc_path)
+    ns = Namespace(f"obd-bench-{os.getpid()}")
+    try:
+        print(f"measuring inside network namespace {ns.name}", flush=True)
+        rc = ns.run([sys.executable, "-m", "benchmarks.startup", *argv, "--plan", plan_path, "--doc", doc_path,
+                     "--in-netns", ns.name], cwd=REPO_ROOT)
+    finally:
+        ns.delete()
+    if rc != 0:
+        raise ObdError(f"the measuring run in network namespace {ns.name} failed (exit status {rc})")
+    return load_doc(doc_path)
+
+
+def load_doc(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorruptDataError(f"result document is not JSON ({e.msg})", blob=path, offset=e.pos) from None
+
+
+def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
+    """Print the sizes, the table, the modes not run and the goal lines; complete ``doc`` with them."""
+    results = results_from_json(doc["results"])
+    sizes = [(n, f, r["registry_size"]) for n, i in doc["images"].items() for f, r in i["registry"].items()]
     print()
     print(sizes_table(sizes))
     print()
     print(table(results))
-    for m in missing:
-        print(f"mode {m.name}: not yet available: needs {m.missing}")
-    mode_doc = {m.name: {"measures": m.measures, "available": m.available, "missing": m.missing or None}
-                for m in modes_mod.MODES if m.name in args.mode_names}
-    images = {n: image_figures(i) for n, i in built.items()}
-    for name, fmt, size in sizes:
-        images[name].setdefault("registry", {})[fmt] = {"ref": refs[(name, fmt)], "registry_size": size}
-    for name, convs in converted.items():
-        for c in convs:
-            images[name]["registry"][c.fmt]["convert_seconds"] = round(c.convert_seconds, 1)
-    write_json(args.output, results, images, mode_doc)
-    print(f"wrote {args.output}")
-    return 0
+    for name, m in doc["modes"].items():
+        if not m["available"]:
+            print(f"mode {name}: not yet available: needs {m['missing']}")
+    factor = None
+    if host_doc is not None:
+        found = goals_mod.vm_host_factor(results, results_from_json(host_doc["results"]))
+        doc["host_baseline"] = {"machine": host_doc["machine"], "results": host_doc["results"],
+                                "vm_host_factor": found[0] if found else None,
+                                "vm_host_factor_from": found[1] if found else None}
+        if found:
+            factor = found[0]
+            print(f"\nVM/host factor (traditional pull, unshaped): {factor:.1f}x ({found[1]})")
+    goals = goals_mod.check(results, factor)
+    print()
+    for g in goals:
+        print(g.line())
+    doc["goals"] = [dataclasses.asdict(g) for g in goals]
+    return goals
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         raise UsageError("the startup benchmark needs root (debootstrap, chroot, namespaces)")
+    if args.plan:  # the measuring part, in the VM harness or a network namespace
+        write_json(args.doc, measure_here(args, argv, Plan.load(args.plan)))
+        return 0
     builder = ImageBuilder(args.cache)
     built = {name: builder.build(name) for name in args.image_names}
-    formats = [f for f in FORMATS if f in args.mode_names]
+    formats = [f for f in FORMATS if any(m.fmt == f for m in modes_mod.MODES if m.name in args.mode_names)]
     conv_root = os.path.join(builder.dir, "converted")
     converted = {name: [convert(image, fmt, conv_root) for fmt in formats] for name, image in built.items()}
     if args.build_only:
         return 0
-    if any(p.shaped for p in args.profiles) and not args.in_netns:
-        ns = Namespace(f"obd-bench-{os.getpid()}")
-        try:
-            print(f"measuring inside network namespace {ns.name}", flush=True)
-            return ns.run([sys.executable, "-m", "benchmarks.startup", *argv, "--in-netns", ns.name], cwd=REPO_ROOT)
-        finally:
-            ns.delete()
-    return measure(args, built, converted)
+    plan = seed_registry(args.work, built, converted)
+    runnable, _ = modes_mod.select(args.mode_names, modes_mod.obd_mount_flags())
+    host_doc = None
+    if any(m.lazy for m in runnable) and not in_vm() and not have_tcmu():
+        if "traditional" in args.mode_names and not args.no_host_baseline:
+            print("traditional pulls on this host first (unshaped): the VM/host factor", flush=True)
+            base_args = argparse.Namespace(**{**vars(args), "mode_names": ["traditional"],
+                                              "profiles": [PROFILES["unshaped"]]})
+            host_doc = measure(base_args, plan)
+        doc = run_in_vm(REPO_ROOT, argv, plan, os.path.join(args.work, "vm"),
+                        args.vm_mem or guest_memory_mb(args.image_names), args.vm_timeout)
+    else:
+        doc = measure_here(args, argv, plan)
+    report(doc, host_doc)
+    write_json(args.output, doc)
+    print(f"wrote {args.output}")
+    return 0
 
 
 def run() -> None:

@@ -1,54 +1,104 @@
-"""The ways an image can be started, and which of them this driver can run now.
+"""The ways an image can be started, and which of them can run here and now.
 
-``traditional`` runs (``traditional.cold_start``).  The lazy modes are listed
-with what they will measure and what they still need; the driver prints them as
-"not yet available" and records them so in the JSON file, instead of failing.
+``traditional`` pulls and unpacks (``traditional.cold_start``); ``overlaybd`` and
+``fastoci`` mount the converted image lazily (``lazy.cold_start``, needs a kernel
+with TCMU: the driver re-runs itself in the VM harness when the host has none);
+the ``+prefetch`` modes replay a trace recorded by an untimed first run of the
+same image and format (needs ``obd mount --record-trace/--prefetch``: until obd
+has them those modes are listed as not available, never faked).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
-from .traditional import cold_start
+from . import lazy, traditional
+from .registry import registry_options
+from .result import ColdStart
+from .service import AppConfig
+
+#: the obd mount options the prefetch modes use
+PREFETCH_FLAGS = ("--record-trace", "--prefetch")
+
+
+@dataclass
+class Trial:
+    """Everything one cold start of one image needs."""
+
+    image: str
+    refs: dict[str, str]  # format (oci, overlaybd, fastoci) -> reference in the benchmark registry
+    sizes: dict[str, int]  # format -> bytes the registry stores for it
+    app: AppConfig
+    work: str
+    port: int
+    timeout: float
+    traces: dict[str, str] = field(default_factory=dict)  # format -> recorded trace file
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A start-up mode: ``run`` measures one cold start; None while the mode cannot run yet."""
+    """A start-up mode: ``fmt`` is the image format it starts, ``prefetch`` replays a recorded trace."""
 
     name: str
+    fmt: str
     measures: str
-    run: Callable | None = None
-    missing: str = ""
+    prefetch: bool = False
 
     @property
-    def available(self) -> bool:
-        return self.run is not None
+    def lazy(self) -> bool:
+        return self.fmt != "oci"
+
+    def run(self, t: Trial) -> ColdStart:
+        """One cold start of ``t.image`` in this mode."""
+        if not self.lazy:
+            return traditional.cold_start(t.image, t.refs["oci"], t.work, registry_options(), t.port, t.timeout)
+        return lazy.cold_start(t.image, self.name, t.refs[self.fmt], t.work, t.app, t.port, t.timeout,
+                               t.sizes[self.fmt], prefetch=t.traces[self.fmt] if self.prefetch else None)
 
 
-_LAZY_NEEDS = ("its measuring step: `obd mount` of <registry>/bench/<image>:<mode> (already converted and "
-               "pushed by this driver) on a kernel with target_core_user + tcm_loop, i.e. in the VM harness")
+_LAZY = ("pull s = `obd mount REF MNT` until the mountpoint is usable, service available s = until the app "
+         "started from MNT answers GET /; bytes fetched = what the registry's access log shows it served, "
+         "bytes read = sectors read from the device, handler RSS = VmHWM of the handler process")
 
 MODES = (
-    Mode("traditional",
+    Mode("traditional", "oci",
          "download every layer in full, gunzip + untar with whiteouts, chroot the app: pull s = until the "
-         "last layer is unpacked, service available s = until GET / answers; bytes counted by the client",
-         run=cold_start),
-    Mode("overlaybd",
-         "image converted to native overlaybd (obd's converter) and pushed beside the OCI one; pull s = "
-         "`obd mount REF MNT` until the mountpoint is usable, service available s = until the app started "
-         "from MNT answers GET /; bytes = blob bytes the registry served for the mount (lazy range reads)",
-         missing=_LAZY_NEEDS),
-    Mode("fastoci",
-         "image converted to FastOCI (TurboOCI meta layers over the original gzip layers of the OCI "
-         "image); same timings and byte count as overlaybd",
-         missing=_LAZY_NEEDS),
+         "last layer is unpacked, service available s = until GET / answers"),
+    Mode("overlaybd", "overlaybd", "image converted to native overlaybd (obd's converter); " + _LAZY),
+    Mode("fastoci", "fastoci", "image converted to FastOCI (TurboOCI meta layers over the original gzip "
+         "layers of the OCI image); " + _LAZY),
+    Mode("overlaybd+prefetch", "overlaybd", "as overlaybd, mounted with --prefetch TRACE, the trace "
+         "recorded by an untimed unshaped run with --record-trace", prefetch=True),
+    Mode("fastoci+prefetch", "fastoci", "as fastoci, mounted with --prefetch TRACE, the trace recorded "
+         "by an untimed unshaped run with --record-trace", prefetch=True),
 )
 
 
-def select(names: list[str]) -> tuple[list[Mode], list[Mode]]:
-    """(modes that will run, modes asked for that cannot run yet)."""
+def obd_mount_flags() -> set[str]:
+    """The options ``obd mount`` accepts in this checkout."""
+    from tcmu_overlaybd.cli.main import cli
+
+    return {opt for p in cli.commands["mount"].params for opt in p.opts}
+
+
+def missing(mode: Mode, flags: set[str]) -> str:
+    """What ``mode`` still needs from obd ("" when it can run)."""
+    if mode.prefetch:
+        absent = [f for f in PREFETCH_FLAGS if f not in flags]
+        if absent:
+            return f"obd mount {' and '.join(absent)} (not in this checkout yet)"
+    return ""
+
+
+def select(names: list[str], flags: set[str]) -> tuple[list[Mode], list[tuple[Mode, str]]]:
+    """(modes that will run, [(mode asked for that cannot run yet, what it needs)])."""
     known = {m.name: m for m in MODES}
     wanted = [known[n] for n in names]
-    return [m for m in wanted if m.available], [m for m in wanted if not m.available]
+    return ([m for m in wanted if not missing(m, flags)],
+            [(m, missing(m, flags)) for m in wanted if missing(m, flags)])
+
+
+def record_trace(t: Trial, fmt: str, path: str) -> ColdStart:
+    """The untimed run that records ``path``: the app started once from a ``--record-trace`` mount."""
+    return lazy.cold_start(t.image, f"{fmt} recording", t.refs[fmt], t.work, t.app, t.port, t.timeout,
+                           t.sizes[fmt], record_trace=path)

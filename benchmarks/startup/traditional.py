@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from tcmu_overlaybd.errors import CorruptDataError, UnsupportedError, UsageError
 from tcmu_overlaybd.image.manifest import Layer
@@ -25,25 +24,12 @@ from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.registry import RegistryClient, RegistryStore, repo_scope
 from tcmu_overlaybd.image.resolve import open_image
 
+from .result import ColdStart
 from .service import AppConfig, RunningApp, wait_http
 from .unpack import apply_layer
 
 DOWNLOADS = 3
 _CHUNK = 1 << 20
-
-
-@dataclass
-class ColdStart:
-    """One measured cold start (seconds from the same start; bytes as counted by the client)."""
-
-    image: str
-    mode: str
-    pull_s: float
-    available_s: float
-    bytes_fetched: int
-    registry_size: int
-    requests: int = 0
-    details: dict = field(default_factory=dict)
 
 
 def download_blob(client: RegistryClient, repo: str, digest: str, size: int, path: str) -> None:
@@ -128,7 +114,7 @@ def cold_start(image_name: str, ref: str, work: str, opts: OpenOptions, port: in
     remove_rootfs(rootfs)
     return ColdStart(image_name, "traditional", t_pull - t0, t_up - t0, figures["bytes_fetched"],
                      figures["registry_size"], figures["requests"],
-                     {"unpacked_entries": figures["unpacked_entries"]})
+                     details={"unpacked_entries": figures["unpacked_entries"]})
 
 
 def remove_rootfs(rootfs: str) -> None:
