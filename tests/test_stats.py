@@ -165,13 +165,13 @@ def test_overhead_per_read_is_a_few_microseconds():
 # -- the watchdog -------------------------------------------------------------------------------------------
 def test_a_stuck_read_gets_exactly_one_warning_naming_offset_and_length(caplog):
     src = GatedSource()
-    dev = CountingDevice(src, slow_ms=20)
+    dev = CountingDevice(src, slow_ms=200)
     t = threading.Thread(target=dev.read, args=(7 * 4096, 65536))
     caplog.set_level(logging.WARNING, logger="tcmu_overlaybd.stats.device")
     t.start()
     assert src.entered.wait(5)
     assert dev.warn_stuck() == 0  # not old enough yet
-    time.sleep(0.05)
+    time.sleep(0.25)
     snap = dev.snapshot()
     assert (snap.inflight, snap.stuck) == (1, 1)
     assert dev.warn_stuck() == 1
