@@ -98,10 +98,14 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
     os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
     log.info("handler %d serving %s (%s)", os.getpid(), st.backstore, st.image)
+    from ..prefetch.session import PrefetchSession  # trace recording, replay, background download
+
+    prefetch = PrefetchSession.start(st.options, getattr(source, "_disk", None))
     try:
         handler.serve()
     finally:
         telemetry.stop()
+        prefetch.stop()  # before the source closes; finishes a trace being recorded
     dev.close()
     source.close()
     log.info("handler %d done after %d commands", os.getpid(), handler.commands)
