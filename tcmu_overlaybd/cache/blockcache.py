@@ -31,6 +31,10 @@ Parallel fetches: a read that misses several blocks sends up to
 ``parallel_fetches`` (``io.parallelFetches``) Range requests at once, each for a
 run of whole adjacent blocks, so a cold 1 MiB read costs about one round trip
 instead of four (see ``split_runs``).
+
+Priority: fetches of device reads are counted process-wide; prefetch threads
+(marked with ``background_fetches()``) call ``yield_to_foreground()`` between
+their fetches, which waits (boundedly) while any device fetch is in flight.
 """
 
 from __future__ import annotations
@@ -87,6 +91,44 @@ def _fetch_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(FETCH_POOL_THREADS, thread_name_prefix="obd-fetch")
         return _pool
+
+
+#: the longest a prefetch thread waits for device fetches to finish before its next fetch
+YIELD_MAX_S = 0.5
+
+_kind = threading.local()  # .background: this thread fetches for prefetch, not for a reader
+_fg_cond = threading.Condition()
+_fg_fetches = 0  # fetches of foreground (device) reads in flight in this process
+
+
+@contextlib.contextmanager
+def background_fetches():
+    """Mark the fetches of this thread, for the duration, as prefetch (lower priority)."""
+    _kind.background = True
+    try:
+        yield
+    finally:
+        _kind.background = False
+
+
+def yield_to_foreground(stop: threading.Event | None = None, max_wait: float = YIELD_MAX_S) -> None:
+    """Wait while device reads are fetching (at most ``max_wait`` s, or until ``stop`` is set)."""
+    with _fg_cond:
+        if _fg_fetches:
+            _fg_cond.wait_for(lambda: _fg_fetches == 0 or (stop is not None and stop.is_set()), max_wait)
+
+
+def foreground_fetches() -> int:
+    """Device-read fetches in flight in this process right now."""
+    return _fg_fetches
+
+
+def _foreground_delta(n: int) -> None:
+    global _fg_fetches
+    with _fg_cond:
+        _fg_fetches += n
+        if not _fg_fetches:
+            _fg_cond.notify_all()
 
 
 def split_runs(runs: list[list[int]], parallel: int) -> list[list[int]]:
@@ -560,6 +602,10 @@ class CachedSource:
         self._sequential_misses = 0
         self._window = 0
 
+    def is_cached(self, index: int) -> bool:
+        """Whether block ``index`` of this blob is in the cache (a torn block counts until read)."""
+        return os.path.exists(self.cache.block_path(self.key, index))
+
     def _block_len(self, index: int) -> int:
         bs = self.cache.block_size
         return min(bs, self.size - index * bs)
@@ -604,7 +650,7 @@ class CachedSource:
         nblocks = -(-self.size // self.cache.block_size)
         ahead = []
         for idx in range(last + 1, min(nblocks, last + 1 + self._window)):
-            if os.path.exists(self.cache.block_path(self.key, idx)):
+            if self.is_cached(idx):
                 break
             ahead.append(idx)
         return ahead
@@ -617,6 +663,17 @@ class CachedSource:
         not fetched twice; the rest go out as runs of adjacent blocks, up to
         ``self.parallel`` requests at once (see ``split_runs``).
         """
+        foreground = not getattr(_kind, "background", False)
+        if foreground:
+            _foreground_delta(1)
+        try:
+            self._fill_claimed(missing, offset, end, first, parts, ahead)
+        finally:
+            if foreground:
+                _foreground_delta(-1)
+
+    def _fill_claimed(self, missing: list[int], offset: int, end: int, first: int, parts: list,
+                      ahead: list[int]) -> None:
         bs = self.cache.block_size
         mine, theirs = self.cache._claim(self.key, list(missing) + list(ahead))
         wanted = set(missing)
@@ -641,7 +698,7 @@ class CachedSource:
             hi = min(end, (idx + 1) * bs) - idx * bs
             data = self.cache.get(self.key, idx, self._block_len(idx), lo, hi - lo)
             if data is None:  # that fetch failed or the block was evicted at once: our turn
-                self._fill([idx], offset, end, first, parts)
+                self._fill_claimed([idx], offset, end, first, parts, [])
             else:
                 parts[idx - first] = data
 

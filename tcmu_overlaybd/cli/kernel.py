@@ -21,17 +21,37 @@ from .options import image_options
 @click.option("-f", "--foreground", is_flag=True,
               help="Stay in the foreground; Ctrl-C unmounts.")
 @click.option("--raw", is_flag=True, help="IMAGE is a raw disk image file (ext4), not a reference.")
+@click.option("--record-trace", "record_trace", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Record the blocks the workload reads; FILE is written by obd umount or "
+                   "obd record-trace stop.")
+@click.option("--prefetch", "prefetch", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Once mounted, fetch a trace's ranges (or a prefetch list's files) in the background.")
+@click.option("--prefetch-list", "prefetch_list", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Like --prefetch, FILE being a list of paths (one per line, directories end with /).")
+@click.option("--background-download/--no-background-download", "background", default=None,
+              help="Download the whole image into the cache after prefetch.backgroundDelay, at most "
+                   "prefetch.backgroundRateMBps (default: prefetch.background).")
 @image_options
 def mount_cmd(image: str, mountpoint: str, upper: str | None, foreground: bool, raw: bool,
-              opts: OpenOptions) -> None:
+              record_trace: str | None, prefetch: str | None, prefetch_list: str | None,
+              background: bool | None, opts: OpenOptions) -> None:
     """Mount IMAGE as a writable rootfs on MOUNTPOINT (ext4 read-only + overlayfs)."""
     from ..mount import mounter
+    from ..prefetch import session
 
+    session.configure(opts, record_trace=record_trace, prefetch=prefetch, prefetch_list=prefetch_list,
+                      background=background, raw=raw)
     stop: list = []
     if foreground:  # before mounting: a Ctrl-C at any point then unmounts cleanly
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.append(True))
-    st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw, persist=not foreground)
+    try:
+        st = mounter.mount(image, mountpoint, opts, upper=upper, raw=raw, persist=not foreground)
+    except BaseException:
+        session.abandon(opts)
+        raise
     click.echo(st.mountpoint)
     if foreground:
         mounter.foreground(st, stop)
@@ -43,8 +63,10 @@ def umount_cmd(mountpoint: str) -> None:
     """Unmount MOUNTPOINT and remove its device, LUN, backstore, handler and mount record
     (of a mount that is not active, only the record)."""
     from ..mount import mounter
+    from ..prefetch import session
 
-    mounter.umount(mountpoint)
+    st = mounter.umount(mountpoint)
+    session.after_umount(getattr(st, "options", None) or {})  # a trace its dead handler left unwritten
 
 
 @click.command("list")

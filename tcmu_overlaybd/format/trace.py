@@ -15,6 +15,7 @@ space of the lower layer ``layer_index``.
 Any other non-empty file of at most 64 KiB is a *prefetch list*: one absolute
 path per line; lines that do not fully match upstream's path pattern are
 ignored; a trailing ``/`` means "the whole directory, recursively".
+``load_prefetch_file`` tells the two apart exactly as upstream does.
 """
 
 from __future__ import annotations
@@ -55,10 +56,7 @@ def is_trace(data: bytes) -> bool:
 
 def encode_trace(records: list[TraceRecord]) -> bytes:
     body = b"".join(r.pack() for r in records)
-    crc = 0
-    for i in range(0, len(body), RECORD.size):
-        crc = crc32c_extend(body[i : i + RECORD.size], crc)
-    return HEADER.pack(TRACE_MAGIC, len(body), crc) + body
+    return HEADER.pack(TRACE_MAGIC, len(body), crc32c_extend(body, 0)) + body
 
 
 def decode_trace(data: bytes, name: str = "trace") -> list[TraceRecord]:
@@ -72,18 +70,26 @@ def decode_trace(data: bytes, name: str = "trace") -> list[TraceRecord]:
         raise CorruptDataError(
             f"trace data_size {data_size} does not match file size {len(data)}", blob=name, offset=8
         )
-    crc = 0
+    crc = crc32c_extend(data[HEADER.size:], 0)  # chaining per record == one pass over all of them
+    if crc != checksum:
+        raise CorruptDataError(f"trace checksum 0x{checksum:08x} != computed 0x{crc:08x}", blob=name, offset=16)
+    return decode_records(data, name, HEADER.size)
+
+
+def decode_records(data: bytes, name: str, start: int = 0) -> list[TraceRecord]:
+    """The 24-byte records of ``data[start:]`` (a trace body, or a recorder's spool file).
+
+    A trailing partial record (a writer killed mid-append) is ignored; an
+    impossible record raises CorruptDataError with its file offset.
+    """
     records = []
-    for off in range(HEADER.size, len(data), RECORD.size):
-        raw = data[off : off + RECORD.size]
-        crc = crc32c_extend(raw, crc)
-        op, layer, count, offset = RECORD.unpack(raw)
+    end = start + (len(data) - start) // RECORD.size * RECORD.size
+    for off, (op, layer, count, offset) in zip(range(start, end, RECORD.size),
+                                               RECORD.iter_unpack(memoryview(data)[start:end])):
         if op not in (OP_READ, OP_WRITE) or count < 0 or offset < 0:
             raise CorruptDataError(f"invalid trace record op={op} count={count} offset={offset}",
                                    blob=name, offset=off)
         records.append(TraceRecord(op, layer, count, offset))
-    if crc != checksum:
-        raise CorruptDataError(f"trace checksum 0x{checksum:08x} != computed 0x{crc:08x}", blob=name, offset=16)
     return records
 
 
@@ -95,3 +101,33 @@ def parse_prefetch_list(text: str) -> list[str]:
         if line and _PATH_LINE.fullmatch(line):
             out.append(line)
     return out
+
+
+@dataclass(frozen=True)
+class PrefetchFile:
+    """What a ``--prefetch`` file holds: trace records, or the paths of a priority list."""
+
+    kind: str  # "trace" or "list"
+    records: tuple[TraceRecord, ...] = ()
+    paths: tuple[str, ...] = ()
+
+
+def load_prefetch_file(data: bytes, name: str, force_list: bool = False) -> PrefetchFile:
+    """Tell a trace from a prefetch list as upstream does (spec §7.1) and parse it.
+
+    Trace magic ⇒ a trace (which must then be valid); otherwise a non-empty file
+    of at most 64 KiB is a list (``force_list`` skips the trace test).  Errors
+    name the file: empty, too large, invalid trace, or a list without one path.
+    """
+    if not data:
+        raise CorruptDataError("prefetch file is empty (an empty file only makes sense for recording)",
+                               blob=name, offset=0)
+    if not force_list and is_trace(data):
+        return PrefetchFile("trace", records=tuple(decode_trace(data, name)))
+    if len(data) > PREFETCH_LIST_MAX:
+        raise CorruptDataError(f"not a trace, and {len(data)} bytes is too large for a prefetch list "
+                               f"(at most {PREFETCH_LIST_MAX})", blob=name, offset=0)
+    paths = parse_prefetch_list(data.decode("utf-8", errors="replace"))
+    if not paths:
+        raise CorruptDataError("prefetch list holds no path (one absolute path per line)", blob=name, offset=0)
+    return PrefetchFile("list", paths=tuple(paths))

@@ -3,13 +3,16 @@
 Native layers go through ``format.layer.open_layer_blob`` (tar wrapper → ZFile
 → LSMT), TurboOCI layers through ``format.turbooci.open_turbo_layer`` over the
 meta blob and the original layer.  The acceleration (trace) layer holds no
-disk data and is left out.
+disk data and is left out of the stack; ``ImageDisk`` keeps it (and the blobs
+and unwrapped layers) for prefetch, and wraps every layer in a
+``prefetch.record.RecordingLayer`` when ``opts.record_trace`` is set.
 """
 
 from __future__ import annotations
 
 import os
 
+from ..block.stack import StackedDisk
 from ..errors import UnsupportedError, UsageError
 from .manifest import UNKNOWN_SIZE, Image, Layer
 from .options import OpenOptions
@@ -40,8 +43,10 @@ def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
                             cache_key=target.digest)
 
 
-def open_layers(image: Image, opts: OpenOptions) -> list:
-    """Each data layer of ``image`` as a layer byte source, bottom first."""
+def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None) -> list:
+    """Each data layer of ``image`` as a layer byte source, bottom first.
+
+    ``blobs`` receives every blob source opened (layer, meta and original blobs)."""
     if image.mode == "oci":
         raise UsageError(f"{image.reference}: image is not accelerated (run obd convert)")
     from ..format.layer import open_layer_blob
@@ -66,11 +71,36 @@ def open_layers(image: Image, opts: OpenOptions) -> list:
         for src in opened:
             src.close()
         raise
+    if blobs is not None:
+        blobs.extend(opened)
     return layers
 
 
 def open_disk(image: Image, opts: OpenOptions):
-    """The merged virtual disk (a ByteSource) of an overlaybd or TurboOCI image."""
-    from ..block.stack import StackedDisk
+    """The merged virtual disk (an ``ImageDisk`` byte source) of an overlaybd or TurboOCI image."""
+    blobs: list = []
+    return ImageDisk(image, open_layers(image, opts, blobs), blobs, opts)
 
-    return StackedDisk(open_layers(image, opts))
+
+class ImageDisk(StackedDisk):
+    """The merged stack of an image, plus what prefetch needs (see ``prefetch.session``).
+
+    ``data_layers``: the layers bottom first, never wrapped (replay reads them
+    without recording itself); ``blobs``: every blob source of the stack (the
+    background download walks them); ``acceleration``: the image's §7.2 trace
+    layer, or None; ``recorder``: the ``TraceRecorder`` of ``opts.record_trace``
+    (inert until started), or None.
+    """
+
+    def __init__(self, image: Image, layers: list, blobs: list, opts: OpenOptions):
+        self.image = image
+        self.data_layers = layers
+        self.blobs = blobs
+        self.acceleration = next((la for la in image.layers if la.kind == "acceleration"), None)
+        self.recorder = None
+        if opts.record_trace:
+            from ..prefetch.record import RecordingLayer, TraceRecorder
+
+            self.recorder = TraceRecorder(opts.record_trace)
+            layers = [RecordingLayer(layer, i, self.recorder) for i, layer in enumerate(layers)]
+        super().__init__(layers)

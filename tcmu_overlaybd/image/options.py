@@ -41,6 +41,15 @@ class OpenOptions:
     device_reads: bool = False
     # look for an accelerated (overlaybd / FastOCI) counterpart of a plain OCI image
     discover_accelerated: bool = True
+    # prefetch (obd mount flags, kept in the mount's state for every handler it starts)
+    #: absolute path of the trace to record (spec §7.1); the handler records while FILE.spool exists
+    record_trace: str | None = None
+    #: absolute path of a trace or prefetch list to replay once the handler serves
+    prefetch_file: str | None = None
+    #: ``prefetch_file`` is a prefetch list even if it starts with the trace magic
+    prefetch_list: bool = False
+    #: download every blob in the background; None = the ``prefetch.background`` setting
+    background_download: bool | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod

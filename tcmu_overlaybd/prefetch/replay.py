@@ -1,0 +1,192 @@
+"""Replay: fetch a trace's ranges, or a prefetch list's files, so they land in the caches (spec §7.1).
+
+A replay is a list of ``Piece``s (a reader and a range of at most ``PIECE_MAX``
+bytes, the 1 MiB buffers of upstream's replay) read in order by
+``prefetch.concurrency`` worker threads.  The data read is dropped: what
+matters is that every blob block under it is now in the block cache (and, for
+FastOCI, the inflated data in the gzip cache).
+
+* trace records read the layer they name: an ordinary layer through its
+  decompressed LSMT file (``read_mapped(0, …)``), a TurboOCI layer through its
+  own view (see ``record``);
+* a prefetch list's files are looked up in the ext4 file system of the merged
+  disk; each file's extents are read from the merged disk (the "layer 0" of
+  upstream's list mode), directories ending in ``/`` recursively.
+
+Device reads keep priority: while one waits for the registry, only the first
+``PRIORITY_LANES`` workers go on, the others wait (at most
+``cache.blockcache.YIELD_MAX_S`` per piece) until the device is idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..cache.blockcache import background_fetches, yield_to_foreground
+from ..errors import NotFoundError, ObdError
+from ..format.trace import OP_READ, TraceRecord
+
+log = logging.getLogger(__name__)
+
+#: bytes per replay read (upstream replays with 1 MiB buffers)
+PIECE_MAX = 1 << 20
+#: workers that keep fetching while device reads wait for the registry
+PRIORITY_LANES = 1
+#: paths of a directory walk, at most (a list of "/" must not walk a whole distro forever)
+WALK_MAX_FILES = 200_000
+
+
+@dataclass(frozen=True)
+class Piece:
+    read: Callable[[int, int], bytes]
+    offset: int
+    length: int
+
+
+def _split(read, offset: int, length: int, out: list[Piece]) -> None:
+    end = offset + length
+    while offset < end:
+        n = min(PIECE_MAX, end - offset)
+        out.append(Piece(read, offset, n))
+        offset += n
+
+
+def layer_reader(layer) -> Callable[[int, int], bytes]:
+    """How a trace record of ``layer`` is read (the offsets ``record.RecordingLayer`` notes)."""
+    if getattr(layer, "warp", False):
+        return layer.read
+    return lambda off, n: layer.read_mapped(0, off, n)
+
+
+def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Piece]:
+    """The reads that replay ``records`` against ``layers`` (bottom first), in record order.
+
+    Records naming a layer the image does not have (a trace of another image)
+    are skipped with one warning.
+    """
+    readers = [layer_reader(layer) for layer in layers]
+    out: list[Piece] = []
+    skipped = 0
+    for r in records:
+        if r.op != OP_READ or r.count <= 0:
+            continue
+        if r.layer_index >= len(readers):
+            skipped += 1
+            continue
+        _split(readers[r.layer_index], r.offset, r.count, out)
+    if skipped:
+        log.warning("%s: %d records name a layer this image does not have (%d layers); skipped",
+                    name, skipped, len(readers))
+    return out
+
+
+def list_pieces(disk, paths: list[str], name: str) -> list[Piece]:
+    """The reads that fetch the files of a prefetch list from the merged ``disk`` (ext4), in list order.
+
+    Missing paths are skipped (logged); a path ending in ``/`` is a directory
+    whose files are all fetched, depth first.
+    """
+    from ..ext4.fs import Ext4
+
+    fs = Ext4(disk)
+    out: list[Piece] = []
+    seen: set[int] = set()
+    for path in paths:
+        try:
+            inode = fs.lookup(path)
+        except NotFoundError:
+            log.info("%s: %s: not in the image; skipped", name, path)
+            continue
+        except ObdError as e:
+            log.warning("%s: %s: %s; skipped", name, path, e)
+            continue
+        if path.endswith("/") and inode.is_dir:
+            _walk(fs, inode, disk.read, out, seen)
+        elif inode.is_reg:
+            _file(fs, inode, disk.read, out, seen)
+    return out
+
+
+def _file(fs, inode, read, out: list[Piece], seen: set[int]) -> None:
+    if inode.ino in seen:
+        return
+    seen.add(inode.ino)
+    for _logical, physical, length in fs.file_extents(inode):
+        _split(read, physical, length, out)
+
+
+def _walk(fs, top, read, out: list[Piece], seen: set[int]) -> None:
+    stack = [top]
+    while stack and len(seen) < WALK_MAX_FILES:
+        d = stack.pop()
+        for entry in fs.listdir(d):
+            if entry.type not in "-d":
+                continue
+            child = fs.inode(entry.ino)
+            if child.is_dir:
+                if child.ino not in seen:
+                    seen.add(child.ino)
+                    stack.append(child)
+            elif child.is_reg:
+                _file(fs, child, read, out, seen)
+
+
+class Replayer:
+    """Worker threads reading ``pieces`` in order; counters for ``obd stats``.
+
+    ``stats`` is the session's ``PrefetchStats`` (``ranges_total``, ``ranges_done``,
+    ``ranges_failed``, ``bytes_prefetched`` are updated here).
+    """
+
+    def __init__(self, pieces: list[Piece], concurrency: int, stats, stop: threading.Event):
+        self.pieces = pieces
+        self.stats = stats
+        self.stop = stop
+        self._next = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"obd-prefetch-{i}", daemon=True)
+                         for i in range(max(1, min(concurrency, len(pieces))))]
+        stats.ranges_total += len(pieces)
+
+    def start(self) -> "Replayer":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the workers; True when all are done."""
+        for t in self._threads:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self._threads)
+
+    def _take(self) -> Piece | None:
+        with self._lock:
+            if self._next >= len(self.pieces) or self.stop.is_set():
+                return None
+            self._next += 1
+            return self.pieces[self._next - 1]
+
+    def _work(self, lane: int) -> None:
+        stats = self.stats
+        with background_fetches():
+            while True:
+                if lane >= PRIORITY_LANES:
+                    yield_to_foreground(self.stop)
+                piece = self._take()
+                if piece is None:
+                    return
+                try:
+                    data = piece.read(piece.offset, piece.length)
+                except ObdError as e:
+                    with self._lock:
+                        stats.ranges_failed += 1
+                        first = stats.ranges_failed == 1
+                    if first:  # one line, not one per range: the device reads report their own errors
+                        log.warning("prefetch: read of %d bytes at %d failed: %s", piece.length, piece.offset, e)
+                    continue
+                with self._lock:
+                    stats.ranges_done += 1
+                    stats.bytes_prefetched += len(data)
