@@ -5,8 +5,9 @@ read on the endpoints allowed to do it (capabilities: tags need ``pull`` and
 ``resolve``, digests only ``pull``), in order.  An endpoint that fails (down,
 timing out, 5xx once its retries are spent, 401/403, 404, content that does not
 match its digest) hands the read to the next one with one warning line naming
-it; when every endpoint failed, one error lists all of them, of the kind the
-last one gave.  Content is verified against digests whatever endpoint served it.
+it (logged once another endpoint served the read); when every endpoint failed,
+one error lists all of them, of the kind the registry itself gave.  Content is
+verified against digests whatever endpoint served it.
 
 An endpoint that failed at the network level is tried after the others for
 ``HOLDOFF`` seconds, so a dead mirror costs its timeout once, not once per read.
@@ -53,6 +54,8 @@ class EndpointPool:
         self._down_until = [0.0] * len(clients)
         #: blob digest -> index of the endpoint its range reads go to
         self._sticky: dict[str, int] = {}
+        #: blob digest -> lock held by the first read of a blob while it finds an endpoint
+        self._probes: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     @property
@@ -84,12 +87,16 @@ class EndpointPool:
         return out
 
     def run(self, caps, what: str, fn, prefer: int | None = None):
-        """``fn(client)`` on the first endpoint for ``caps`` that succeeds; returns (index, result)."""
+        """``fn(client)`` on the first endpoint for ``caps`` that succeeds; returns (index, result).
+
+        Endpoints that failed before one succeeded get one warning line each (naming who served
+        instead); when none succeeds, the error names them all and nothing else is logged.
+        """
         order = self.order(caps, prefer)
         if len(order) == 1:  # nothing to fail over to: the endpoint's own error, unchanged
             return order[0], fn(self.clients[order[0]])
         failures: list[tuple[int, ObdError]] = []
-        for n, i in enumerate(order):
+        for i in order:
             client = self.clients[i]
             try:
                 result = fn(client)
@@ -100,13 +107,13 @@ class EndpointPool:
                 if isinstance(e, NetworkError):
                     with self._lock:
                         self._down_until[i] = time.monotonic() + HOLDOFF
-                if n + 1 < len(order):
-                    log.warning("%s: %s: %s; trying %s", self._name(i), what,
-                                failure_reason(e, client.host), self.config.endpoints[order[n + 1]].label)
                 continue
             if self._down_until[i]:
                 with self._lock:
                     self._down_until[i] = 0.0
+            for j, e in failures:
+                log.warning("%s: %s: %s; served by %s", self._name(j), what, failure_reason(e, self.clients[j].host),
+                            self.config.endpoints[i].label)
             return i, result
         raise self._every_endpoint_failed(what, failures)
 
@@ -123,9 +130,23 @@ class EndpointPool:
         return type(kind)(f"{what}: every endpoint failed: {causes}")
 
     def get_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes of a blob, from the endpoint that served it last if it still can."""
+        """Exactly ``length`` bytes of a blob, from the endpoint that served it last if it still can.
+
+        Until some endpoint has served the blob, its reads go one at a time (concurrent first
+        reads of a cold blob would otherwise each probe the mirrors)."""
+        prefer = self._sticky.get(digest)
+        if prefer is None:
+            with self._lock:
+                probe = self._probes.setdefault(digest, threading.Lock())
+            with probe:
+                prefer = self._sticky.get(digest)
+                if prefer is None:
+                    return self._range(repo, digest, offset, length, None)
+        return self._range(repo, digest, offset, length, prefer)
+
+    def _range(self, repo: str, digest: str, offset: int, length: int, prefer: int | None) -> bytes:
         i, data = self.run({PULL}, f"blob {digest} bytes {offset}-{offset + length - 1}",
-                           lambda c: c.get_range(repo, digest, offset, length), prefer=self._sticky.get(digest))
+                           lambda c: c.get_range(repo, digest, offset, length), prefer=prefer)
         self._sticky[digest] = i
         return data
 
