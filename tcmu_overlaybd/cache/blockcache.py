@@ -606,6 +606,19 @@ class CachedSource:
         """Whether block ``index`` of this blob is in the cache (a torn block counts until read)."""
         return os.path.exists(self.cache.block_path(self.key, index))
 
+    def fetch_range(self, offset: int, length: int) -> int:
+        """Make the blocks under ``[offset, offset+length)`` cached without reading ahead
+        (background download); returns the bytes of the blocks that were missing."""
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return 0
+        bs = self.cache.block_size
+        first, last = offset // bs, (offset + n - 1) // bs
+        missing = [i for i in range(first, last + 1) if not self.is_cached(i)]
+        if missing:
+            self._fill(missing, offset, offset + n, first, [None] * (last - first + 1))
+        return sum(self._block_len(i) for i in missing)
+
     def _block_len(self, index: int) -> int:
         bs = self.cache.block_size
         return min(bs, self.size - index * bs)

@@ -81,12 +81,12 @@ class BackgroundDownload:
                 run += 1
             start, end = idx * bs, min(blob.size, (idx + run) * bs)
             try:
-                blob.read(start, end - start)
+                fetched = blob.fetch_range(start, end - start)
             except ObdError as e:  # the registry went away: device reads will say so; stop quietly
                 log.warning("background download of %s stopped: %s", blob.name, e)
                 return False
-            self._sent += end - start
-            self.stats.background_bytes += end - start
+            self._sent += fetched
+            self.stats.background_bytes += fetched
             idx += run
             self._pace()
         return True

@@ -14,7 +14,7 @@ when enabled.  ``stop()`` at the end of the handler stops all of it and
 finishes the trace.  SIGUSR1 (``obd record-trace stop``) finishes the trace
 while the mount goes on.
 
-``PrefetchSession.stats`` is a plain ``PrefetchStats`` object, read by ``obd stats``.
+``PrefetchSession.stats`` is a plain ``PrefetchStats`` object (``as_dict()``), read by ``obd stats``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class PrefetchSession:
     """The recorder, replay and background download of one handler."""
 
     def __init__(self):
-        self.stats = PrefetchStats()
+        self._stats = PrefetchStats()
         self.recorder: record.TraceRecorder | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,6 +173,8 @@ class PrefetchSession:
         background = options.get("background_download")
         if background is None:
             background = cfg["prefetch.background"]
+        if options.get("prefetch_file") or disk.acceleration is not None:
+            self._stats.state = "planning"
         self._thread = threading.Thread(target=self._run, args=(disk, options, cfg, bool(background)),
                                         name="obd-prefetch", daemon=True)
         self._thread.start()
@@ -191,7 +193,6 @@ class PrefetchSession:
             return None
         spec: PrefetchFile = load_prefetch_file(data, name, force_list=bool(options.get("prefetch_list")))
         self.stats.source = f"{spec.kind} {name}"
-        self.stats.state = "planning"
         if spec.kind == "trace":
             return trace_pieces(disk.data_layers, list(spec.records), name)
         return list_pieces(disk, list(spec.paths), name)
@@ -218,13 +219,14 @@ class PrefetchSession:
             BackgroundDownload(disk.blobs, cfg["prefetch.backgroundRateMBps"] * 1e6, self.stats, self._stop,
                                recording=lambda: recorder is not None and recorder.active).run(delay)
 
-    def refresh(self) -> PrefetchStats:
-        """The counters, with the recorder's folded in."""
+    @property
+    def stats(self) -> PrefetchStats:
+        """The counters (the recorder's folded in at each access)."""
         rec = self.recorder
         if rec is not None:
-            self.stats.recording = rec.active
-            self.stats.trace_reads = rec.noted
-        return self.stats
+            self._stats.recording = rec.active
+            self._stats.trace_reads = rec.noted
+        return self._stats
 
     def stop(self) -> None:
         """End of the handler: stop replay and download, finish the trace being recorded."""

@@ -1,0 +1,282 @@
+"""Prefetch against a real registry: trace record → replay, prefetch lists, errors, rate cap, priority.
+
+The image is upstream's two-layer native overlaybd commit of the small tree
+(vectors/upstream-small), published to Debian's docker-registry and read
+through the counting proxy, so "no request" means the proxy saw no blob GET.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+import stat
+import threading
+import time
+
+import pytest
+
+from tcmu_overlaybd.block.source import BytesSource, CountingSource
+from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource, shared_cache
+from tcmu_overlaybd.cli.main import main
+from tcmu_overlaybd.convert.publish import publish
+from tcmu_overlaybd.errors import CorruptDataError
+from tcmu_overlaybd.ext4.fs import Ext4
+from tcmu_overlaybd.format.trace import OP_READ, TraceRecord, decode_trace, encode_trace
+from tcmu_overlaybd.image.disk import ImageDisk, open_disk
+from tcmu_overlaybd.image.manifest import REF_NAME
+from tcmu_overlaybd.image.oci_layout import OciLayoutStore
+from tcmu_overlaybd.image.options import OpenOptions
+from tcmu_overlaybd.image.resolve import open_image
+from tcmu_overlaybd.prefetch import record
+from tcmu_overlaybd.prefetch.background import BackgroundDownload
+from tcmu_overlaybd.prefetch.replay import Piece, Replayer, list_pieces
+from tcmu_overlaybd.prefetch.session import PrefetchSession, PrefetchStats, configure
+
+from .helpers.layouts import native_layout
+from .helpers.registry import needs_registry, plain_registry, proxied_registry  # noqa: F401 - fixtures
+
+SMALL = "upstream-small"
+WORKLOAD = ["/data/a/f004.txt", "/data/a/f008.txt", "/data/big.txt"]
+
+
+def _tree(vectors) -> dict[str, str]:
+    out = {}
+    for line in (vectors / SMALL / "tree.txt").read_text().splitlines():
+        kind, path, *rest = line.split()
+        if kind == "file":
+            out[path[1:]] = rest[1]
+    return out
+
+
+@pytest.fixture
+def small_image(proxied_registry, vectors, tmp_path):
+    """The small two-layer image at ``<proxy>/small:obd``; yields (reference, proxy)."""
+    registry, proxy = proxied_registry
+    commits = [vectors / SMALL / "overlaybd" / f"layer{i}.commit" for i in (0, 1)]
+    layout = native_layout(tmp_path / "layout", commits, "obd")
+    [desc] = [d for d in OciLayoutStore(layout).entries if d.annotations.get(REF_NAME) == "obd"]
+    publish(str(layout), desc, f"{registry.host}/small:obd", OpenOptions(plain_http=True, quiet=True))
+    return f"{proxy.host}/small:obd", proxy
+
+
+def _open(ref: str, cache_dir: pathlib.Path, **kw) -> tuple[ImageDisk, OpenOptions]:
+    opts = OpenOptions(plain_http=True, quiet=True, cache_dir=str(cache_dir), **kw)
+    image = open_image(ref, opts)
+    return open_disk(image, opts), opts
+
+
+def _blob_gets(proxy) -> list:
+    return [r for r in proxy.log.requests if r[0] == "GET" and "/blobs/" in r[1]]
+
+
+def _wait(session: PrefetchSession, timeout: float = 30.0) -> PrefetchStats:
+    deadline = time.monotonic() + timeout
+    while session.stats.state not in ("done", "failed", "stopped", "idle") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return session.stats
+
+
+def _read_files(disk, paths) -> dict[str, str]:
+    fs = Ext4(disk)
+    return {p: hashlib.sha256(fs.read(fs.lookup(p))).hexdigest() for p in paths}
+
+
+def _record(ref, cache_dir, trace) -> PrefetchSession:
+    record.create_spool(str(trace))
+    disk, opts = _open(ref, cache_dir, record_trace=str(trace))
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    assert session.recorder is not None and session.stats.recording
+    return disk, session
+
+
+@needs_registry
+def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_registry(small_image, vectors,
+                                                                                  tmp_path):
+    ref, proxy = small_image
+    tree = _tree(vectors)
+    cache_dir = tmp_path / "cache"
+    trace = tmp_path / "app.trace"
+    disk, session = _record(ref, cache_dir, trace)
+    assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
+    session.stop()
+    disk.close()
+    assert not os.path.exists(record.spool_path(str(trace)))
+    assert stat.S_IMODE(os.stat(trace).st_mode) == 0o600
+    records = decode_trace(trace.read_bytes(), str(trace))
+    assert records and {r.layer_index for r in records} <= {0, 1} and all(r.op == OP_READ for r in records)
+    assert len(records) < session.stats.trace_reads  # adjacent reads merged
+
+    shared_cache(str(cache_dir), None).clear()  # a cold cache, as on another host
+    disk, opts = _open(ref, cache_dir, prefetch_file=str(trace))
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    stats = _wait(session)
+    assert (stats.state, stats.ranges_failed) == ("done", 0)
+    assert stats.ranges_done == stats.ranges_total >= len(records)
+    assert stats.source == f"trace {trace}"
+    proxy.reset_counters()
+    assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
+    assert _blob_gets(proxy) == []  # every block the workload reads was prefetched
+    session.stop()
+    disk.close()
+
+
+@needs_registry
+def test_prefetch_list_fetches_exactly_the_listed_files_extents(small_image, vectors, tmp_path):
+    ref, proxy = small_image
+    listing = tmp_path / "list"
+    listing.write_text("/data/a/f004.txt\n  /data/b/  \nnot a path!\n/no/such/file\n")
+    disk, opts = _open(ref, tmp_path / "cache", prefetch_file=str(listing), prefetch_list=True)
+    fs = Ext4(disk)
+    wanted = []
+    for path in ("/data/a/f004.txt", "/data/b/new.txt"):
+        wanted += [(phys, n) for _l, phys, n in fs.file_extents(fs.lookup(path))]
+    pieces = list_pieces(disk, ["/data/a/f004.txt", "/data/b/", "/no/such/file"], "list")
+    assert [(p.offset, p.length) for p in pieces] == wanted and all(p.length <= 1 << 20 for p in pieces)
+
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    stats = _wait(session)
+    assert (stats.state, stats.ranges_done, stats.bytes_prefetched) == ("done", len(wanted),
+                                                                       sum(n for _o, n in wanted))
+    proxy.reset_counters()
+    tree = _tree(vectors)
+    assert _read_files(disk, ["/data/a/f004.txt", "/data/b/new.txt"]) == {
+        p: tree[p] for p in ("/data/a/f004.txt", "/data/b/new.txt")}
+    assert _blob_gets(proxy) == []
+    session.stop()
+    disk.close()
+
+
+def test_corrupt_or_empty_prefetch_files_are_one_line_errors_naming_the_file(tmp_path, capfd):
+    good = encode_trace([TraceRecord(OP_READ, 0, 4096, 0)])
+    bad_crc = good[:-1] + bytes([good[-1] ^ 1])
+    cases = {"crc.trace": (bad_crc, "checksum"), "short.trace": (good[:30], "data_size"),
+             "empty": (b"", "empty"), "junk.list": (b"\x00\xff" * 10, "no path"),
+             "big.list": (b"a" * (64 * 1024 + 1), "too large")}
+    for name, (data, why) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        rc = main(["mount", "--prefetch", str(path), "registry.invalid/x:y", str(tmp_path)])
+        _out, err = capfd.readouterr()
+        assert rc == CorruptDataError.exit_code and err.count("\n") == 1, err
+        assert err.startswith("obd: ") and str(path) in err and why in err, err
+    rc = main(["mount", "--prefetch", str(tmp_path / "crc.trace"), "--prefetch-list", str(tmp_path / "empty"),
+               "registry.invalid/x:y", str(tmp_path)])
+    assert rc != 0 and "exclusive" in capfd.readouterr()[1]
+
+
+def test_record_trace_flag_creates_a_private_spool_and_rejects_bad_places(tmp_path):
+    opts = OpenOptions()
+    configure(opts, record_trace=str(tmp_path / "t"), prefetch=None, prefetch_list=None, background=None,
+              raw=False)
+    assert opts.record_trace == str(tmp_path / "t")
+    assert stat.S_IMODE(os.stat(record.spool_path(opts.record_trace)).st_mode) == 0o600
+    with pytest.raises(Exception, match="does not exist"):
+        configure(OpenOptions(), record_trace=str(tmp_path / "nodir" / "t"), prefetch=None, prefetch_list=None,
+                  background=None, raw=False)
+
+
+def test_spool_survives_a_killed_recorder_and_merges_into_one_trace(tmp_path):
+    trace = str(tmp_path / "t")
+    record.create_spool(trace)
+    first = record.TraceRecorder(trace)
+    assert first.start()
+    for off in range(0, 64 * 4096, 4096):  # a streaming read: one record
+        first.note(0, off, 4096)
+    first.note(1, 1 << 30, 8192)
+    first.flush()
+    first.active = False  # killed: no finish, the spool stays
+    second = record.TraceRecorder(trace)  # the restarted handler appends to the same spool
+    assert second.start()
+    second.note(0, 64 * 4096, 4096)  # continues the first record
+    second.note(2, 0, 512)
+    assert second.finish() == 3
+    assert decode_trace(open(trace, "rb").read()) == [
+        TraceRecord(OP_READ, 0, 65 * 4096, 0), TraceRecord(OP_READ, 1, 8192, 1 << 30),
+        TraceRecord(OP_READ, 2, 512, 0)]
+    assert not record.TraceRecorder(trace).start()  # finished: a later handler records nothing
+
+
+# ---- background download ------------------------------------------------------------------------
+
+BS = 64 * 1024
+
+
+def _blob_source(tmp_path, size: int, seed: int = 1):
+    data = os.urandom(size)
+    base = CountingSource(BytesSource(data, name="blob"))
+    return data, base, CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, BS), "sha256:" + "d" * 64,
+                                    parallel=1)
+
+
+def test_background_download_holds_the_rate_cap_and_skips_cached_blocks(tmp_path):
+    data, base, blob = _blob_source(tmp_path, 40 * BS)
+    blob.read(5 * BS, 1)  # block 5 already cached
+    blob.read(30 * BS, 3 * BS)  # blocks 30-32 too
+    base.bytes_read = 0
+    stats = PrefetchStats()
+    rate = 1_000_000  # 1 MB/s: 36 blocks of 64 KiB take ~2.4 s
+    t0 = time.monotonic()
+    BackgroundDownload([blob], rate, stats, threading.Event()).run()
+    wall = time.monotonic() - t0
+    assert stats.background_state == "done" and base.bytes_read == stats.background_bytes == 36 * BS
+    assert stats.background_skipped == 4 * BS
+    achieved = base.bytes_read / wall
+    assert 0.8 * rate <= achieved <= 1.1 * rate, achieved
+    assert all(blob.is_cached(i) for i in range(40))
+
+
+def test_background_download_waits_while_recording_and_stops_at_once(tmp_path):
+    _data, base, blob = _blob_source(tmp_path, 8 * BS)
+    stats, stop = PrefetchStats(), threading.Event()
+    recording = threading.Event()
+    recording.set()
+    dl = BackgroundDownload([blob], 1e9, stats, stop, recording=recording.is_set)
+    t = threading.Thread(target=dl.run)
+    t.start()
+    time.sleep(0.3)
+    assert stats.background_state == "suppressed" and base.bytes_read == 0
+    stop.set()
+    t.join(2)
+    assert not t.is_alive() and stats.background_state == "stopped" and base.bytes_read == 0
+
+
+# ---- device reads keep priority -----------------------------------------------------------------
+
+class _Gate:
+    """A blob whose reads block until ``release`` (a device read stuck on a slow registry)."""
+
+    def __init__(self, size: int):
+        self.name, self.size = "gate", size
+        self.release = threading.Event()
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.release.wait(10)
+        return bytes(length)
+
+    def close(self) -> None:
+        pass
+
+
+def test_replay_runs_on_one_lane_while_a_device_read_waits_then_on_all(tmp_path):
+    gate = _Gate(4 * BS)
+    device = CachedSource(gate, BlockCache(tmp_path / "g", 64 << 20, BS), "sha256:" + "e" * 64)
+    reader = threading.Thread(target=device.read, args=(0, 4096))
+    reader.start()
+    time.sleep(0.1)  # the device read is now waiting for the registry
+
+    def slow(off, n):
+        time.sleep(0.02)
+        return bytes(n)
+
+    pieces = [Piece(slow, i, 1) for i in range(200)]
+    stats, stop = PrefetchStats(), threading.Event()
+    replay = Replayer(pieces, 8, stats, stop).start()
+    time.sleep(0.5)
+    while_waiting = stats.ranges_done
+    gate.release.set()
+    reader.join()
+    assert replay.join(10) and stats.ranges_done == 200
+    # one lane at ~20 ms per piece: about 25 pieces in 0.5 s, not 8 lanes' 200
+    assert 5 <= while_waiting <= 60, while_waiting
