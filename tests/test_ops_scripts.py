@@ -133,7 +133,10 @@ def state_dir(tmp_path, fake_supervisor):
     sd.mkdir()
     write_state(sd, "aaaaaaaaaaaa", {"supervisor_pid": 999999999, "handler_pid": 0, "restarts": 0})
     (sd / "aaaaaaaaaaaa.lower").mkdir()
+    (sd / "aaaaaaaaaaaa.metrics").write_text("127.0.0.1:9100\n")  # left by its killed handler
     write_state(sd, "bbbbbbbbbbbb", {"supervisor_pid": fake_supervisor, "handler_pid": 0, "restarts": 0})
+    (sd / "bbbbbbbbbbbb.stats.sock").write_text("")  # a live handler's: kept
+    (sd / "ffffffffffff.stats.sock").write_text("")  # of a mount whose state file is gone
     write_state(sd, "cccccccccccc", None, phase="starting")  # obd mount still running
     (sd / "dddddddddddd.log").write_text("log of a mount whose state file is gone\n")
     (sd / "eeeeeeeeeeee.json").write_text("{not json")
@@ -147,8 +150,9 @@ def test_cleanup_dry_run_proposes_only_dead_obd_state(state_dir):
     assert rc == 0, out
     actions = [line for line in out.splitlines() if line.startswith("would: ")]
     assert actions == [f"would: rm {state_dir}/aaaaaaaaaaaa.json", f"would: rm {state_dir}/aaaaaaaaaaaa.pids",
-                       f"would: rm {state_dir}/aaaaaaaaaaaa.log", f"would: rmdir {state_dir}/aaaaaaaaaaaa.lower",
-                       f"would: rm {state_dir}/dddddddddddd.log"]
+                       f"would: rm {state_dir}/aaaaaaaaaaaa.log", f"would: rm {state_dir}/aaaaaaaaaaaa.metrics",
+                       f"would: rmdir {state_dir}/aaaaaaaaaaaa.lower",
+                       f"would: rm {state_dir}/dddddddddddd.log", f"would: rm {state_dir}/ffffffffffff.stats.sock"]
     assert "obd-cleanup: kept /nonexistent/mnt-cccccccccccc: obd mount in progress" in out
     assert f"obd-cleanup: kept {state_dir}/eeeeeeeeeeee.json: unreadable state file" in out
     assert "obd-cleanup: kept upper directory /nonexistent/aaaaaaaaaaaa of /nonexistent/mnt-aaaaaaaaaaaa" in out
@@ -161,7 +165,7 @@ def test_cleanup_removes_dead_state_once_and_keeps_the_rest(state_dir):
     rc, out = run(CLEANUP, "--state-dir", str(state_dir))
     assert rc == 0, out
     assert sorted(os.listdir(state_dir)) == [
-        "README", "bbbbbbbbbbbb.json", "bbbbbbbbbbbb.log", "bbbbbbbbbbbb.pids",
+        "README", "bbbbbbbbbbbb.json", "bbbbbbbbbbbb.log", "bbbbbbbbbbbb.pids", "bbbbbbbbbbbb.stats.sock",
         "cccccccccccc.json", "cccccccccccc.log", "eeeeeeeeeeee.json"]
     rc, again = run(CLEANUP, "--state-dir", str(state_dir))
     assert rc == 0 and "obd-cleanup: nothing to clean" in again and "rm " not in again

@@ -24,6 +24,8 @@ from ..errors import StateError
 
 #: OpenOptions fields that are credentials: never written to a state file
 SECRET_OPTIONS = ("username", "password")
+#: files a handler creates beside the state file (scripts/obd-cleanup knows them too)
+HANDLER_FILE_SUFFIXES = (".stats.sock", ".metrics")
 
 
 @dataclass
@@ -118,7 +120,10 @@ class StateDir:
         return self.load(mid) if os.path.exists(self.file(mid)) else None
 
     def remove(self, mid: str) -> None:
-        for p in (self.file(mid), self.log(mid), self.pids_file(mid)):
+        """Every file of mount ``mid``: state, log, pids, and the handler's stats socket and
+        metrics address (stats/telemetry.py), which a killed handler leaves behind."""
+        extra = [os.path.join(self.path, mid + suffix) for suffix in HANDLER_FILE_SUFFIXES]
+        for p in (self.file(mid), self.log(mid), self.pids_file(mid), *extra):
             try:
                 os.unlink(p)
             except FileNotFoundError:
