@@ -19,7 +19,7 @@ from tcmu_overlaybd.block.source import FileSource
 from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
 from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import StateError
-from tcmu_overlaybd.mount.state import MountState, StateDir, mount_id
+from tcmu_overlaybd.mount.state import MountRecord, MountState, RecordDir, StateDir, mount_id
 from tcmu_overlaybd.stats.prometheus import render
 from tcmu_overlaybd.stats.telemetry import Telemetry, metrics_address_path, stats_socket_path
 from tcmu_overlaybd.stats.unix_endpoint import query
@@ -93,6 +93,7 @@ class Child:
 @pytest.fixture
 def env_state(tmp_path, monkeypatch):
     monkeypatch.setenv("OBD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("OBD_PERSIST_DIR", str(tmp_path / "records"))
     monkeypatch.setenv("OBD_CONFIG", str(tmp_path / "none.json"))
     (tmp_path / "none.json").write_text("{}")
 
@@ -157,6 +158,15 @@ def test_not_an_obd_mount_is_a_one_line_error(tmp_path, env_state, capsys):
     rc, out, err = obd(capsys, "stats", str(tmp_path))
     assert rc == StateError.exit_code
     assert err == f"obd: {tmp_path} is not an obd mount\n"
+
+
+def test_a_mount_not_back_after_a_reboot_suggests_recover(tmp_path, env_state, capsys):
+    sd, st = make_mount(tmp_path)
+    RecordDir(str(tmp_path / "records")).save(MountRecord.of(st))
+    os.unlink(sd.file(st.id))  # /run/obd is empty after a reboot; the record survives
+    rc, out, err = obd(capsys, "stats", st.mountpoint)
+    assert rc == StateError.exit_code
+    assert err == f"obd: {st.mountpoint}: not mounted since the last reboot (run obd recover)\n"
 
 
 def test_dead_handler_says_so_and_suggests_recover(tmp_path, env_state, capsys):

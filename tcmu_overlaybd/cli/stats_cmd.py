@@ -8,7 +8,7 @@ import click
 
 from .. import config
 from ..errors import StateError
-from ..mount.state import MountState, StateDir, pid_alive
+from ..mount.state import MountState, RecordDir, StateDir, pid_alive
 from ..stats.telemetry import stats_socket_path
 from ..stats.unix_endpoint import query
 
@@ -66,10 +66,13 @@ def render_text(doc: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (an array without MOUNTPOINT).")
 def stats_cmd(mountpoint: str | None, as_json: bool) -> None:
     """Reads, bytes fetched, cache hit ratio, slow I/Os and latency of MOUNTPOINT (default: every mount)."""
-    sd = StateDir(config.load()["state.dir"])
+    cfg = config.load()
+    sd = StateDir(cfg["state.dir"])
     if mountpoint is not None:
         st = sd.find_mountpoint(mountpoint)
         if st is None:
+            if RecordDir(cfg["state.persistDir"]).find_mountpoint(mountpoint) is not None:
+                raise StateError(f"{mountpoint}: not mounted since the last reboot (run obd recover)")
             raise StateError(f"{mountpoint} is not an obd mount")
         doc = mount_stats(sd, st)
         click.echo(json.dumps(doc, indent=1) if as_json else render_text(doc))
