@@ -80,9 +80,9 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
         # ownership first (issue 7.7): a device that is not this mount's is never reset nor opened
         tcmu = find_uio(st.backstore, backstore.dev_config(backstore.name_for(st.id)))
         source = open_source(st, secrets)
-        if reset:
+        dev = UioDevice(tcmu.uio)  # exclusive (EBUSY while another handler serves it): before any reset
+        if reset:  # the ring cursor is read below, after the reset (tcmu.md §4.5)
             backstore.reset_for_new_handler(tcmu.name.configfs_path)
-        dev = UioDevice(tcmu.uio)
         info = DiskInfo.for_size(st.size, st.id, backstore.BLOCK_SIZE, backstore.MAX_SECTORS)
         cfg = config.load()
         telemetry = Telemetry(st, source, state_dir=cfg["state.dir"], slow_ms=cfg["io.slowMs"],
