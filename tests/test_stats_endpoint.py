@@ -304,3 +304,29 @@ def test_prefetch_that_cannot_be_read_does_not_break_stats(tmp_path):
     assert tel.document()["prefetch"] == {"unreadable": "RuntimeError: half-built"}
     tel.prefetch = None
     assert tel.document()["prefetch"] is None
+
+
+def test_prefetch_counters_from_a_stats_method_returning_a_dataclass(tmp_path):
+    """The prefetcher's shape (``session.stats()`` -> a dataclass of plain fields) in JSON and text."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Counters:
+        state: str = "replaying"
+        ranges_total: int = 40
+        ranges_done: int = 12
+        recording: bool = True
+
+    class Session:
+        def stats(self):
+            return Counters()
+
+    sd, st = make_mount(tmp_path)
+    tel = Telemetry(st, FileSource(st.image), state_dir=sd.path, slow_ms=1000)
+    tel.prefetch = Session()
+    doc = tel.document()
+    assert doc["prefetch"] == {"state": "replaying", "ranges_total": 40, "ranges_done": 12, "recording": True}
+    samples = {s.name: s for f in text_string_to_metric_families(render(doc)) for s in f.samples}
+    assert samples["obd_prefetch_ranges_done"].value == 12
+    assert samples["obd_prefetch_recording"].value == 1
+    assert samples["obd_prefetch_state"].labels["state"] == "replaying"
