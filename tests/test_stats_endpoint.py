@@ -330,3 +330,17 @@ def test_prefetch_counters_from_a_stats_method_returning_a_dataclass(tmp_path):
     assert samples["obd_prefetch_ranges_done"].value == 12
     assert samples["obd_prefetch_recording"].value == 1
     assert samples["obd_prefetch_state"].labels["state"] == "replaying"
+
+
+def test_a_state_dir_too_deep_for_a_unix_socket_is_one_warning_not_a_crash(tmp_path, caplog):
+    sd, st = make_mount(tmp_path)
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    tel = Telemetry(st, FileSource(st.image), state_dir=str(deep), slow_ms=1000)
+    tel.start()
+    try:
+        assert tel.device.read(0, 4096) and tel.document()["device_reads"] == 1
+    finally:
+        tel.stop()
+    [msg] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert msg.startswith("obd stats unavailable: ") and "path too long" in msg

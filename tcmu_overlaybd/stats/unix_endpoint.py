@@ -47,7 +47,7 @@ class StatsSocketServer:
             os.replace(tmp, self.path)
         except OSError as e:
             sock.close()
-            raise StateError(f"{self.path}: cannot create the stats socket: {e.strerror}") from None
+            raise StateError(f"{self.path}: cannot create the stats socket: {e.strerror or e}") from None
         self._sock = sock
         self._ino = os.stat(self.path).st_ino
         self._thread = threading.Thread(target=self._serve, name="obd-stats-socket", daemon=True)
