@@ -37,6 +37,8 @@ from tcmu_overlaybd.prefetch.session import PrefetchSession, PrefetchStats, conf
 from .helpers.layouts import native_layout
 from .helpers.registry import needs_registry, plain_registry, proxied_registry  # noqa: F401 - fixtures
 
+pytestmark = [pytest.mark.registry]
+
 SMALL = "upstream-small"
 WORKLOAD = ["/data/a/f004.txt", "/data/a/f008.txt", "/data/big.txt"]
 
@@ -146,6 +148,50 @@ def test_prefetch_list_fetches_exactly_the_listed_files_extents(small_image, vec
     assert _blob_gets(proxy) == []
     session.stop()
     disk.close()
+
+
+@needs_registry
+def test_trace_push_stores_the_list_with_the_image_and_mounts_replay_it(small_image, tmp_path, capfd):
+    import io
+    import tarfile
+
+    ref, proxy = small_image
+    listing = tmp_path / "list"
+    listing.write_text("/data/a/f008.txt\n")
+    flags = ["--plain-http", "-q", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["trace", "push", ref, str(listing), "--to", ref.replace(":obd", ":obd-traced"), *flags]) == 0
+    assert capfd.readouterr()[0].startswith(ref.replace(":obd", ":obd-traced").split("/")[0])
+    disk, opts = _open(ref.replace(":obd", ":obd-traced"), tmp_path / "cache")
+    top = disk.image.manifest["layers"][-1]
+    assert top["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+    assert top["annotations"]["containerd.io/snapshot/overlaybd/acceleration-layer"] == "yes"
+    assert disk.image.config["rootfs"]["diff_ids"][-1] == top["digest"]
+    assert disk.image.config["history"][-1]["created_by"] == "Acceleration Layer"
+    blob = disk.image.store.fetch_blob(top["digest"], top["size"])
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        [member] = tar.getmembers()
+        assert (member.name, member.mode, tar.extractfile(member).read()) == ("trace", 0o444, listing.read_bytes())
+    assert len(disk.data_layers) == 2  # the trace layer is no disk layer
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)  # no --prefetch: the image's own list
+    stats = _wait(session)
+    assert (stats.state, stats.source) == ("done", f"list acceleration layer {top['digest']}")
+    proxy.reset_counters()
+    assert _read_files(disk, ["/data/a/f008.txt"])
+    assert _blob_gets(proxy) == []
+    session.stop()
+    disk.close()
+
+
+def test_trace_show_prints_records_and_paths(tmp_path, capfd):
+    trace = tmp_path / "t"
+    trace.write_bytes(encode_trace([TraceRecord(OP_READ, 1, 8192, 4096)]))
+    assert main(["trace", "show", str(trace)]) == 0
+    assert capfd.readouterr()[0].splitlines() == ["trace: 1 records, 8192 bytes, layers [1]",
+                                                  "R   1           4096       8192"]
+    listing = tmp_path / "l"
+    listing.write_text("/usr/bin/\n")
+    assert main(["trace", "show", str(listing)]) == 0
+    assert capfd.readouterr()[0].splitlines() == ["prefetch list: 1 paths", "/usr/bin/"]
 
 
 def test_corrupt_or_empty_prefetch_files_are_one_line_errors_naming_the_file(tmp_path, capfd):

@@ -29,9 +29,9 @@ def cli(verbose: int) -> None:
 
 
 def _register_all() -> None:
-    from . import cache_cmd, convert_cmd, kernel, stats_cmd, userspace
+    from . import cache_cmd, convert_cmd, kernel, stats_cmd, trace_cmd, userspace
 
-    for mod in (userspace, cache_cmd, kernel, convert_cmd, stats_cmd):
+    for mod in (userspace, cache_cmd, kernel, convert_cmd, stats_cmd, trace_cmd):
         mod.register(cli)
 
 

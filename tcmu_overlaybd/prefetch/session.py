@@ -19,11 +19,9 @@ while the mount goes on.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
-import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -37,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: prefetch files and acceleration layers larger than this are not read (1 M records = 24 MB)
 FILE_MAX = 64 << 20
-#: the member of an acceleration layer's tar that holds the trace or list (spec §7.2)
-ACCELERATION_MEMBER = "trace"
 #: seconds ``stop`` waits for prefetch threads to notice
 STOP_WAIT_S = 5.0
 
@@ -72,12 +68,16 @@ class PrefetchStats:
 # ---- CLI side --------------------------------------------------------------------------------
 
 
-def _read_file(path: str) -> bytes:
+def read_prefetch_file(path: str) -> bytes:
+    """The bytes of a trace or prefetch list (at most ``FILE_MAX``)."""
     try:
         with open(path, "rb") as f:
-            return f.read(FILE_MAX + 1)
+            data = f.read(FILE_MAX + 1)
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    if len(data) > FILE_MAX:
+        raise CorruptDataError(f"larger than {FILE_MAX} bytes: not a trace obd records", blob=path)
+    return data
 
 
 def configure(opts, *, record_trace: str | None, prefetch: str | None, prefetch_list: str | None,
@@ -91,7 +91,7 @@ def configure(opts, *, record_trace: str | None, prefetch: str | None, prefetch_
     path = prefetch or prefetch_list
     if path:
         path = os.path.abspath(path)
-        load_prefetch_file(_read_file(path), path, force_list=bool(prefetch_list))
+        load_prefetch_file(read_prefetch_file(path), path, force_list=bool(prefetch_list))
         opts.prefetch_file, opts.prefetch_list = path, bool(prefetch_list)
     if background is not None:
         opts.background_download = background
@@ -127,21 +127,14 @@ def after_umount(options: dict) -> int | None:
 
 
 def _acceleration_file(disk) -> tuple[bytes, str]:
-    """The ``trace`` member of the image's acceleration layer, and a name for messages."""
-    layer = disk.acceleration
-    desc = layer.descriptor
+    """The trace or list in the image's acceleration layer, and a name for messages."""
+    from .acceleration import read_layer
+
+    desc = disk.acceleration.descriptor
     name = f"acceleration layer {desc.digest}"
     if desc.size > FILE_MAX:
         raise CorruptDataError(f"{desc.size} bytes is too large for an acceleration layer", blob=name)
-    raw = disk.image.store.fetch_blob(desc.digest, desc.size)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            member = tar.getmember(ACCELERATION_MEMBER)
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-    except (tarfile.TarError, KeyError) as e:
-        raise CorruptDataError(f"not a tar with a {ACCELERATION_MEMBER!r} file: {e}", blob=name) from None
-    return data, name
+    return read_layer(disk.image.store.fetch_blob(desc.digest, desc.size), name), name
 
 
 class PrefetchSession:
@@ -186,7 +179,7 @@ class PrefetchSession:
 
         path = options.get("prefetch_file")
         if path:
-            data, name = _read_file(path), path
+            data, name = read_prefetch_file(path), path
         elif disk.acceleration is not None:
             data, name = _acceleration_file(disk)
         else:
