@@ -218,6 +218,29 @@ def test_a_mirror_dying_mid_blob_hands_the_rest_to_the_registry(site, vectors, c
     store.close()
 
 
+def test_a_device_read_goes_round_the_endpoints_until_io_timeout(site, vectors, caplog):
+    """A handler's read outlives a short outage of every endpoint, and fails once io.timeout is spent."""
+    site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    site.stop_upstream()
+    store = site.store(device_reads=True, io_timeout=1.5, retries=1)
+    src = store.open_blob(HELLO_LAYER, 642560)
+    outage = site.mirror.add_fault("status:503", "/blobs/", "GET", times=4)  # two rounds of two attempts
+    with caplog.at_level(logging.WARNING):
+        assert src.read(0, 4096) == vector_blob(vectors, HELLO_LAYER)[:4096]
+    assert outage.hits == 4
+    stalls = [w for w in warnings(caplog) if "left of io.timeout" in w]
+    assert len(stalls) == 2 and all(w.startswith(f"blob {HELLO_LAYER} bytes 0-{BLOCK - 1}: every endpoint failed: "
+                                                 f"mirror http://{site.mirror.host}: HTTP 503") for w in stalls)
+    site.mirror.add_fault("status:503", "/blobs/", "GET", times=10**6)
+    t0 = time.monotonic()
+    with pytest.raises(NetworkError) as e:
+        src.read(BLOCK, 10)
+    assert 1.4 < time.monotonic() - t0 < 6
+    assert str(e.value).startswith(f"blob {HELLO_LAYER} bytes {BLOCK}-{2 * BLOCK - 1}: every endpoint failed: ")
+    assert re.search(r"\(gave up after \d+ rounds in 1.5 s, io.timeout\)$", str(e.value))
+    store.close()
+
+
 def test_tags_resolve_only_on_trusted_endpoints_and_pushes_skip_pull_only_mirrors(site, vectors):
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull"]\n')
     store = site.store()

@@ -12,7 +12,10 @@ verified against digests whatever endpoint served it.
 An endpoint that failed at the network level is tried after the others for
 ``HOLDOFF`` seconds, so a dead mirror costs its timeout once, not once per read.
 Range reads of a blob stay on the endpoint that last served that blob (no
-ping-pong between mirrors per cache block) and move on only when it fails.
+ping-pong between mirrors per cache block) and move on only when it fails.  In a
+handler (``io_timeout``), a range read that every endpoint failed at the network
+level goes round them again, with a warning naming the blob and range each time,
+until ``io.timeout`` has passed.
 """
 
 from __future__ import annotations
@@ -46,11 +49,16 @@ def failure_reason(err: ObdError, host: str) -> str:
 class EndpointPool:
     """The clients of a registry's endpoints (``clients[i]`` talks to ``config.endpoints[i]``)."""
 
-    def __init__(self, config: HostConfig, clients: list):
+    def __init__(self, config: HostConfig, clients: list, io_timeout: float | None = None,
+                 backoff_base: float = 0.25, max_backoff: float = 8.0):
         if len(clients) != len(config.endpoints):
             raise ValueError("one client per endpoint")
         self.config = config
         self.clients = clients
+        #: handlers: range reads go round the endpoints until this many seconds have passed
+        self.io_timeout = io_timeout
+        self.backoff_base = backoff_base
+        self.max_backoff = max_backoff
         self._down_until = [0.0] * len(clients)
         #: blob digest -> index of the endpoint its range reads go to
         self._sticky: dict[str, int] = {}
@@ -145,8 +153,25 @@ class EndpointPool:
         return self._range(repo, digest, offset, length, prefer)
 
     def _range(self, repo: str, digest: str, offset: int, length: int, prefer: int | None) -> bytes:
-        i, data = self.run({PULL}, f"blob {digest} bytes {offset}-{offset + length - 1}",
-                           lambda c: c.get_range(repo, digest, offset, length), prefer=prefer)
+        what = f"blob {digest} bytes {offset}-{offset + length - 1}"
+        deadline = time.monotonic() + self.io_timeout if self.io_timeout is not None else None
+        rounds = 0
+        while True:
+            try:
+                i, data = self.run({PULL}, what, lambda c: c.get_range(repo, digest, offset, length), prefer=prefer)
+                break
+            except NetworkError as e:  # not 404 or 401: those do not get better by waiting
+                left = deadline - time.monotonic() if deadline is not None else 0.0
+                if left <= 0:
+                    if deadline is not None:
+                        raise NetworkError(f"{e} (gave up after {rounds + 1} rounds in {self.io_timeout:g} s, "
+                                           "io.timeout)") from None
+                    raise
+                rounds += 1
+                delay = min(self.max_backoff, self.backoff_base * 2 ** (rounds - 1), left)
+                # a stalled device read: say so, with the blob and the range
+                log.warning("%s; round %d in %.2f s, %.0f s left of io.timeout", e, rounds + 1, delay, left)
+                time.sleep(delay)
         self._sticky[digest] = i
         return data
 

@@ -501,15 +501,21 @@ def push_endpoint(host: str, opts: OpenOptions, certs_dirs=None) -> Endpoint:
 def endpoint_pool(registry: str, opts: OpenOptions) -> EndpointPool:
     """Clients for every endpoint of ``registry`` (a reference's registry name), mirrors first.
 
-    A mirror gets at most ``MIRROR_RETRIES`` retries and no ``io.timeout`` budget (the next
-    endpoint is its retry), nor the ``-u`` credentials (those are for the registry itself).
+    A mirror gets at most ``MIRROR_RETRIES`` retries (the next endpoint is its retry) and not
+    the ``-u`` credentials (those are for the registry itself).  With several endpoints, a
+    handler's ``io.timeout`` budget belongs to the pool, which goes round all of them until it
+    is spent, instead of to one client that would wait it out alone.
     """
     config = _host_config(registry, opts)
+    single = len(config.endpoints) == 1
+    server_opts = opts if single else replace(opts, device_reads=False)
     mirror_opts = replace(opts, retries=min(opts.retries, MIRROR_RETRIES), device_reads=False,
                           username=None, password=None)
-    clients = [RegistryClient(e.host, mirror_opts if e.mirror else opts, endpoint=e,
+    clients = [RegistryClient(e.host, mirror_opts if e.mirror else server_opts, endpoint=e,
                               ns=config.registry if e.mirror else None) for e in config.endpoints]
-    return EndpointPool(config, clients)
+    io_timeout = opts.io_timeout if opts.device_reads and not single else None
+    return EndpointPool(config, clients, io_timeout=io_timeout,
+                        backoff_base=float(opts.extra.get("backoff_base", BACKOFF_BASE)), max_backoff=MAX_BACKOFF)
 
 
 class RemoteBlob:
