@@ -10,7 +10,8 @@ from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import UsageError
 from tcmu_overlaybd.image.hosts import PULL, PUSH, RESOLVE, host_config
 from tcmu_overlaybd.image.options import OpenOptions
-from tcmu_overlaybd.image.registry import RegistryClient, push_endpoint
+from tcmu_overlaybd.image.reference import parse_reference
+from tcmu_overlaybd.image.registry import RegistryClient, RegistryStore, push_endpoint
 
 
 def write_hosts(root, namespace: str, text: str, files=()):
@@ -153,6 +154,7 @@ def test_unknown_keys_are_warned_about_not_fatal(tmp_path, caplog):
     d = write_hosts(tmp_path, "reg.example", 'proxy = "http://p:3128"\n[host."https://m"]\n  capabilites = ["pull"]\n')
     with caplog.at_level(logging.WARNING):
         config = host_config("reg.example", [str(tmp_path)])
+        assert host_config("reg.example", [str(tmp_path)]) == config  # said once per file content
     assert config.endpoints[0].capabilities == {PULL, RESOLVE, PUSH}  # the misspelt key did nothing
     assert [r.getMessage() for r in caplog.records] == [
         f"{d}/hosts.toml: ignoring unknown key 'proxy'",
@@ -171,6 +173,19 @@ def test_pushes_go_to_the_first_endpoint_with_the_push_capability(tmp_path):
     assert RegistryClient("b.example", opts).url("/v2/r/blobs/uploads/") == "https://b.example/v2/r/blobs/uploads/"
     with pytest.raises(UsageError, match=r"c.example/hosts.toml: no endpoint of c.example has the push capability$"):
         push_endpoint("c.example", opts)
+
+
+def test_an_operation_no_endpoint_may_do_is_a_usage_error(tmp_path):
+    d = write_hosts(tmp_path, "a.example", 'capabilities = ["push"]\n[host."https://m"]\n  capabilities = ["pull"]\n')
+    store = RegistryStore(parse_reference("a.example/r:tag"), OpenOptions(hosts_dir=str(tmp_path)))
+    with pytest.raises(UsageError) as e:  # before any request: a tag needs an endpoint that may resolve
+        store.resolve(store.ref)
+    assert str(e.value) == f"{d}/hosts.toml: no endpoint of a.example has the pull and resolve capability"
+    # edited, the file takes effect at the next store
+    write_hosts(tmp_path, "a.example", '[host."https://m"]\n  capabilities = ["pull"]\n')
+    endpoints = RegistryStore(parse_reference("a.example/r:tag"), OpenOptions(hosts_dir=str(tmp_path))).pool.order(
+        {PULL, RESOLVE})
+    assert endpoints == [1]
 
 
 def test_mirror_requests_name_the_registry_in_ns(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -50,6 +51,9 @@ ENDPOINT_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "heade
                            "dial_timeout"})
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: parsed hosts.toml files: (path, content, registry, default scheme) -> endpoints
+_parsed: dict[tuple, tuple] = {}
+_parsed_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -167,12 +171,27 @@ def _cert_files(d: str) -> dict:
 
 
 def parse_hosts_file(path: str, registry: str, default_scheme: str = "https") -> tuple[Endpoint, ...]:
-    """Read and check one hosts.toml; any problem is a one-line UsageError naming the file."""
+    """Read and check one hosts.toml; any problem is a one-line UsageError naming the file.
+
+    The file is read every time (an edit takes effect at the next store, no restart), but
+    parsed once per content, so its warnings appear once, not once per store.
+    """
     try:
         with open(path, "rb") as f:
             text = f.read()
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    key = (path, text, registry, default_scheme)
+    with _parsed_lock:
+        if key in _parsed:
+            return _parsed[key]
+    endpoints = _parse_text(text, path, registry, default_scheme)
+    with _parsed_lock:
+        _parsed[key] = endpoints
+    return endpoints
+
+
+def _parse_text(text: bytes, path: str, registry: str, default_scheme: str) -> tuple[Endpoint, ...]:
     try:
         doc = tomllib.loads(text.decode("utf-8"))
     except UnicodeDecodeError as e:
