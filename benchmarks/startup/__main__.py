@@ -278,7 +278,7 @@ def main(argv: list[str]) -> int:
             base_args = argparse.Namespace(**{**vars(args), "mode_names": ["traditional"],
                                               "profiles": [PROFILES["unshaped"]]})
             host_doc = measure(base_args, plan)
-        doc = run_in_vm(REPO_ROOT, argv, plan, os.path.join(args.work, "vm"),
+        doc = run_in_vm(REPO_ROOT, argv, plan, os.path.join(args.work, "vm-" + "+".join(sorted(built))),
                         args.vm_mem or guest_memory_mb(args.image_names), args.vm_timeout)
     else:
         doc = measure_here(args, argv, plan)
