@@ -114,6 +114,7 @@ dial_timeout = "1m30s"
     x-single = "s"
 [host."https://m2"]
   client = ["both.pem"]
+  proxy = "http://squid.internal:3128"
 """.replace("/ABS", str(tmp_path / "abs")), files=("upstream.crt", "m1.crt", "m1.cert", "m1.key", "both.pem"))
     (tmp_path / "abs").mkdir()
     (tmp_path / "abs" / "other.crt").write_text("x")
@@ -123,6 +124,7 @@ dial_timeout = "1m30s"
     assert (m1.skip_verify, m1.dial_timeout) == (True, 0.25)
     assert m1.headers == (("x-tenant", "a, b"), ("x-single", "s"))
     assert m2.client == ((str(d / "both.pem"), None),) and m2.headers == () and m2.dial_timeout is None
+    assert (m1.proxy, m2.proxy, server.proxy) == (None, "http://squid.internal:3128", None)
     assert server.ca == (str(d / "upstream.crt"), str(tmp_path / "abs" / "other.crt"))
     assert (server.skip_verify, server.dial_timeout, server.headers) == (False, 90.0, (("x-one", "1"),))
 
@@ -136,6 +138,8 @@ dial_timeout = "1m30s"
     ('[host."https://m"]\n  client = [["a", "b", "c"]]\n', "[host.\"https://m\"]: client entry ['a', 'b', 'c'] is neither a path nor a [cert, key] pair"),
     ('[host."https://m"]\n  [host."https://m".header]\n    x = 1\n', "[host.\"https://m\"]: header 'x' must be a string or a list of strings"),
     ('[host."https://m"]\n  dial_timeout = "soon"\n', "[host.\"https://m\"]: dial_timeout 'soon' is not a positive duration like \"2s\" or \"500ms\""),
+    ('[host."https://m"]\n  proxy = "socks5://p:1080"\n', "[host.\"https://m\"]: proxy 'socks5://p:1080': unsupported scheme (http or https)"),
+    ('proxy = "http://p:3128/path"\n', "server: proxy 'http://p:3128/path' must be scheme://host[:port] with no path"),
     ('[host."ftp://m"]\n', "[host.\"ftp://m\"]: unsupported scheme 'ftp' (http or https)"),
     ('[host."https://m"]\n  [host."https://m".host."https://n"]\n', '[host."https://m"]: nested host tables are not supported'),
     ('server = 5\n', "server must be a URL string"),
@@ -151,13 +155,13 @@ def test_a_malformed_hosts_toml_is_one_usage_error_naming_the_file(tmp_path, tex
 
 
 def test_unknown_keys_are_warned_about_not_fatal(tmp_path, caplog):
-    d = write_hosts(tmp_path, "reg.example", 'proxy = "http://p:3128"\n[host."https://m"]\n  capabilites = ["pull"]\n')
+    d = write_hosts(tmp_path, "reg.example", 'mirrors = ["https://m"]\n[host."https://m"]\n  capabilites = ["pull"]\n')
     with caplog.at_level(logging.WARNING):
         config = host_config("reg.example", [str(tmp_path)])
         assert host_config("reg.example", [str(tmp_path)]) == config  # said once per file content
     assert config.endpoints[0].capabilities == {PULL, RESOLVE, PUSH}  # the misspelt key did nothing
     assert [r.getMessage() for r in caplog.records] == [
-        f"{d}/hosts.toml: ignoring unknown key 'proxy'",
+        f"{d}/hosts.toml: ignoring unknown key 'mirrors'",
         f"{d}/hosts.toml: [host.\"https://m\"]: ignoring unknown key 'capabilites'"]
 
 

@@ -278,6 +278,18 @@ def test_override_path_and_a_path_prefix(registries, site, vectors):
     assert prefixed.paths[0] == f"/prefix/v2/library/hello/manifests/obd?{site.ns}"
 
 
+def test_a_mirror_reached_through_its_proxy(registries, site, vectors):
+    forward = RewritingProxy(registries[1].host)  # whatever it is asked for, it fetches from the mirror registry
+    site.proxies.append(forward)
+    site.stop_upstream()
+    site.hosts_toml('[host."http://mirror.invalid:5000"]\n  capabilities = ["pull", "resolve"]\n'
+                    f'  proxy = "http://{forward.host}"\n')
+    assert read_hello(site.store())[1] == vector_blob(vectors, HELLO_LAYER)
+    # absolute-form requests: the name of the mirror only the proxy resolves
+    assert forward.paths[0] == f"http://mirror.invalid:5000/v2/library/hello/manifests/obd?{site.ns}"
+    assert len(forward.paths) == 5  # HEAD and GET of the manifest, three Range GETs of the layer
+
+
 def test_mirror_tls_from_hosts_toml_and_one_error_naming_every_endpoint(site, vectors, test_ca, tmp_path):
     tls = RegistryServer(str(tmp_path / "tls"), ca=test_ca)
     try:

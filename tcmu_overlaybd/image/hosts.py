@@ -12,7 +12,8 @@ and ``core/remotes/docker/config/hosts.go`` define the format; obd follows them:
   default all three), ``ca`` (a path or a list), ``client`` (a path, a list of
   paths, or a list of ``[cert, key]`` pairs), ``skip_verify``, ``override_path``
   (the URL path already is the API root, so no ``/v2`` is appended), ``[header]``
-  (a string or a list of strings per name) and ``dial_timeout`` (Go duration).
+  (a string or a list of strings per name), ``dial_timeout`` (Go duration) and
+  ``proxy`` (an http(s) proxy URL that overrides ``HTTP(S)_PROXY``/``NO_PROXY``).
   The top-level keys of the same names apply to ``server``.  Relative paths are
   relative to the directory of ``hosts.toml``.
 * no ``hosts.toml``: docker's certs.d layout: every ``*.crt`` is a CA, every
@@ -48,7 +49,7 @@ CONTAINERD_HOSTS_DIR = "/etc/containerd/certs.d"
 DOCKER_CERTS_DIR = "/etc/docker/certs.d"
 #: the per-endpoint keys of hosts.toml (containerd's hostFileConfig) obd understands
 ENDPOINT_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path",
-                           "dial_timeout"})
+                           "dial_timeout", "proxy"})
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 #: parsed hosts.toml files: (path, content, registry, default scheme) -> endpoints
@@ -73,6 +74,8 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = ()
     #: connect timeout, seconds (None = registry.connectTimeout)
     dial_timeout: float | None = None
+    #: proxy URL for this endpoint (None = the environment's HTTP(S)_PROXY/NO_PROXY)
+    proxy: str | None = None
     #: a [host."URL"] entry rather than the namespace's server
     mirror: bool = False
     #: the hosts.toml (or certs directory) this endpoint was read from, None = built-in default
@@ -259,6 +262,7 @@ def _endpoint(url: str, table: dict, path: str, where: str, base: str, default_s
         skip_verify=_bool(table, "skip_verify", bad),
         headers=_headers(table.get("header"), bad),
         dial_timeout=_duration(table.get("dial_timeout"), bad),
+        proxy=_proxy(table.get("proxy"), bad),
         mirror=mirror,
         source=path,
     )
@@ -333,6 +337,20 @@ def _headers(value, bad) -> tuple[tuple[str, str], ...]:
         else:
             raise bad(f"header {name!r} must be a string or a list of strings")
     return tuple(out)
+
+
+def _proxy(value, bad) -> str | None:
+    """containerd's rule: an absolute URL with a host and no path, query or fragment (obd: http/https)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise bad(f"proxy must be a URL string, not {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise bad(f"proxy {value!r}: unsupported scheme (http or https)")
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise bad(f"proxy {value!r} must be scheme://host[:port] with no path")
+    return value
 
 
 def _duration(value, bad) -> float | None:

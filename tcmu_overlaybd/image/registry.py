@@ -121,6 +121,7 @@ class RegistryClient:
     TLS trust: the system store plus ``--tlscacert`` and the endpoint's ``ca`` files;
     ``-k`` or the endpoint's ``skip_verify`` turn verification off; the client
     certificate comes from ``--tlscert/--tlskey``, else the endpoint's first ``client``.
+    An endpoint's ``proxy`` carries all its requests (token requests too).
     Credentials: ``-u`` applies to the registry's own server, a mirror gets those the
     authfile has for the mirror's host.  ``ns`` (mirrors) is sent as the ``ns`` query
     parameter naming the registry the request is for, as containerd does.
@@ -161,6 +162,8 @@ class RegistryClient:
         elif endpoint.client:
             cert, key = endpoint.client[0]
             self.tls["cert"] = (cert, key) if key else cert
+        #: per request, so the endpoint's proxy wins over the environment's (containerd's rule)
+        self.proxies = {"http": endpoint.proxy, "https": endpoint.proxy} if endpoint.proxy else None
         if endpoint.mirror:
             self.auth = Authenticator(endpoint.host, None, None, opts.authfile)
         else:
@@ -208,7 +211,7 @@ class RegistryClient:
                     left = max(0.5, deadline - time.monotonic())
                     timeout = (min(timeout[0], left), min(timeout[1], left))
                 resp = self.session.request(method, url, headers=hdrs, data=body, timeout=timeout,
-                                            stream=True, allow_redirects=True, **self.tls)
+                                            stream=True, allow_redirects=True, proxies=self.proxies, **self.tls)
             except requests.exceptions.SSLError as e:
                 raise _fail(NetworkError, self.host, what, f"TLS error: {_short(e)} "
                             "(see --tlscacert, --tlscert/--tlskey, -k, --plain-http)") from None
@@ -265,7 +268,8 @@ class RegistryClient:
 
     def _token_get(self, url: str, params: dict, headers: dict):
         """GET on a token server with this registry's TLS settings and timeouts."""
-        return self.session.get(url, params=params, headers=headers, timeout=self.timeout, **self.tls)
+        return self.session.get(url, params=params, headers=headers, timeout=self.timeout, proxies=self.proxies,
+                                **self.tls)
 
     def _pause(self, attempt: int, attempts: int, retry_after: float | None, what: str, cause: str,
                deadline: float | None = None) -> None:
