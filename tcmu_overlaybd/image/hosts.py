@@ -30,7 +30,7 @@ import os
 import re
 import threading
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
@@ -78,8 +78,6 @@ class Endpoint:
     proxy: str | None = None
     #: a [host."URL"] entry rather than the namespace's server
     mirror: bool = False
-    #: the hosts.toml (or certs directory) this endpoint was read from, None = built-in default
-    source: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -145,17 +143,17 @@ def host_config(registry: str, hosts_dirs=(CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DI
         path = os.path.join(d, HOSTS_FILE)
         if os.path.isfile(path):
             return HostConfig(registry, parse_hosts_file(path, registry, default_scheme), path)
-        return HostConfig(registry, (_default_server(registry, default_scheme, _cert_files(d), d),), d)
+        return HostConfig(registry, (_default_server(registry, default_scheme, _cert_files(d)),), d)
     return HostConfig(registry, (_default_server(registry, default_scheme),))
 
 
-def _default_server(registry: str, scheme: str, tls: dict | None = None, source: str | None = None) -> Endpoint:
+def _default_server(registry: str, scheme: str, tls: dict | None = None) -> Endpoint:
     """The registry itself as its own server (Docker Hub's API lives on registry-1.docker.io)."""
     if registry == DOCKER_HUB:
         scheme, host = "https", DOCKER_HUB_API
     else:
         host = registry
-    return Endpoint(scheme, host, "/v2", source=source, **(tls or {}))
+    return Endpoint(scheme, host, "/v2", **(tls or {}))
 
 
 def _cert_files(d: str) -> dict:
@@ -264,7 +262,6 @@ def _endpoint(url: str, table: dict, path: str, where: str, base: str, default_s
         dial_timeout=_duration(table.get("dial_timeout"), bad),
         proxy=_proxy(table.get("proxy"), bad),
         mirror=mirror,
-        source=path,
     )
 
 
