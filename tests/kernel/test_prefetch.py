@@ -1,0 +1,111 @@
+"""Trace record and replay through the kernel: obd mount --record-trace / --prefetch, obd umount,
+obd record-trace stop, with a registry in the guest reached through the counting proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import time
+
+import pytest
+
+from tcmu_overlaybd.convert.publish import publish
+from tcmu_overlaybd.format.trace import decode_trace
+from tcmu_overlaybd.image.manifest import REF_NAME
+from tcmu_overlaybd.image.oci_layout import OciLayoutStore
+from tcmu_overlaybd.image.options import OpenOptions
+
+from ..helpers.layouts import native_layout
+from ..helpers.registry import Proxy, RegistryServer, needs_registry
+from .conftest import obd
+
+pytestmark = [pytest.mark.kernel, needs_registry]
+
+SMALL = "upstream-small"
+FILE = "data/big.txt"  # 1.5 MiB
+FILE_SHA = "769af9e484a4392f79d925377d556ce06f8bf92801c38816987fdb898444fce5"
+
+
+@pytest.fixture
+def small_image(vectors, tmp_path, monkeypatch):
+    """The two-layer upstream image in a guest registry behind the proxy; a private cache."""
+    monkeypatch.setenv("OBD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OBD_GZIP_CACHE_DIR", str(tmp_path / "gzcache"))
+    reg = RegistryServer(str(tmp_path / "registry"))
+    proxy = Proxy(reg.host)
+    try:
+        commits = [vectors / SMALL / "overlaybd" / f"layer{i}.commit" for i in (0, 1)]
+        layout = native_layout(tmp_path / "layout", commits, "obd")
+        [desc] = [d for d in OciLayoutStore(layout).entries if d.annotations.get(REF_NAME) == "obd"]
+        publish(str(layout), desc, f"{reg.host}/small:obd", OpenOptions(plain_http=True, quiet=True))
+        yield f"{proxy.host}/small:obd", proxy, tmp_path / "cache"
+    finally:
+        proxy.stop()
+        reg.stop()
+
+
+def _blob_gets(proxy) -> int:
+    return sum(1 for r in proxy.log.requests if r[0] == "GET" and "/blobs/" in r[1])
+
+
+def _sha(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _quiet(proxy, idle: float = 2.0, timeout: float = 120.0) -> None:
+    """Wait until the proxy saw no blob request for ``idle`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = _blob_gets(proxy), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _blob_gets(proxy)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= idle:
+            return
+    raise AssertionError("prefetch still fetching after the timeout")
+
+
+def test_record_at_umount_and_on_stop_then_replay_fetches_the_file_before_it_is_read(small_image, tmp_path):
+    ref, proxy, cache = small_image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    trace = tmp_path / "app.trace"
+
+    # 1. record: the trace is written by obd umount
+    assert obd("mount", "--plain-http", "--record-trace", str(trace), ref, str(mnt))[0] == 0
+    try:
+        assert _sha(mnt / FILE) == FILE_SHA
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
+    records = decode_trace(trace.read_bytes(), str(trace))
+    assert records and stat.S_IMODE(os.stat(trace).st_mode) == 0o600
+    assert sum(r.count for r in records) >= 1_500_000  # at least the file's bytes (compressed layers' view)
+    assert not os.path.exists(f"{trace}.spool")
+
+    # 2. obd record-trace stop writes the trace while the mount goes on
+    stopped = tmp_path / "stopped.trace"
+    assert obd("mount", "--plain-http", "--record-trace", str(stopped), ref, str(mnt))[0] == 0
+    try:
+        assert _sha(mnt / FILE) == FILE_SHA
+        rc, out = obd("record-trace", "stop", str(mnt))
+        assert rc == 0 and out.startswith(f"{stopped}: ") and decode_trace(stopped.read_bytes())
+        assert obd("record-trace", "stop", str(mnt))[0] != 0  # already finished
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
+
+    # 3. replay on a cold cache: the file's blocks arrive without the file being read
+    shutil.rmtree(cache)
+    proxy.reset_counters()
+    assert obd("mount", "--plain-http", "--prefetch", str(trace), ref, str(mnt))[0] == 0
+    try:
+        _quiet(proxy)
+        assert _blob_gets(proxy) > 0  # the prefetch did fetch
+        proxy.reset_counters()
+        assert _sha(mnt / FILE) == FILE_SHA
+        assert _blob_gets(proxy) == 0  # and reading the file needs no request
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
