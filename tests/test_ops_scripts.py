@@ -229,3 +229,18 @@ def test_vagrantfile_validates():
 
 def test_provision_rejects_an_unknown_option():
     assert run(PROVISION, "--bogus") == (2, "provision: unknown option --bogus\n")
+
+
+def test_cleanup_reports_and_keeps_the_mount_record_of_what_it_tears_down(tmp_path):
+    sd, records = tmp_path / "run-obd", tmp_path / "records"
+    sd.mkdir()
+    records.mkdir()
+    write_state(sd, "aaaaaaaaaaaa", {"supervisor_pid": 999999999, "handler_pid": 0, "restarts": 0})
+    (records / "aaaaaaaaaaaa.json").write_text('{"id": "aaaaaaaaaaaa"}')
+    rc, out = run(CLEANUP, "--dry-run", "--state-dir", str(sd), env={"OBD_PERSIST_DIR": str(records)})
+    assert rc == 0 and f"would: rm {sd}/aaaaaaaaaaaa.json" in out
+    assert ("obd-cleanup: kept the mount record of /nonexistent/mnt-aaaaaaaaaaaa "
+            "(obd recover mounts it again, obd umount drops it)") in out.splitlines()
+    if os.geteuid() == 0:
+        assert run(CLEANUP, "--state-dir", str(sd), env={"OBD_PERSIST_DIR": str(records)})[0] == 0
+        assert os.listdir(sd) == [] and os.listdir(records) == ["aaaaaaaaaaaa.json"]

@@ -57,8 +57,9 @@ def simulate_reboot(mounts: list[dict]) -> None:
             subprocess.run(["umount", "-l", path], check=True)
     r = subprocess.run([CLEANUP], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    for m in mounts:  # no longer recoverable in place: torn down
+    for m in mounts:  # no longer recoverable in place: torn down, but the record stays
         assert f"rmdir /sys/kernel/config/target/loopback/{m['wwn']}" in r.stdout
+        assert f"kept the mount record of {m['mountpoint']} " in r.stdout
     state = config.load()["state.dir"]
     for name in os.listdir(state):
         path = os.path.join(state, name)
