@@ -126,10 +126,13 @@ def test_obd_stats_json_shows_the_handlers_counters(child, capsys):
     assert sum(doc["latency_buckets"]["counts"]) == 10
     assert doc["cache"] is None and doc["bytes_fetched"] is None  # a local file: no registry
     assert doc["prefetch"] == {"bytes_prefetched": 8192, "state": "running"}
-    assert doc["metrics_address"] is None
+    assert doc["metrics_address"] is None and doc["device"] == ""
+    st.device = "/dev/sdq"  # obd mount records the device once the LUN shows up
+    sd.save(st)
     c.read(5)
     rc, out, _ = obd(capsys, "stats", st.mountpoint, "--json")
-    assert json.loads(out)["device_reads"] == 15
+    doc = json.loads(out)
+    assert doc["device_reads"] == 15 and doc["device"] == "/dev/sdq"
 
 
 def test_obd_stats_table_and_all_mounts(child, capsys):

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 
-from ..errors import ObdError
+from ..errors import ObdError, StateError
 from ..mount.state import MountState, StateDir
 from .device import CountingDevice, SlowReadWatchdog
 from .latency import BOUNDS_NS
@@ -147,7 +147,12 @@ class Telemetry:
     def document(self) -> dict:
         """The stats document (field list in the module docstring)."""
         st, snap = self.st, self.device.snapshot()
-        restarts = StateDir(self.state_dir).read_pids(st.id).get("restarts", 0)
+        sd = StateDir(self.state_dir)
+        restarts = sd.read_pids(st.id).get("restarts", 0)
+        try:  # obd mount learns the /dev/sdX name after this handler started
+            device = sd.load(st.id).device
+        except StateError:
+            device = st.device
         cache = None
         if self.cache is not None and hasattr(self.cache, "stats"):
             cache = self.cache.stats()
@@ -157,7 +162,7 @@ class Telemetry:
             "mount_id": st.id,
             "mountpoint": st.mountpoint,
             "image": st.image,
-            "device": st.device,
+            "device": device,
             "handler_pid": os.getpid(),
             "restarts": restarts,
             "started_at": round(self.started_at, 3),
