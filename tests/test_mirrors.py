@@ -178,6 +178,40 @@ def test_a_dead_mirror_costs_one_warning_then_the_registry_serves(site, vectors,
     store.close()
 
 
+def test_a_mirror_back_from_an_outage_is_used_again_after_the_holdoff(site, vectors, caplog, monkeypatch):
+    from tcmu_overlaybd.image import mirrors
+
+    monkeypatch.setattr(mirrors, "HOLDOFF", 0.3)
+    site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    store = site.store()
+    site.mirror.add_fault("drop", "/manifests/", times=2)  # both attempts of the first request
+    with caplog.at_level(logging.WARNING):
+        desc = store.resolve(store.ref)
+    assert warnings(caplog)[0].startswith(f"mirror http://{site.mirror.host}: manifest ")
+    assert [m for m, _p, _r, _s in site.up.log.requests] == ["HEAD"]
+    assert store.fetch_manifest(desc) == vector_blob(vectors, HELLO_CONVERTED_MANIFEST)  # still held off
+    assert [m for m, _p, _r, _s in site.up.log.requests] == ["HEAD", "GET"]
+    time.sleep(0.35)
+    assert store.fetch_manifest(desc) == vector_blob(vectors, HELLO_CONVERTED_MANIFEST)
+    assert len(site.up.log.requests) == 2 and site.mirror.log.requests[-1][0:4:3] == ("GET", 200)
+    store.close()
+
+
+def test_the_default_namespace_and_the_port_spelling(site, vectors):
+    site.stop_upstream()
+    default = site.hosts / "_default"
+    default.mkdir(parents=True)
+    (default / "hosts.toml").write_text(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    assert read_hello(site.store())[1] == vector_blob(vectors, HELLO_LAYER)
+    # a directory of the registry's own wins over _default; host_port_ is how containerd spells host:port too
+    host, port = site.up.host.rsplit(":", 1)
+    own = site.hosts / f"{host}_{port}_"
+    own.mkdir()
+    (own / "hosts.toml").write_text(f'[host."http://127.0.0.1:{free_port()}"]\n')
+    with pytest.raises(NetworkError, match=r"every endpoint failed: mirror http://127.0.0.1:\d+: ConnectionError"):
+        site.store(cache_dir=str(site.tmp / "c2")).resolve(parse_reference(f"{site.up.host}/library/hello:obd"))
+
+
 def test_a_mirror_404_falls_through_and_range_reads_stick_to_who_served_the_blob(site, vectors, caplog):
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
     store = site.store("only/upstream:v1")
