@@ -34,7 +34,7 @@ from tcmu_overlaybd.prefetch.background import BackgroundDownload
 from tcmu_overlaybd.prefetch.replay import Piece, Replayer, list_pieces
 from tcmu_overlaybd.prefetch.session import PrefetchSession, PrefetchStats, configure
 
-from .helpers.layouts import native_layout
+from .helpers.layouts import native_layout, turbo_layout
 from .helpers.registry import needs_registry, plain_registry, proxied_registry  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.registry]
@@ -120,6 +120,38 @@ def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_regist
     proxy.reset_counters()
     assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
     assert _blob_gets(proxy) == []  # every block the workload reads was prefetched
+    session.stop()
+    disk.close()
+
+
+@needs_registry
+def test_fastoci_trace_replay_fetches_meta_and_original_ranges_and_fills_the_gzip_cache(
+        proxied_registry, vectors, tmp_path):
+    """A TurboOCI layer is recorded in its own view of the disk; replaying it on cold block and
+    gzip caches fetches what the workload needs from the meta and the original gzip blobs."""
+    registry, proxy = proxied_registry
+    metas = [vectors / SMALL / "turbooci" / f"layer{i}" / "turboOCIv1.tar.gz" for i in (0, 1)]
+    layout = turbo_layout(tmp_path / "layout", vectors / SMALL / "original", metas, "small", "turbo")
+    [desc] = [d for d in OciLayoutStore(layout).entries if d.annotations.get(REF_NAME) == "turbo"]
+    publish(str(layout), desc, f"{registry.host}/small:turbo", OpenOptions(plain_http=True, quiet=True))
+    ref, tree = f"{proxy.host}/small:turbo", _tree(vectors)
+    trace = tmp_path / "t"
+    record.create_spool(str(trace))
+    disk, opts = _open(ref, tmp_path / "c1", record_trace=str(trace), gzip_cache_dir=str(tmp_path / "gz1"))
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
+    session.stop()
+    disk.close()
+    assert {r.layer_index for r in decode_trace(trace.read_bytes())} <= {0, 1}
+
+    disk, opts = _open(ref, tmp_path / "c2", prefetch_file=str(trace), gzip_cache_dir=str(tmp_path / "gz2"))
+    assert all(getattr(layer, "warp", False) for layer in disk.data_layers)
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    assert _wait(session).state == "done" and session.stats.ranges_failed == 0
+    assert any(os.scandir(tmp_path / "gz2"))  # inflated data landed in the gzip cache
+    proxy.reset_counters()
+    assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
+    assert _blob_gets(proxy) == []
     session.stop()
     disk.close()
 
