@@ -231,3 +231,16 @@ def test_recover_without_tcmu_reports_each_mount_and_keeps_records_and_uppers(di
         for rec in recs:
             assert open(os.path.join(rec.upper, "written-before-reboot")).read() == "keep me\n"
         assert not d["state"].exists() or os.listdir(d["state"]) == []
+
+
+def test_recover_reports_an_unreadable_state_file_and_leaves_its_mount_alone(dirs, tmp_path):
+    d, env = dirs
+    mnt = tmp_path / "mnt"
+    rec = record(dirs, mnt)
+    d["state"].mkdir()
+    (d["state"] / f"{rec.id}.json").write_text("{truncated")
+    r = obd("recover", env=env)
+    assert r.returncode == 8
+    [line] = r.stdout.splitlines()
+    assert line.startswith(f"{d['state']}/{rec.id}.json: failed: {d['state']}/{rec.id}.json: unreadable mount state")
+    assert os.listdir(d["records"]) == [f"{rec.id}.json"] and not mnt.exists()

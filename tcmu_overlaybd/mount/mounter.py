@@ -379,9 +379,14 @@ def recover() -> list[tuple[str, str]]:
     A mount that cannot be brought back is reported ``failed: <reason>``; its record stays.
     """
     sd, rd = state_dir(), record_dir()
-    states = {st.id: st for st in sd.all()}
-    done = []
-    for mid in sorted(set(states) | set(rd.ids())):
+    states, done = {}, []
+    for mid in sd.ids():
+        try:
+            states[mid] = sd.load(mid)
+        except StateError as e:  # it may belong to a live mount: leave that mount alone
+            done.append((sd.file(mid), f"failed: {e}"))
+    unreadable = {mid for mid in sd.ids() if mid not in states}
+    for mid in sorted((set(states) | set(rd.ids())) - unreadable):
         st = states.get(mid)
         if st is not None and (pid_alive(sd.read_pids(mid)["supervisor_pid"]) or _mount_in_progress(sd, st)):
             continue

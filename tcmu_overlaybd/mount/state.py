@@ -108,12 +108,16 @@ class StateDir:
     def load(self, mid: str) -> MountState:
         return self.load_file(self.file(mid))
 
-    def all(self) -> list[MountState]:
+    def ids(self) -> list[str]:
+        """The ids of every state file, readable or not."""
         try:
             names = sorted(os.listdir(self.path))
         except FileNotFoundError:
             return []
-        return [self.load_file(os.path.join(self.path, n)) for n in names if n.endswith(".json")]
+        return [n[:-5] for n in names if n.endswith(".json")]
+
+    def all(self) -> list[MountState]:
+        return [self.load(mid) for mid in self.ids()]
 
     def find_mountpoint(self, mountpoint: str) -> MountState | None:
         mid = mount_id(mountpoint)
