@@ -192,6 +192,17 @@ def test_an_operation_no_endpoint_may_do_is_a_usage_error(tmp_path):
     assert endpoints == [1]
 
 
+def test_credential_headers_of_hosts_toml_never_reach_a_log(tmp_path):
+    from tcmu_overlaybd.logs import redact
+
+    write_hosts(tmp_path, "reg.example", '[host."https://m"]\n  [host."https://m".header]\n'
+                                         '    Authorization = "Bearer mirror-static-credential"\n'
+                                         '    X-Api-Key = "k-0123456789"\n    X-Tenant = "blue"\n')
+    endpoint = host_config("reg.example", [str(tmp_path)]).endpoints[0]
+    RegistryClient("m", OpenOptions(), endpoint=endpoint)
+    assert redact("sent mirror-static-credential and k-0123456789 for blue") == "sent *** and *** for blue"
+
+
 def test_mirror_requests_name_the_registry_in_ns(tmp_path):
     write_hosts(tmp_path, "reg.example", '[host."https://m/base"]\n')
     config = host_config("reg.example", [str(tmp_path)])

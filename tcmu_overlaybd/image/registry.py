@@ -36,6 +36,7 @@ import urllib3
 from ..block.source import ByteSource, clamp_read
 from ..cache.blockcache import DEFAULT_BLOCK_SIZE, CachedSource, shared_cache
 from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, ObdError, UsageError
+from ..logs import register_secret
 from ..progress import progress_bar
 from .auth import Authenticator
 from .hosts import CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DIR, PULL, PUSH, RESOLVE, Endpoint, host_config, namespace_of
@@ -65,6 +66,8 @@ BACKOFF_BASE = 0.25
 MAX_BACKOFF = 8.0
 #: retries on a mirror before the next endpoint is tried (the next endpoint is the better retry)
 MIRROR_RETRIES = 1
+#: hosts.toml header names whose values are credentials (kept out of logs)
+_SECRET_HEADER = re.compile(r"(?i)auth|token|secret|key|cookie|pass")
 
 
 class _Retry(Exception):
@@ -145,6 +148,10 @@ class RegistryClient:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.headers.update(dict(endpoint.headers))
+        for name, value in endpoint.headers:
+            if _SECRET_HEADER.search(name):  # e.g. a mirror's static Authorization header
+                register_secret(value)
+                register_secret(value.partition(" ")[2])  # the credential of "<scheme> <credential>"
         extra_ca = ([opts.tls_ca_cert] if opts.tls_ca_cert else []) + list(endpoint.ca)
         adapter = _TrustAdapter(_read_pem(extra_ca, "CA certificates") if extra_ca else None,
                                 pool_connections=4, pool_maxsize=32, max_retries=0)
