@@ -50,3 +50,35 @@ def test_prefetch_list_keeps_paths_upstream_keeps():
     assert parse_prefetch_list(text) == ["/usr/bin/python3", "/usr/lib/python3/", "/opt/app/main.py"]
     assert not is_trace(text.encode())
     assert TRACE_MAGIC == 3270449184
+
+
+def test_spool_records_ignore_a_torn_tail_and_reject_bad_ops():
+    from tcmu_overlaybd.format.trace import RECORD, decode_records
+
+    body = RECORD.pack(OP_READ, 1, 4096, 0) + RECORD.pack(OP_READ, 0, 512, 8192)
+    assert decode_records(body + body[:10], "spool") == [TraceRecord(OP_READ, 1, 4096, 0),
+                                                          TraceRecord(OP_READ, 0, 512, 8192)]
+    with pytest.raises(CorruptDataError, match="spool.*offset 24"):
+        decode_records(body[:24] + RECORD.pack(ord("X"), 0, 1, 0), "spool")
+
+
+def test_prefetch_file_detection_follows_upstream():
+    from tcmu_overlaybd.format.trace import load_prefetch_file
+
+    trace = encode_trace([TraceRecord(OP_READ, 0, 4096, 0)])
+    assert load_prefetch_file(trace, "f").kind == "trace"
+    assert load_prefetch_file(b"/usr/lib/\n/etc/hosts\n", "f").paths == ("/usr/lib/", "/etc/hosts")
+    # --prefetch-list: a file is a list even when it happens to start with the magic
+    with pytest.raises(CorruptDataError, match="no path"):
+        load_prefetch_file(trace, "f", force_list=True)
+
+
+def test_merge_folds_touching_and_overlapping_reads_of_one_layer_in_order():
+    from tcmu_overlaybd.prefetch.record import merge_records
+
+    R = lambda layer, off, n: TraceRecord(OP_READ, layer, n, off)  # noqa: E731
+    reads = [R(0, 0, 4096), R(1, 0, 4096), R(0, 4096, 4096), R(0, 2048, 8192), R(1, 8192, 4096),
+             R(0, 1 << 20, 4096)]
+    assert merge_records(reads) == [R(0, 0, 10240), R(1, 0, 4096), R(1, 8192, 4096), R(0, 1 << 20, 4096)]
+    far = [R(0, 0, 10)] + [R(2, i * 100, 10) for i in range(20)] + [R(0, 10, 10)]
+    assert len(merge_records(far, window=4)) == 22  # only recent records are extended
