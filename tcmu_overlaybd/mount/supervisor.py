@@ -101,6 +101,7 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
     from ..prefetch.session import PrefetchSession  # trace recording, replay, background download
 
     prefetch = PrefetchSession.start(st.options, getattr(source, "_disk", None))
+    telemetry.prefetch = prefetch  # obd stats shows its counters
     try:
         handler.serve()
     finally:

@@ -221,6 +221,10 @@ class PrefetchSession:
             self._stats.trace_reads = rec.noted
         return self._stats
 
+    def as_dict(self) -> dict:
+        """The counters as a dict (what the handler's telemetry reports under ``prefetch``)."""
+        return self.stats.as_dict()
+
     def stop(self) -> None:
         """End of the handler: stop replay and download, finish the trace being recorded."""
         self._stop.set()
