@@ -178,6 +178,25 @@ def test_a_dead_mirror_costs_one_warning_then_the_registry_serves(site, vectors,
     store.close()
 
 
+def test_a_slow_mirror_and_a_failing_one_fall_through(site, vectors, caplog):
+    site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    store = site.store(read_timeout=0.3)
+    site.mirror.add_fault("delay:1", "/manifests/", "HEAD", times=2)
+    with caplog.at_level(logging.WARNING):
+        assert store.resolve(store.ref).digest == HELLO_CONVERTED_MANIFEST
+    (slow,) = warnings(caplog)
+    assert slow == (f"mirror http://{site.mirror.host}: manifest {site.up.host}/library/hello:obd: ReadTimeout: "
+                    f"Read timed out (gave up after 2 attempts); served by http://{site.up.host}")
+    caplog.clear()
+    site.mirror.add_fault("status:502", "/blobs/", "GET", times=2)
+    with caplog.at_level(logging.WARNING):
+        assert read_hello(site.store(cache_dir=str(site.tmp / "c2")))[1] == vector_blob(vectors, HELLO_LAYER)
+    (failing,) = warnings(caplog)
+    assert re.fullmatch(rf"mirror http://{site.mirror.host}: blob {HELLO_LAYER} bytes \d+-\d+: HTTP 502 Bad Gateway "
+                        rf"\(gave up after 2 attempts\); served by http://{site.up.host}", failing)
+    store.close()
+
+
 def test_a_mirror_back_from_an_outage_is_used_again_after_the_holdoff(site, vectors, caplog, monkeypatch):
     from tcmu_overlaybd.image import mirrors
 
