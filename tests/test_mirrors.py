@@ -165,12 +165,10 @@ def test_a_dead_mirror_costs_one_warning_then_the_registry_serves(site, vectors,
     dead = f"127.0.0.1:{free_port()}"
     site.hosts_toml(f'[host."http://{dead}"]\n  capabilities = ["pull", "resolve"]\n')
     store = site.store()
-    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
         manifest, layer = read_hello(store)
         config = json.loads(manifest)["config"]
         assert store.fetch_blob(config["digest"], config["size"]) == vector_blob(vectors, config["digest"])
-    assert time.monotonic() - t0 < 3
     assert layer == vector_blob(vectors, HELLO_LAYER)
     (warning,) = warnings(caplog)  # later reads skip the mirror that just failed
     assert re.fullmatch(rf"mirror http://{dead}: manifest {site.up.host}/library/hello:obd: ConnectionError: "
@@ -180,8 +178,8 @@ def test_a_dead_mirror_costs_one_warning_then_the_registry_serves(site, vectors,
 
 def test_a_slow_mirror_and_a_failing_one_fall_through(site, vectors, caplog):
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
-    store = site.store(read_timeout=0.3)
-    site.mirror.add_fault("delay:1", "/manifests/", "HEAD", times=2)
+    store = site.store(read_timeout=0.5)
+    site.mirror.add_fault("delay:1.5", "/manifests/", "HEAD", times=2)
     with caplog.at_level(logging.WARNING):
         assert store.resolve(store.ref).digest == HELLO_CONVERTED_MANIFEST
     (slow,) = warnings(caplog)
@@ -197,10 +195,22 @@ def test_a_slow_mirror_and_a_failing_one_fall_through(site, vectors, caplog):
     store.close()
 
 
+class SkewedClock:
+    """``time`` for mirrors.py, whose monotonic clock a test can move forward."""
+
+    def __init__(self):
+        self.skew = 0.0
+        self.sleep = time.sleep
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skew
+
+
 def test_a_mirror_back_from_an_outage_is_used_again_after_the_holdoff(site, vectors, caplog, monkeypatch):
     from tcmu_overlaybd.image import mirrors
 
-    monkeypatch.setattr(mirrors, "HOLDOFF", 0.3)
+    clock = SkewedClock()
+    monkeypatch.setattr(mirrors, "time", clock)
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
     store = site.store()
     site.mirror.add_fault("drop", "/manifests/", times=2)  # both attempts of the first request
@@ -208,9 +218,10 @@ def test_a_mirror_back_from_an_outage_is_used_again_after_the_holdoff(site, vect
         desc = store.resolve(store.ref)
     assert warnings(caplog)[0].startswith(f"mirror http://{site.mirror.host}: manifest ")
     assert [m for m, _p, _r, _s in site.up.log.requests] == ["HEAD"]
+    clock.skew = mirrors.HOLDOFF - 1
     assert store.fetch_manifest(desc) == vector_blob(vectors, HELLO_CONVERTED_MANIFEST)  # still held off
     assert [m for m, _p, _r, _s in site.up.log.requests] == ["HEAD", "GET"]
-    time.sleep(0.35)
+    clock.skew = mirrors.HOLDOFF + 1
     assert store.fetch_manifest(desc) == vector_blob(vectors, HELLO_CONVERTED_MANIFEST)
     assert len(site.up.log.requests) == 2 and site.mirror.log.requests[-1][0:4:3] == ("GET", 200)
     store.close()
@@ -288,7 +299,7 @@ def test_a_device_read_goes_round_the_endpoints_until_io_timeout(site, vectors, 
     t0 = time.monotonic()
     with pytest.raises(NetworkError) as e:
         src.read(BLOCK, 10)
-    assert 1.4 < time.monotonic() - t0 < 6
+    assert 1.4 < time.monotonic() - t0 < 15
     assert str(e.value).startswith(f"blob {HELLO_LAYER} bytes {BLOCK}-{2 * BLOCK - 1}: every endpoint failed: ")
     assert re.search(r"\(gave up after \d+ rounds in 1.5 s, io.timeout\)$", str(e.value))
     store.close()
