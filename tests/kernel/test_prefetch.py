@@ -109,3 +109,63 @@ def test_record_at_umount_and_on_stop_then_replay_fetches_the_file_before_it_is_
         assert _blob_gets(proxy) == 0  # and reading the file needs no request
     finally:
         assert obd("umount", str(mnt))[0] == 0
+
+
+def test_recording_survives_a_handler_killed_and_restarted(small_image, tmp_path):
+    import signal
+
+    from .conftest import obd_json_list
+
+    ref, proxy, cache = small_image
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    trace = tmp_path / "app.trace"
+    first, second = "data/a/f004.txt", FILE
+    assert obd("mount", "--plain-http", "--record-trace", str(trace), ref, str(mnt))[0] == 0
+    try:
+        (mnt / first).read_bytes()
+        time.sleep(1.5)  # the recorder appends to its spool once a second
+        [m] = obd_json_list()
+        os.kill(m["handler_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            [m2] = obd_json_list()
+            if m2["handler_alive"] and m2["handler_pid"] != m["handler_pid"]:
+                break
+            time.sleep(0.2)
+        assert m2["restarts"] >= 1
+        assert _sha(mnt / second) == FILE_SHA  # read by the restarted handler
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
+    assert decode_trace(trace.read_bytes())
+
+    shutil.rmtree(cache)  # the trace covers what both handlers served
+    assert obd("mount", "--plain-http", "--prefetch", str(trace), ref, str(mnt))[0] == 0
+    try:
+        _quiet(proxy)
+        proxy.reset_counters()
+        (mnt / first).read_bytes()
+        assert _sha(mnt / second) == FILE_SHA
+        assert _blob_gets(proxy) == 0
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
+
+
+def test_background_download_pulls_the_whole_image_then_nothing_is_fetched(small_image, tmp_path, monkeypatch):
+    import subprocess
+
+    ref, proxy, _cache = small_image
+    monkeypatch.setenv("OBD_PREFETCH_BACKGROUND_DELAY", "0")
+    monkeypatch.setenv("OBD_PREFETCH_BACKGROUND_RATE", "100")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert obd("mount", "--plain-http", "--background-download", ref, str(mnt))[0] == 0
+    try:
+        _quiet(proxy)
+        proxy.reset_counters()
+        # every file's bytes (tar -f /dev/null would skip reading them)
+        r = subprocess.run(f"tar -cf - -C {mnt} . | sha256sum", shell=True, capture_output=True)
+        assert r.returncode == 0 and _sha(mnt / FILE) == FILE_SHA
+        assert _blob_gets(proxy) == 0  # every block was already in the cache
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
