@@ -122,14 +122,44 @@ def app_config(image: BuiltImage) -> AppConfig:
 
 
 def measure(args, plan: Plan) -> dict:
-    """Measure every runnable mode here; the raw result document."""
+    """Measure every runnable mode here; the raw result document.
+
+    With ``--doc`` the document is rewritten after every run (``complete`` false
+    until the end), so a run cut short still leaves what it measured.  A cold
+    start that fails is recorded under ``failures`` and the others go on.
+    """
     runnable, missing = modes_mod.select(args.mode_names, modes_mod.obd_mount_flags())
     names = [n for n in args.image_names if n in plan.built]
+    mode_doc = {m.name: {"measures": m.measures, "available": True} for m in runnable}
+    mode_doc.update({m.name: {"measures": m.measures, "available": False, "missing": why} for m, why in missing})
+    images = {n: image_figures(plan.built[n]) for n in names}
+    for name in names:
+        images[name]["registry"] = {f: {"ref": f"{REPO_PREFIX}/{name}:{f}", "registry_size": p.registry_size}
+                                    for f, p in plan.pushed[name].items()}
+        for c in plan.converted[name]:
+            images[name]["registry"][c.fmt]["convert_seconds"] = round(c.convert_seconds, 1)
+    results: list[tuple[str, ColdStart]] = []
+    extra: dict = {"complete": False, "recordings": [], "failures": [], "obd_cli_start_s": None}
+
+    def doc() -> dict:
+        return document(results, images, mode_doc, extra)
+
+    def checkpoint() -> None:
+        if args.doc:
+            write_json(args.doc, doc())
+
+    def attempt(link: str, image: str, mode: str, run):
+        try:
+            return run()
+        except ObdError as e:
+            extra["failures"].append({"image": image, "link": link, "mode": mode, "error": str(e)})
+            print(f"{image} {link} {mode}: FAILED: {e}", flush=True)
+            checkpoint()
+            return None
+
     os.makedirs(args.work, exist_ok=True)
     reg_dir = os.path.join(args.work, "registry")
     registry = BenchRegistry.from_seed(plan.seed, reg_dir)
-    results: list[tuple[str, ColdStart]] = []
-    recordings: list[dict] = []
     try:
         trials = {}
         for name in names:
@@ -137,10 +167,10 @@ def measure(args, plan: Plan) -> dict:
             trials[name] = modes_mod.Trial(name, {f: p.ref(registry.host) for f, p in pushed.items()},
                                            {f: p.registry_size for f, p in pushed.items()},
                                            app_config(plan.built[name]), "", 0, args.timeout)
-        cli_start = None
         if any(m.lazy for m in runnable):
-            cli_start = lazy.warm_up()
-            print(f"obd's code read once; a warm `obd --help` takes {cli_start:.2f} s here", flush=True)
+            extra["obd_cli_start_s"] = lazy.warm_up()
+            print(f"obd's code read once; a warm `obd --help` takes {extra['obd_cli_start_s']:.2f} s here",
+                  flush=True)
         recorded = sorted({m.fmt for m in runnable if m.prefetch})
         if recorded and args.in_netns:
             apply_profile(PROFILES["unshaped"], args.in_netns)
@@ -150,21 +180,30 @@ def measure(args, plan: Plan) -> dict:
                                         port=free_port())
                 path = os.path.join(args.work, "traces", f"{name}-{fmt}.trace")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                r = modes_mod.record_trace(t, fmt, path)
+                mark = registry.mark()
+                r = attempt("unshaped", name, f"{fmt} recording", lambda: modes_mod.record_trace(t, fmt, path))
+                if r is None:
+                    continue
+                r.bytes_fetched = registry.served_since(mark).bytes
                 trials[name].traces[fmt] = path
-                recordings.append(dict(dataclasses.asdict(r), trace=path, trace_size=os.path.getsize(path)))
-                print(f"{name} {fmt}: trace recorded ({os.path.getsize(path)} bytes, app up in "
-                      f"{r.available_s:.1f} s)", flush=True)
+                extra["recordings"].append(dict(dataclasses.asdict(r), trace=path, trace_size=os.path.getsize(path)))
+                print(f"{name} {fmt}: trace recorded ({os.path.getsize(path)} bytes; "
+                      f"{_run_line('unshaped', r).split(': ', 1)[1]})", flush=True)
+                checkpoint()
         for profile in args.profiles:
             if args.in_netns:
                 apply_profile(profile, args.in_netns)
             for name in names:
                 for mode in runnable:
+                    if mode.prefetch and mode.fmt not in trials[name].traces:
+                        continue  # its recording failed (recorded under failures)
                     for _ in range(args.runs):
                         t = dataclasses.replace(trials[name], work=os.path.join(args.work, mode.name),
                                                 port=free_port())
                         mark = registry.mark()
-                        r = mode.run(t)
+                        r = attempt(profile.name, name, mode.name, lambda: mode.run(t))
+                        if r is None:
+                            continue
                         served = registry.served_since(mark)
                         if not mode.lazy:
                             r.details["client_bytes"] = r.bytes_fetched
@@ -172,20 +211,14 @@ def measure(args, plan: Plan) -> dict:
                         r.details["range_requests"] = served.range_requests
                         results.append((profile.name, r))
                         print(_run_line(profile.name, r), flush=True)
+                        checkpoint()
     finally:
         if args.in_netns:
             apply_profile(PROFILES["unshaped"], args.in_netns)
         registry.stop()
         shutil.rmtree(reg_dir, ignore_errors=True)  # the seed stays
-    mode_doc = {m.name: {"measures": m.measures, "available": True} for m in runnable}
-    mode_doc.update({m.name: {"measures": m.measures, "available": False, "missing": why} for m, why in missing})
-    images = {n: image_figures(plan.built[n]) for n in names}
-    for name in names:
-        images[name]["registry"] = {f: {"ref": f"{REPO_PREFIX}/{name}:{f}", "registry_size": p.registry_size}
-                                    for f, p in plan.pushed[name].items()}
-        for c in plan.converted[name]:
-            images[name]["registry"][c.fmt]["convert_seconds"] = round(c.convert_seconds, 1)
-    return document(results, images, mode_doc, {"recordings": recordings, "obd_cli_start_s": cli_start})
+    extra["complete"] = True
+    return doc()
 
 
 def _run_line(link: str, r: ColdStart) -> str:
@@ -201,7 +234,8 @@ def measure_here(args, argv: list[str], plan: Plan) -> dict:
     if not any(p.shaped for p in args.profiles) or args.in_netns:
         return measure(args, plan)
     os.makedirs(args.work, exist_ok=True)
-    plan_path, doc_path = os.path.join(args.work, "netns-plan.json"), os.path.join(args.work, "netns-doc.json")
+    plan_path = os.path.join(args.work, "netns-plan.json")
+    doc_path = args.doc or os.path.join(args.work, "netns-doc.json")
     plan.save(plan_path)
     if os.path.exists(doc_path):
         os.unlink(doc_path)
@@ -236,6 +270,11 @@ def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
     for name, m in doc["modes"].items():
         if not m["available"]:
             print(f"mode {name}: not yet available: needs {m['missing']}")
+    for f in doc.get("failures", []):
+        print(f"FAILED run: {f['image']} {f['link']} {f['mode']}: {f['error']}")
+    for r in doc.get("recordings", []):
+        print(f"trace recording ({r['image']} unshaped {r['mode']}): pull {r['pull_s']:.2f} s, available "
+              f"{r['available_s']:.2f} s, {r['bytes_fetched'] / 1e6:.1f} MB fetched, {r['trace_size']} byte trace")
     if doc.get("obd_cli_start_s") is not None:
         print(f"\nobd CLI start-up (a warm `obd --help`) where the lazy modes ran: {doc['obd_cli_start_s']:.2f} s")
     factor = None
@@ -278,13 +317,15 @@ def main(argv: list[str]) -> int:
             base_args = argparse.Namespace(**{**vars(args), "mode_names": ["traditional"],
                                               "profiles": [PROFILES["unshaped"]]})
             host_doc = measure(base_args, plan)
-        doc = run_in_vm(REPO_ROOT, argv, plan, os.path.join(args.work, "vm-" + "+".join(sorted(built))),
-                        args.vm_mem or guest_memory_mb(args.image_names), args.vm_timeout)
+        doc, failed = run_in_vm(REPO_ROOT, argv, plan, os.path.join(args.work, "vm-" + "+".join(sorted(built))),
+                                args.vm_mem or guest_memory_mb(args.image_names), args.vm_timeout)
     else:
-        doc = measure_here(args, argv, plan)
+        doc, failed = measure_here(args, argv, plan), None
     report(doc, host_doc)
     write_json(args.output, doc)
     print(f"wrote {args.output}")
+    if failed:
+        raise ObdError(f"partial results only: {failed}")
     return 0
 
 

@@ -37,8 +37,14 @@ def guest_memory_mb(image_names: list[str]) -> int:
     return 8192 if "python-large" in image_names else 4096
 
 
-def run_in_vm(repo_root: str, argv: list[str], plan: Plan, out: str, memory_mb: int, timeout_s: int) -> dict:
-    """Boot the harness, run ``python -m benchmarks.startup ARGV`` in it on ``plan``; the guest's document."""
+def run_in_vm(repo_root: str, argv: list[str], plan: Plan, out: str, memory_mb: int,
+              timeout_s: int) -> tuple[dict, str | None]:
+    """Boot the harness, run ``python -m benchmarks.startup ARGV`` in it on ``plan``.
+
+    Returns the guest's result document and None, or, when the guest failed or
+    ran out of time after measuring something, the partial document and why it
+    is partial.  Nothing measured at all is a KernelError.
+    """
     os.makedirs(out, exist_ok=True)
     doc_path = os.path.join(out, "doc.json")
     if os.path.exists(doc_path):
@@ -50,13 +56,17 @@ def run_in_vm(repo_root: str, argv: list[str], plan: Plan, out: str, memory_mb: 
            "--work", GUEST_WORK, "--plan", f"{GUEST_OUT}/plan.json", "--doc", f"{GUEST_OUT}/doc.json"]
     print(f"measuring in the VM harness ({memory_mb} MB, up to {timeout_s} s): results in {out}", flush=True)
     rc = subprocess.run(cmd, cwd=repo_root).returncode
+    failed = None
     if rc != 0:
-        raise KernelError(f"the measuring run in the VM harness failed (exit status {rc}); "
-                          f"console output above, guest files in {out}")
+        why = "ran out of time" if rc == 124 else f"failed (exit status {rc})"
+        failed = f"the measuring run in the VM harness {why}; console output above, guest files in {out}"
     try:
         with open(doc_path) as f:
-            return json.load(f)
+            doc = json.load(f)
     except FileNotFoundError:
-        raise KernelError(f"the VM harness run ended without writing {doc_path}") from None
+        raise KernelError(failed or f"the VM harness run ended without writing {doc_path}") from None
     except json.JSONDecodeError as e:
         raise CorruptDataError(f"result document is not JSON ({e.msg})", blob=doc_path, offset=e.pos) from None
+    if failed is None and not doc.get("complete"):
+        failed = f"the VM harness run ended with an incomplete result document {doc_path}"
+    return doc, failed
