@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: prefetch files and acceleration layers larger than this are not read (1 M records = 24 MB)
 FILE_MAX = 64 << 20
 #: seconds ``stop`` waits for prefetch threads to notice
-STOP_WAIT_S = 5.0
+STOP_WAIT_S = 2.0
 
 
 @dataclass
@@ -228,7 +228,7 @@ class PrefetchSession:
     def stop(self) -> None:
         """End of the handler: stop replay and download, finish the trace being recorded."""
         self._stop.set()
+        if self.recorder is not None:  # first: the trace matters more than a prefetch in flight
+            self.recorder.stop()
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S)
-        if self.recorder is not None:
-            self.recorder.stop()
