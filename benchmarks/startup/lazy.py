@@ -7,9 +7,10 @@ returns, when the mountpoint is usable), the app started from MNT exactly as
 the traditional mode starts it from its unpacked root (service available s =
 until ``GET /`` answers), both timed from the same start.  Then, untimed: the
 handler's peak RSS (``VmHWM`` of the handler pid ``obd list --json`` names), the
-bytes the device served (sectors read in ``/sys/block/sdX/stat`` × 512), app
-stopped, ``obd umount``.  Bytes fetched are counted by the registry (the driver
-reads its access log around the run).
+bytes the device served (sectors read in ``/sys/block/sdX/stat`` × 512), the
+handler's own counters (``obd stats --json``), app stopped, ``obd umount``.
+Bytes fetched are counted by the registry (the driver reads its access log
+around the run).
 
 With ``record_trace`` the mount records which blocks the workload read (the
 trace is written at umount); with ``prefetch`` it replays such a trace in the
@@ -76,6 +77,17 @@ def mount_entry(listing: str, mountpoint: str) -> dict:
     raise KernelError(f"obd list does not show {mountpoint} although obd mount succeeded")
 
 
+def obd_stats(mountpoint: str, env: dict) -> dict:
+    """``obd stats --json MNT`` (the handler's own counters, kept beside the registry's count as a
+    diagnosis of where the time went); an ``error`` entry when obd cannot give them."""
+    try:
+        return json.loads(_obd(["stats", "--json", mountpoint], env, "obd stats"))
+    except ObdError as e:
+        return {"error": str(e)}
+    except json.JSONDecodeError as e:
+        return {"error": f"obd stats --json printed no JSON ({e.msg})"}
+
+
 def peak_rss(pid: int) -> int:
     """``VmHWM`` of ``pid`` in bytes: the most memory it ever had resident."""
     with open(f"/proc/{pid}/status") as f:
@@ -117,6 +129,7 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
         entry = mount_entry(_obd(["list", "--json"], env, "obd list"), mnt)
         rss = peak_rss(entry["handler_pid"])
         read = device_bytes_read(entry["device"])
+        stats = obd_stats(mnt, env)
     except BaseException as e:
         try:
             _obd(["umount", mnt], env, f"obd umount {mnt}")
@@ -129,4 +142,4 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
     umount_s = time.monotonic() - t_umount
     shutil.rmtree(caches, ignore_errors=True)
     return ColdStart(image, mode, t_pull - t0, t_up - t0, 0, registry_size, bytes_read=read, handler_rss=rss,
-                     details={"ref": ref, "umount_s": round(umount_s, 2)})
+                     details={"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats})
