@@ -347,3 +347,15 @@ def test_a_state_dir_too_deep_for_a_unix_socket_is_one_warning_not_a_crash(tmp_p
         tel.stop()
     [msg] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert msg.startswith("obd stats unavailable: ") and "path too long" in msg
+
+
+def test_the_prefetch_session_of_a_mount_shows_under_prefetch(tmp_path):
+    """The object run_handler hands over (prefetch.session.PrefetchSession), idle on a raw disk."""
+    from tcmu_overlaybd.prefetch.session import PrefetchSession
+
+    sd, st = make_mount(tmp_path)
+    tel = Telemetry(st, FileSource(st.image), state_dir=sd.path, slow_ms=1000)
+    tel.prefetch = PrefetchSession.start({}, None)
+    doc = tel.document()
+    assert doc["prefetch"]["state"] == "idle" and doc["prefetch"]["ranges_done"] == 0
+    assert "obd_prefetch_ranges_done{" in render(doc)
