@@ -7,7 +7,9 @@ Prometheus text and writes the bound address to ``<state.dir>/<id>.metrics``.
 
 The document (``document()``) is the one ``obd stats --json`` prints; its fields:
 
-==================  ===========================================================
+====================================  ==================================================
+field                                 meaning
+====================================  ==================================================
 mount_id, mountpoint, image, device   from the mount's state file
 handler_pid, restarts                 this process; supervisor restarts so far
 started_at, uptime_s                  unix time this handler started; seconds since
@@ -23,7 +25,7 @@ cache                                 the block cache's stats() plus hit_ratio, 
 scsi_commands                         commands the handler consumed from the ring
 prefetch                              the prefetcher's counters when one runs, else null
 metrics_address                       HOST:PORT of the Prometheus endpoint, or null
-==================  ===========================================================
+====================================  ==================================================
 """
 
 from __future__ import annotations

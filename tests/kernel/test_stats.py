@@ -4,7 +4,6 @@ from a registry in the guest, reached through a proxy that can hold a blob reque
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
