@@ -29,8 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "handler.json")
 IMAGE_MB = 128
 SEQ_CHUNK = 1 << 20
-RAND_READS = 800
-ROUNDS = 3  # metrics are measured round-robin over the devices; medians reported
+RAND_READS = 600
+# every metric is sampled on all devices back to back, ROUNDS times, the device order
+# rotating; the ratios are medians of the per-round ratios, so a load change of the host
+# (TCG shares its CPUs) hits both sides of a ratio alike
+ROUNDS = 5
 RAND_QD = 16
 
 
@@ -39,7 +42,7 @@ def have_tcmu() -> bool:
 
 
 def run_in_vm() -> int:
-    out = os.path.join(ROOT, "build", "bench-vm")
+    out = os.environ.get("OBD_VM_RESULTS") or os.path.join(ROOT, "build", "bench-vm")
     rc = subprocess.call([os.path.join(ROOT, "scripts", "vm-run"), "--timeout", "1800", "--out", out, "--",
                           os.path.join(ROOT, ".venv", "bin", "python"), os.path.abspath(__file__)])
     if rc == 0:
@@ -108,6 +111,21 @@ def rand_read(dev: str, qd: int) -> float:
     return RAND_READS / dt
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_us_per_read(dev: str, pid: int) -> float:
+    """CPU time the handler process ``pid`` spends per 4 KiB QD1 read (whole-process, so
+    it includes the kernel work done in its write(4), §7.2)."""
+    before = cpu_s(pid)
+    rand_read(dev, 1)
+    return (cpu_s(pid) - before) / RAND_READS * 1e6
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -132,7 +150,10 @@ def c_handler_device(img: str, work: str):
                                         hw_max_sectors=backstore.MAX_SECTORS,
                                         control=f"max_data_area_mb={backstore.MAX_DATA_AREA_MB}")
     wwn = loopback.wwn_for("crunner")
-    dev = loopback.export("crunner", wwn)
+    # loopback.export() only exports obd's own backstores: build the same LUN by hand
+    tpg = rtslib.TPG(rtslib.Target(rtslib.FabricModule("loopback"), wwn, mode="create"), 1, mode="create")
+    rtslib.LUN(tpg, 0, storage_object=so)
+    dev = loopback.wait_block_device(tpg.path, 0, 30)
 
     def cleanup():
         loopback.unexport(wwn)
@@ -151,15 +172,27 @@ METRICS = {
 }
 
 
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
 def measure_all(devices: dict[str, str]) -> dict:
-    """{device label: {metric: median}}, interleaving devices so that load changes of the
-    host (TCG shares its CPU) hit all of them alike."""
+    """{device label: {metric: [sample per round]}}, each round sampling every device back
+    to back (order rotating) so that paired samples see the same host load."""
     samples = {label: {m: [] for m in METRICS} for label in devices}
-    for _ in range(ROUNDS):
+    labels = list(devices)
+    for r in range(ROUNDS):
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
         for metric, fn in METRICS.items():
-            for label, dev in devices.items():
-                samples[label][metric].append(fn(dev))
-    return {label: {m: sorted(v)[len(v) // 2] for m, v in per.items()} for label, per in samples.items()}
+            for label in order:
+                samples[label][metric].append(fn(devices[label]))
+    return samples
+
+
+def paired_ratio(samples: dict, a: str, b: str) -> dict[str, float]:
+    """{metric: median over rounds of a's sample / b's sample of the same round}."""
+    return {m: median([x / y for x, y in zip(samples[a][m], samples[b][m])]) for m in METRICS}
 
 
 def main() -> int:
@@ -185,7 +218,12 @@ def main() -> int:
         c = c_handler_device(img, work)
         if c is not None:
             devices["tcmu_runner"], cleanup, runner_pid = c
-        results = measure_all(devices)
+        samples = measure_all(devices)
+        results = {label: {m: median(v) for m, v in per.items()} for label, per in samples.items()}
+        results["samples"] = samples
+        results["handler_cpu_us_per_4k_read"] = cpu_us_per_read(m["device"], m["handler_pid"])
+        if c is not None:
+            results["tcmu_runner_cpu_us_per_4k_read"] = cpu_us_per_read(devices["tcmu_runner"], runner_pid)
         results["handler_rss_kib"] = rss_kib(m["handler_pid"])
         results["supervisor_rss_kib"] = rss_kib(m["supervisor_pid"])
         if c is not None:
@@ -195,10 +233,10 @@ def main() -> int:
             cleanup()
         obd(["umount", mnt])
         subprocess.run(["losetup", "-d", loop])
-    results["ratio_obd_to_loop"] = {k: results["obd"][k] / results["loop"][k] for k in METRICS}
+    results["ratio_obd_to_loop"] = paired_ratio(samples, "obd", "loop")
     have_c = "tcmu_runner" in results
     if have_c:
-        results["ratio_obd_to_tcmu_runner"] = {k: results["obd"][k] / results["tcmu_runner"][k] for k in METRICS}
+        results["ratio_obd_to_tcmu_runner"] = paired_ratio(samples, "obd", "tcmu_runner")
     results.update(image_mb=IMAGE_MB, rounds=ROUNDS, kernel=os.uname().release)
     print(f"{'metric (median of %d)' % ROUNDS:22} {'loop':>10} {'obd':>10} {'obd/loop':>9}"
           + (f" {'C runner':>10} {'obd/C':>7}" if have_c else ""))
@@ -209,6 +247,8 @@ def main() -> int:
         print(line)
     print(f"handler RSS {results['handler_rss_kib']} KiB, supervisor RSS {results['supervisor_rss_kib']} KiB"
           + (f", tcmu-runner RSS {results['tcmu_runner_rss_kib']} KiB" if have_c else ""))
+    print(f"handler CPU per 4 KiB read {results['handler_cpu_us_per_4k_read']:.0f} us"
+          + (f", tcmu-runner {results['tcmu_runner_cpu_us_per_4k_read']:.0f} us" if have_c else ""))
     out = os.path.join(os.environ.get("OBD_VM_OUT", os.path.dirname(RESULT)), "handler.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -85,9 +85,11 @@ class SimKernel:
             self.notify()
         return cmd_id
 
-    def add_pad(self, length: int) -> None:
+    def add_pad(self, length: int, op: int = R.OP_PAD) -> None:
+        """Queue a non-CMD entry of ``length`` bytes (a PAD, or ``op`` for other kinds)."""
         pos = self.cmdr_off + self.head
-        R.HDR.pack_into(self.buf, pos, length | R.OP_PAD, 0, 0, 0)
+        self.buf[pos:pos + length] = bytes(length)
+        R.HDR.pack_into(self.buf, pos, length | op, 0, 0, 0)
         self.head = (self.head + length) % self.ring_size
         R.U32.pack_into(self.buf, R.MB_CMD_HEAD_OFF, self.head)
 

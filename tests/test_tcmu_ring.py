@@ -47,14 +47,27 @@ def read10(lba: int, blocks: int) -> bytes:
     return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
 
 
+class LocalBytes(BytesSource):
+    """In-memory bytes the handler may read on its ring thread (like a local OCI layout)."""
+
+    local = True
+
+
+@pytest.fixture(params=["remote", "local"])
+def mode(request):
+    """How the handler serves: ``remote`` (worker threads, out-of-order completion) or
+    ``local`` (in place on the ring thread, in ring order)."""
+    return request.param
+
+
 @pytest.fixture
-def served():
+def served(mode):
     """A handler serving a simulated ring over ``DISK``; yields (sim, handler, source)."""
     started = []
 
     def start(source=None, **simkw):
         sim = SimKernel(**simkw)
-        src = source or BytesSource(DISK, "disk")
+        src = source or (LocalBytes if mode == "local" else BytesSource)(DISK, "disk")
         h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "0123abcd")), src)
         t = threading.Thread(target=h.serve, daemon=True)
         started.append((sim, h, t))
@@ -96,9 +109,9 @@ def test_entries_wrap_with_pad_over_many_commands(served):
     assert sim.head < 1024 and h.commands == 60
 
 
-def test_short_source_is_zero_filled_not_stale(served):
+def test_short_source_is_zero_filled_not_stale(served, mode):
     # a 1000-byte disk: the last block holds 488 bytes of data then zeros, never 0xA5
-    sim, h, t = served(source=BytesSource(b"\x07" * 1000, "small"))
+    sim, h, t = served(source=(LocalBytes if mode == "local" else BytesSource)(b"\x07" * 1000, "small"))
     t.start()
     cid = sim.submit(read10(1, 1), 512)
     assert sim.wait([cid])[cid][2] == b"\x07" * 488 + bytes(24)
@@ -143,6 +156,7 @@ class GatedSource(BytesSource):
         return super().read(offset, length)
 
 
+@pytest.mark.parametrize("mode", ["remote"])
 def test_slow_read_does_not_hold_back_later_ones(served):
     src = GatedSource(DISK)
     sim, h, t = served(source=src)
@@ -163,8 +177,12 @@ class FailingSource(BytesSource):
         raise CorruptDataError("bad CRC", blob="sha256:ab", offset=offset)
 
 
-def test_failed_reads_get_sense_and_handler_survives(served):
-    sim, h, t = served(source=FailingSource(DISK, "remote"))
+class LocalFailingSource(FailingSource):
+    local = True
+
+
+def test_failed_reads_get_sense_and_handler_survives(served, mode):
+    sim, h, t = served(source=(LocalFailingSource if mode == "local" else FailingSource)(DISK, "failing"))
     t.start()
     unreachable, corrupt = sim.submit(read10(0, 1), 512), sim.submit(read10(8, 1), 512)
     done = sim.wait([unreachable, corrupt])
@@ -195,6 +213,7 @@ def test_many_concurrent_reads_complete_exactly_once(served):
     assert {i: d[2] for i, d in done.items()} == {i: DISK[l * 512:l * 512 + 4096] for i, l in ids.items()}
 
 
+@pytest.mark.parametrize("mode", ["local"])
 def test_raw_disk_is_read_in_place_on_the_ring_thread(served, tmp_path):
     from tcmu_overlaybd.mount.rawdisk import RawDisk
 
@@ -210,3 +229,70 @@ def test_raw_disk_is_read_in_place_on_the_ring_thread(served, tmp_path):
     assert done[whole] == (0, done[whole][1], DISK[:4096])
     assert done[tail][2] == DISK[4608:5000] + bytes(4096 - 392)
     src.close()
+
+
+
+@pytest.mark.parametrize("cdb", [
+    struct.pack(">BBIIBB", 0xA8, 0, 24, 8, 0, 0),      # READ(12)
+    struct.pack(">BBQIBB", 0x88, 0, 24, 8, 0, 0),      # READ(16)
+], ids=["read12", "read16"])
+def test_read_12_and_16_return_disk_bytes(served, cdb):
+    sim, h, t = served()
+    t.start()
+    cid = sim.submit(cdb, 4096)
+    status, _sense, data = sim.wait([cid])[cid]
+    assert status == 0 and data == DISK[24 * 512:32 * 512]
+
+
+def test_read_past_the_end_is_lba_out_of_range_not_data(served):
+    sim, h, t = served()
+    t.start()
+    last = len(DISK) // 512
+    bad, good = sim.submit(read10(last - 4, 8), 4096), sim.submit(read10(last - 8, 8), 4096)
+    done = sim.wait([bad, good])
+    status, sense, _ = done[bad]
+    assert status == 0x02 and sense[2] == 0x05 and sense[12:14] == b"\x21\x00"
+    assert done[good][:1] == (0,) and done[good][2] == DISK[-4096:]
+
+
+def test_short_pad_at_the_ring_end_is_skipped(served):
+    # 8 entries of 128 bytes fill 1024 bytes of a 1064-byte ring: a 40-byte PAD follows,
+    # shorter than the fixed part of a command entry
+    sim, h, t = served(ring_size=1064, data_blocks=8)
+    t.start()
+    for i in range(20):
+        cid = sim.submit(read10(i * 8, 8), 4096)
+        assert sim.wait([cid])[cid][2] == DISK[i * 4096:(i + 1) * 4096]
+    assert h.commands == 20
+
+
+def test_unknown_entry_kind_is_flagged_and_later_commands_served(served):
+    sim, h, t = served()
+    pos = sim.cmdr_off + sim.head
+    sim.add_pad(64, op=5)  # an entry kind this handler does not know
+    cid = sim.submit(read10(2, 1), 512)
+    t.start()
+    assert sim.wait([cid])[cid][2] == DISK[1024:1536]
+    assert sim.buf[pos + R.HDR_UFLAGS_OFF] & R.UFLAG_UNKNOWN_OP
+
+
+def test_a_new_handler_continues_where_the_last_one_stopped(served, mode):
+    # restart safety: the kernel keeps the ring; a new handler starts at cmd_tail (§4.5)
+    sim, h, t = served()
+    t.start()
+    first = sim.submit(read10(0, 1), 512)
+    assert sim.wait([first])[first][2] == DISK[:512]
+    h.stop()
+    t.join(5)
+    queued = [sim.submit(read10(10 + i, 1), 512) for i in range(3)]  # nobody serves these yet
+    src = (LocalBytes if mode == "local" else BytesSource)(DISK, "disk")
+    h2 = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "0123abcd")), src)
+    t2 = threading.Thread(target=h2.serve, daemon=True)
+    t2.start()
+    try:
+        done = sim.wait(queued)
+        assert [done[i][2] for i in queued] == [DISK[(10 + i) * 512:(11 + i) * 512] for i in range(3)]
+        assert h2.commands == 3
+    finally:
+        h2.stop()
+        t2.join(5)

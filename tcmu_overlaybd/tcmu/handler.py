@@ -1,12 +1,21 @@
-"""The serving loop: wait on the uio fd, drain the ring, execute, complete out of order.
+"""The serving loop: wait on the uio fd, drain the ring, execute, complete.
 
-One ring thread owns consumption (spec tcmu.md §1.9): after every wake-up it
-copies out all queued commands, answers the cheap ones (INQUIRY, MODE SENSE,
-errors) at once and hands READs to a small pool of worker threads, so a read
-that waits for the registry never holds back one the cache can answer.
-Completions are serialised by a lock and use slot stealing; the ``write(4)``
-notification is coalesced: only the thread that finds no notification in
-progress writes, and it repeats while others completed meanwhile (§7.3).
+One ring thread owns consumption (spec tcmu.md §1.9).  How commands are
+completed depends on the source:
+
+* a *local* source (``local = True``: a raw file, a local OCI layout) never
+  waits for a network, so the ring thread serves every command itself, in ring
+  order: each response goes into the command's own slot, the tail moves once
+  per wake-up and one ``write(4)`` tells the kernel (tcmu-runner's batching,
+  §7.3, without its hand-off to an I/O thread).  READs with one data buffer
+  are decoded straight from the ring (no Command object, no CDB copy) and, with
+  ``readinto``, read in place into the mapped data area.
+* a *remote* source (registry blobs) may wait for the network: the ring thread
+  answers the cheap commands and hands READs to a pool of worker threads, so a
+  read that waits for the registry never holds back one the cache can answer.
+  Completions are then out of order (slot stealing), serialised by a lock, and
+  the ``write(4)`` is coalesced: only the thread that finds no notification in
+  progress writes, and it repeats while others completed meanwhile (§7.3).
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ import select
 import threading
 
 from ..errors import NetworkError, ObdError
-from .ring import Command, Ring
-from .scsi import (CHECK_CONDITION, GOOD, SENSE_INTERNAL_FAILURE, SENSE_LUN_COMM_FAILURE, SENSE_READ_ERROR,
-                   ReadIO, Target)
+from .ring import (ENTRY, HDR_UFLAGS_OFF, MB_CMD_HEAD_OFF, OP_CMD, OP_MASK, OP_PAD, OP_TMR,
+                   RSP_STATUS_OFF, U32, UFLAG_UNKNOWN_OP, Command, Ring)
+from .scsi import (CHECK_CONDITION, GOOD, READ_CDB, SENSE_INTERNAL_FAILURE, SENSE_LUN_COMM_FAILURE,
+                   SENSE_READ_ERROR, ReadIO, Target)
 
 log = logging.getLogger(__name__)
 
 _NOTIFY = b"\0\0\0\0"  # uio write/read must be exactly 4 bytes (§1.9)
 _STOP = object()
+_CLOSED = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class Handler:
@@ -49,9 +60,11 @@ class Handler:
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._readinto = getattr(source, "readinto", None)
         self._inline = bool(getattr(source, "local", False))
+        self._drain = self._drain_inline if self._inline else self._drain_async
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._workers = [threading.Thread(target=self._worker, name=f"tcmu-io-{i}", daemon=True)
-                         for i in range(workers)]
+        # a local source needs no workers: every command is served on the ring thread
+        self._workers = [] if self._inline else [
+            threading.Thread(target=self._worker, name=f"tcmu-io-{i}", daemon=True) for i in range(workers)]
         self.commands = 0
         self.errors = 0
 
@@ -80,29 +93,113 @@ class Handler:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
-        fd, stop_fd = self.fd, self._stop_fd
-        self._drain()  # commands queued before open() raise no event (§1.9)
+        poll, read, drain = poller.poll, os.read, self._drain
+        fd, wake = self.fd, [(self.fd, select.POLLIN)]
+        drain()  # commands queued before open() raise no event (§1.9)
         while True:
-            for ready, events in poller.poll():
-                if ready == stop_fd:
-                    return
-                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                    log.info("tcmu: device closed by the kernel")
-                    return
+            ready = poll()
+            if ready != wake:  # the common case is exactly one POLLIN on the device
+                for rfd, events in ready:
+                    if rfd != fd:
+                        return  # stop()
+                    if events & _CLOSED:
+                        log.info("tcmu: device closed by the kernel")
+                        return
             try:
-                os.read(fd, 4)
+                read(fd, 4)
             except BlockingIOError:
                 pass
             except OSError as e:  # EIO once the backstore is deleted
                 log.info("tcmu: device gone (%s)", e.strerror)
                 return
-            self._drain()
+            drain()
 
-    def _drain(self) -> None:
-        """Consume every queued command; answer cheap and local ones in place and notify
-        the kernel once per batch (one ``write(4)`` per burst, §7.3)."""
+    def _drain_inline(self) -> None:
+        """Serve every queued command on this thread, in ring order, each response in the
+        command's own slot; then move the tail and notify once (§1.9, §7.3)."""
+        ring = self.ring
+        buf, mv, base, size = ring.buf, ring.mv, ring.cmdr_off, ring.cmdr_size
+        info = self.target.info
+        bs, nblocks = info.block_size, info.num_blocks
+        read_cdb, fill, respond = READ_CDB.get, self._readinto or self._readinto_by_read, ring.respond
+        entry, entry_size = ENTRY.unpack_from, ENTRY.size
+        cursor = ring.cursor
+        while True:
+            head = U32.unpack_from(buf, MB_CMD_HEAD_OFF)[0]
+            if head == cursor:
+                return
+            served = 0
+            while cursor != head:
+                pos = base + cursor
+                if size - cursor >= entry_size:
+                    (len_op, _id, _kf, _uf, iov_cnt, bidi_cnt, _dif, cdb_off,
+                     iov_base, iov_len) = entry(buf, pos)
+                else:  # only a PAD fits here
+                    len_op, iov_cnt = U32.unpack_from(buf, pos)[0], 0
+                length = len_op & ~OP_MASK
+                if length == 0 or length > size - cursor:
+                    ring.entry_length(cursor, len_op)  # raises KernelError
+                op = len_op & OP_MASK
+                if op == OP_CMD:
+                    served += 1
+                    fields = read_cdb(buf[cdb_off]) if iov_cnt == 1 and not bidi_cnt else None
+                    if fields is not None:
+                        # fast path: a READ into one buffer of exactly its transfer length
+                        lba, count = fields.unpack_from(buf, cdb_off)
+                        if count * bs == iov_len and 0 < count and lba + count <= nblocks:
+                            view = mv[iov_base:iov_base + iov_len]
+                            try:
+                                got = fill(lba * bs, [view])
+                            except Exception as e:
+                                respond(pos, CHECK_CONDITION, self._read_failed(e, lba * bs, iov_len))
+                            else:
+                                if got < iov_len:  # the source's end: zeros, never stale bytes (§1.8)
+                                    view[got:] = bytes(iov_len - got)
+                                buf[pos + RSP_STATUS_OFF] = GOOD
+                            cursor = (cursor + length) % size
+                            continue
+                    respond(pos, *self._execute_now(ring.command_at(cursor)))
+                elif op != OP_PAD and op != OP_TMR:
+                    buf[pos + HDR_UFLAGS_OFF] |= UFLAG_UNKNOWN_OP
+                cursor = (cursor + length) % size
+            ring.cursor = cursor
+            ring.publish_tail(cursor)
+            if served:
+                self.commands += served
+                try:
+                    os.write(self.fd, _NOTIFY)
+                except OSError as e:
+                    log.info("tcmu: notify failed (%s)", e.strerror)
+
+    def _readinto_by_read(self, offset: int, buffers: list) -> int:
+        """``readinto`` for a source that only has ``read``: one copy out of its bytes."""
+        data = self.source.read(offset, sum(map(len, buffers)))
+        pos = 0
+        for b in buffers:
+            n = min(len(b), len(data) - pos)
+            if n <= 0:
+                break
+            b[:n] = data[pos:pos + n]
+            pos += n
+        return len(data)
+
+    def _execute_now(self, cmd: Command) -> tuple[int, bytes | None]:
+        """Emulate ``cmd``, reading its data here if it is a READ: (status, sense)."""
+        try:
+            r = self.target.execute(cmd.cdb)
+        except Exception:  # a bug in emulation must not leave a command unanswered
+            log.exception("tcmu: emulating %r", cmd)
+            return CHECK_CONDITION, SENSE_INTERNAL_FAILURE
+        if r.__class__ is ReadIO:
+            return self._do_read(cmd, r)
+        if r.data or cmd.data_length:
+            self.ring.write_data(cmd.iovs, r.data)
+        return r.status, r.sense
+
+    def _drain_async(self) -> None:
+        """Consume every queued command; answer the cheap ones in place, hand READs to
+        the workers; notify the kernel once per batch (one ``write(4)`` per burst, §7.3)."""
         ring, execute, work, post = self.ring, self.target.execute, self._work, self._post
-        inline = self._inline
         while True:
             cmds = ring.consume()
             if not cmds:
@@ -118,14 +215,11 @@ class Handler:
                     posted = True
                     continue
                 if r.__class__ is ReadIO:
-                    if not inline:
-                        work.put((cmd, r))
-                        continue
-                    post(cmd, *self._do_read(cmd, r))
-                else:
-                    if r.data or cmd.data_length:
-                        ring.write_data(cmd.iovs, r.data)
-                    post(cmd, r.status, r.sense)
+                    work.put((cmd, r))
+                    continue
+                if r.data or cmd.data_length:
+                    ring.write_data(cmd.iovs, r.data)
+                post(cmd, r.status, r.sense)
                 posted = True
             if posted:
                 self._notify()
@@ -148,19 +242,21 @@ class Handler:
                 self.ring.read_into(cmd.iovs, cmd.data_length, self._readinto, io.offset, length)
             else:
                 self.ring.write_data(cmd.iovs, self.source.read(io.offset, length))
-        except ObdError as e:
-            self.errors += 1
-            log.warning("tcmu: read of %d bytes at %d failed: %s", length, io.offset, e)
-            if isinstance(e, NetworkError):
-                return CHECK_CONDITION, SENSE_LUN_COMM_FAILURE
-            return CHECK_CONDITION, SENSE_READ_ERROR
-        except Exception:
-            self.errors += 1
-            log.exception("tcmu: read of %d bytes at %d", length, io.offset)
-            return CHECK_CONDITION, SENSE_READ_ERROR
+        except Exception as e:
+            return CHECK_CONDITION, self._read_failed(e, io.offset, length)
         return GOOD, None
 
-    # -- completion ------------------------------------------------------------------------
+    def _read_failed(self, e: Exception, offset: int, length: int) -> bytes:
+        """Log a failed read and choose its sense: a registry that cannot be reached is a
+        LUN communication failure (EIO), anything else an unrecovered read error."""
+        self.errors += 1
+        if not isinstance(e, ObdError):
+            log.error("tcmu: read of %d bytes at %d", length, offset, exc_info=e)
+            return SENSE_READ_ERROR
+        log.warning("tcmu: read of %d bytes at %d failed: %s", length, offset, e)
+        return SENSE_LUN_COMM_FAILURE if isinstance(e, NetworkError) else SENSE_READ_ERROR
+
+    # -- completion (remote sources) ------------------------------------------------------
     def _post(self, cmd: Command, status: int, sense: bytes | None) -> None:
         """Write one completion into the ring (slot stealing, serialised); no notification."""
         with self._lock:

@@ -44,6 +44,12 @@ REQ = struct.Struct("=III4xQ")
 REQ_OFF = 8
 IOV = struct.Struct("=QQ")  # iov_base (offset from mmap start), iov_len
 IOV_OFF = 48
+#: the header, the request fields and the first iov in one unpack (the handler's fast
+#: path): len_op, cmd_id, kflags, uflags, iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off,
+#: iov[0].iov_base, iov[0].iov_len.  Only for CMD entries (>= CMD_ENTRY_SIZE bytes): a
+#: PAD at the ring's end can be 8 bytes, and the data area behind it may be unmapped.
+ENTRY = struct.Struct("=IHBBIII4xQ16xQQ")  # 16x: __pad3, __pad4 before iov[0]
+assert ENTRY.size == IOV_OFF + IOV.size
 # response view: scsi_status @ +8, read_len @ +12, sense_buffer[96] @ +16
 RSP_STATUS_OFF = 8
 RSP_READ_LEN_OFF = 12
@@ -110,39 +116,58 @@ class Ring:
     def head(self) -> int:
         return U32.unpack_from(self.buf, MB_CMD_HEAD_OFF)[0]
 
+    def entry_length(self, cursor: int, len_op: int) -> int:
+        """The byte length of the entry at ring offset ``cursor``; KernelError if it is
+        zero or runs past the ring's end (a broken ring, never a kernel we support)."""
+        length = len_op & ~OP_MASK
+        if length == 0 or length > self.cmdr_size - cursor:
+            raise KernelError(f"tcmu ring: entry at ring offset {cursor} has bad length {length}")
+        return length
+
+    def command_at(self, cursor: int) -> Command:
+        """Copy out the CMD entry at ring offset ``cursor`` (any number of iovs)."""
+        buf, pos = self.buf, self.cmdr_off + cursor
+        len_op, cmd_id, _kflags, _uflags = HDR.unpack_from(buf, pos)
+        length = self.entry_length(cursor, len_op)
+        iov_cnt, bidi_cnt, _dif, cdb_off = REQ.unpack_from(buf, pos + REQ_OFF)
+        n = iov_cnt + bidi_cnt
+        if IOV_OFF + IOV.size * n > length:
+            raise KernelError(f"tcmu ring: entry at ring offset {cursor} has {n} iovs in {length} bytes")
+        if n == 1:  # the common case: one contiguous data buffer
+            iov = IOV.unpack_from(buf, pos + IOV_OFF)
+            iovs, total = [iov], iov[1]
+        else:
+            iovs = [IOV.unpack_from(buf, pos + IOV_OFF + IOV.size * i) for i in range(n)]
+            total = sum(map(_iov_len, iovs))
+        opcode = buf[cdb_off]
+        clen = cdb_length(opcode, buf[cdb_off + 7] if opcode == 0x7F else 0)
+        return Command(cmd_id, bytes(self.mv[cdb_off:cdb_off + clen]), iovs, total)
+
     def consume(self) -> list[Command]:
         """Copy out every CMD entry between the cursor and the current head."""
         buf, base, size = self.buf, self.cmdr_off, self.cmdr_size
         head = U32.unpack_from(buf, MB_CMD_HEAD_OFF)[0]
         cursor = self.cursor
         out = []
-        hdr_unpack, req_unpack, iov_unpack = HDR.unpack_from, REQ.unpack_from, IOV.unpack_from
         while cursor != head:
-            pos = base + cursor
-            len_op, cmd_id, _kflags, _uflags = hdr_unpack(buf, pos)
-            length = len_op & ~OP_MASK
-            if length == 0 or length > size - cursor:
-                raise KernelError(f"tcmu ring: entry at ring offset {cursor} has bad length {length}")
+            len_op = U32.unpack_from(buf, base + cursor)[0]
             op = len_op & OP_MASK
             if op == OP_CMD:
-                iov_cnt, bidi_cnt, _dif, cdb_off = req_unpack(buf, pos + REQ_OFF)
-                n = iov_cnt + bidi_cnt
-                if IOV_OFF + IOV.size * n > length:
-                    raise KernelError(f"tcmu ring: entry at ring offset {cursor} has {n} iovs in {length} bytes")
-                if n == 1:  # the common case: one contiguous data buffer
-                    iov = iov_unpack(buf, pos + IOV_OFF)
-                    iovs, total = [iov], iov[1]
-                else:
-                    iovs = [iov_unpack(buf, pos + IOV_OFF + IOV.size * i) for i in range(n)]
-                    total = sum(map(_iov_len, iovs))
-                opcode = buf[cdb_off]
-                clen = cdb_length(opcode, buf[cdb_off + 7] if opcode == 0x7F else 0)
-                out.append(Command(cmd_id, bytes(self.mv[cdb_off:cdb_off + clen]), iovs, total))
-            elif op not in (OP_PAD, OP_TMR):
-                buf[pos + HDR_UFLAGS_OFF] |= UFLAG_UNKNOWN_OP
-            cursor = (cursor + length) % size
+                out.append(self.command_at(cursor))
+            elif op != OP_PAD and op != OP_TMR:
+                buf[base + cursor + HDR_UFLAGS_OFF] |= UFLAG_UNKNOWN_OP
+            cursor = (cursor + self.entry_length(cursor, len_op)) % size
         self.cursor = cursor
         return out
+
+    def respond(self, pos: int, status: int, sense: bytes | None = None) -> None:
+        """Write ``status`` (and ``sense`` for CHECK CONDITION) into the CMD entry at
+        mapping offset ``pos``; the tail is not moved."""
+        self.buf[pos + RSP_STATUS_OFF] = status
+        if status:
+            s = sense or b""
+            self.mv[pos + RSP_SENSE_OFF:pos + RSP_SENSE_OFF + SENSE_BUFFERSIZE] = (
+                s + _ZERO_SENSE[len(s):])
 
     def complete(self, cmd_id: int, status: int, sense: bytes | None = None) -> None:
         """Write one completion into the first CMD slot at the tail and advance the tail.
@@ -161,14 +186,16 @@ class Ring:
                 break
             tail = (tail + (len_op & ~OP_MASK)) % size
         U16.pack_into(buf, pos + HDR_CMD_ID_OFF, cmd_id)
-        buf[pos + RSP_STATUS_OFF] = status
-        if status:
-            s = sense or b""
-            self.mv[pos + RSP_SENSE_OFF:pos + RSP_SENSE_OFF + SENSE_BUFFERSIZE] = (
-                s + _ZERO_SENSE[len(s):])
+        self.respond(pos, status, sense)
         tail = (tail + (len_op & ~OP_MASK)) % size
         self.tail = tail
         U32.pack_into(buf, MB_CMD_TAIL_OFF, tail)
+
+    def publish_tail(self, tail: int) -> None:
+        """Move the tail to ``tail`` (at most the cursor): every CMD entry before it must
+        hold its response already, in its own slot (in-order completion, §1.9)."""
+        self.tail = tail
+        U32.pack_into(self.buf, MB_CMD_TAIL_OFF, tail)
 
     def pending(self) -> bool:
         """True while consumed commands wait for a completion."""

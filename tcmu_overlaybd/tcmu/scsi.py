@@ -139,13 +139,15 @@ def _check(sense: bytes) -> Reply:
     return Reply(CHECK_CONDITION, sense)
 
 
-_READ_FIELDS = {
-    # opcode: (LBA struct + offset, length struct + offset)
-    READ_10: (struct.Struct(">I"), 2, struct.Struct(">H"), 7),
-    READ_12: (struct.Struct(">I"), 2, struct.Struct(">I"), 6),
-    READ_16: (struct.Struct(">Q"), 2, struct.Struct(">I"), 10),
+#: §6.3 READ(10/12/16) CDBs: opcode -> Struct unpacking (LBA, transfer length in blocks)
+#: from the CDB's first byte (opcode and flags skipped; GROUP NUMBER skipped in READ(10)).
+#: The handler's fast path decodes CDBs in the ring with these, so they are the only copy.
+READ_CDB = {
+    READ_10: struct.Struct(">2xIxH"),
+    READ_12: struct.Struct(">2xII"),
+    READ_16: struct.Struct(">2xQI"),
 }
-_VERIFY_FIELDS = {VERIFY_10: _READ_FIELDS[READ_10], VERIFY_16: _READ_FIELDS[READ_16]}
+_VERIFY_CDB = {VERIFY_10: READ_CDB[READ_10], VERIFY_16: READ_CDB[READ_16]}  # same LBA/length layout
 
 
 class Target:
@@ -188,10 +190,11 @@ class Target:
     def execute(self, cdb: bytes) -> Reply | ReadIO:
         """Decide what ``cdb`` does; never raises for any CDB content."""
         op = cdb[0]
-        fields = _READ_FIELDS.get(op)
+        fields = READ_CDB.get(op)
         if fields is not None:
-            lba_s, lba_o, len_s, len_o = fields
-            return self._read(lba_s.unpack_from(cdb, lba_o)[0], len_s.unpack_from(cdb, len_o)[0])
+            if len(cdb) < fields.size:
+                return _check(SENSE_INVALID_FIELD)
+            return self._read(*fields.unpack_from(cdb))
         if op == READ_6:
             return self._read(((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256)
         handler = self._dispatch.get(op)
@@ -220,8 +223,11 @@ class Target:
         return Reply(GOOD, data=SENSE_NONE[:cdb[4]])
 
     def _verify(self, cdb: bytes) -> Reply:
-        lba_s, lba_o, len_s, len_o = _VERIFY_FIELDS[cdb[0]]
-        if lba_s.unpack_from(cdb, lba_o)[0] + len_s.unpack_from(cdb, len_o)[0] > self._nblocks:
+        fields = _VERIFY_CDB[cdb[0]]
+        if len(cdb) < fields.size:
+            return _check(SENSE_INVALID_FIELD)
+        lba, count = fields.unpack_from(cdb)
+        if lba + count > self._nblocks:
             return _check(SENSE_LBA_OUT_OF_RANGE)
         return OK
 
