@@ -64,6 +64,8 @@ class EndpointPool:
         self._sticky: dict[str, int] = {}
         #: blob digest -> lock held by the first read of a blob while it finds an endpoint
         self._probes: dict[str, threading.Lock] = {}
+        #: capabilities -> indexes of the endpoints that have them
+        self._able: dict[frozenset, list[int]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -82,14 +84,20 @@ class EndpointPool:
     def order(self, caps, prefer: int | None = None) -> list[int]:
         """Indexes of the endpoints to try for ``caps``: ``prefer`` first, then healthy ones, then
         those in holdoff, each group in file order."""
-        able = [i for i, e in enumerate(self.config.endpoints) if e.can(caps)]
+        caps = frozenset(caps)
+        able = self._able.get(caps)
+        if able is None:
+            able = self._able[caps] = [i for i, e in enumerate(self.config.endpoints) if e.can(caps)]
         if not able:
             where = self.config.source or "hosts.toml"
             raise UsageError(f"{where}: no endpoint of {self.config.registry} has the "
                              f"{' and '.join(sorted(caps))} capability")
+        if len(able) == 1:
+            return able
         now = time.monotonic()
-        out = [i for i in able if self._down_until[i] <= now] + [i for i in able if self._down_until[i] > now]
-        if prefer is not None and prefer in out and self._down_until[prefer] <= now:
+        down = self._down_until
+        out = [i for i in able if down[i] <= now] + [i for i in able if down[i] > now]
+        if prefer is not None and prefer in out and down[prefer] <= now:
             out.remove(prefer)
             out.insert(0, prefer)
         return out
