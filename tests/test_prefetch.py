@@ -358,3 +358,20 @@ def test_replay_runs_on_one_lane_while_a_device_read_waits_then_on_all(tmp_path)
     assert replay.join(10) and stats.ranges_done == 200
     # one lane at ~20 ms per piece: about 25 pieces in 0.5 s, not 8 lanes' 200
     assert 5 <= while_waiting <= 60, while_waiting
+
+
+@needs_registry
+def test_starting_a_replay_never_waits_for_the_registry(small_image, tmp_path):
+    """The handler reports ready before the session starts, and the start itself only spawns a
+    thread: a slow registry delays the prefetch, never the mount."""
+    ref, proxy = small_image
+    listing = tmp_path / "list"
+    listing.write_text("/data/\n")
+    disk, opts = _open(ref, tmp_path / "cache", prefetch_file=str(listing), prefetch_list=True)
+    proxy.add_fault("delay:1", "/blobs/", times=1000)
+    t0 = time.monotonic()
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    assert time.monotonic() - t0 < 0.2 and session.stats.state == "planning"
+    session.stop()  # and stopping does not wait for the slow registry either
+    assert time.monotonic() - t0 < 4.0
+    disk.close()
