@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 
 import pytest
 
@@ -13,7 +14,7 @@ from benchmarks.startup.convert import Converted
 from benchmarks.startup.goals import check, vm_host_factor
 from benchmarks.startup.images import BuiltImage
 from benchmarks.startup.layers import LayerBlob
-from benchmarks.startup.lazy import mount_entry
+from benchmarks.startup.lazy import mount_entry, obd_stats
 from benchmarks.startup.modes import MODES, select
 from benchmarks.startup.plan import Plan
 from benchmarks.startup.registry import BenchRegistry, PushedImage, parse_access_log
@@ -197,3 +198,7 @@ def test_arguments_check_images_modes_and_the_plan_doc_pair():
         parse_args(["--modes", "lazy"])
     with pytest.raises(UsageError, match="--plan and --doc go together"):
         parse_args(["--plan", "/x"])
+
+
+def test_obd_stats_of_a_path_that_is_no_mount_is_kept_as_its_one_line_error(tmp_path):
+    assert obd_stats(str(tmp_path), dict(os.environ)) == {"error": f"obd stats: {tmp_path} is not an obd mount"}

@@ -48,7 +48,7 @@ def _obd(args: list[str], env: dict, what: str) -> str:
                          stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
-        raise ObdError(f"{what}: {last}")
+        raise ObdError(f"{what}: {last.removeprefix('obd: ')}")
     return res.stdout
 
 
