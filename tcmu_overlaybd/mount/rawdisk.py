@@ -19,6 +19,8 @@ class RawDisk(FileSource):
     def readinto(self, offset: int, buffers: list) -> int:
         """Fill ``buffers`` from ``offset``; returns the byte count (short only at EOF)."""
         got = os.preadv(self._fd, buffers, offset)
+        if len(buffers) == 1 and got == len(buffers[0]):  # the handler's one data buffer, filled
+            return got
         total = sum(map(len, buffers))
         while got < total:  # preadv may return short; continue where it stopped
             rest, skip = [], got
