@@ -32,7 +32,7 @@ from tcmu_overlaybd.image.resolve import open_image
 from tcmu_overlaybd.prefetch import record
 from tcmu_overlaybd.prefetch.background import BackgroundDownload
 from tcmu_overlaybd.prefetch.replay import Piece, Replayer, list_pieces
-from tcmu_overlaybd.prefetch.session import PrefetchSession, PrefetchStats, configure
+from tcmu_overlaybd.prefetch.session import STOP_WAIT_S, PrefetchSession, PrefetchStats, configure
 
 from .helpers.layouts import native_layout, turbo_layout
 from .helpers.registry import needs_registry, plain_registry, proxied_registry  # noqa: F401 - fixtures
@@ -371,7 +371,26 @@ def test_starting_a_replay_never_waits_for_the_registry(small_image, tmp_path):
     proxy.add_fault("delay:1", "/blobs/", times=1000)
     t0 = time.monotonic()
     session = PrefetchSession.start(dataclasses.asdict(opts), disk)
-    assert time.monotonic() - t0 < 0.2 and session.stats.state == "planning"
-    session.stop()  # and stopping does not wait for the slow registry either
-    assert time.monotonic() - t0 < 4.0
+    assert time.monotonic() - t0 < 1.0 and session.stats.state == "planning"
+    session.stop()  # and stopping does not wait for the slow registry either (at most STOP_WAIT_S)
+    assert time.monotonic() - t0 < 1.0 + STOP_WAIT_S + 1.0
     disk.close()
+
+
+@needs_registry
+def test_a_list_replayed_while_recording_stays_out_of_the_trace(small_image, vectors, tmp_path):
+    ref, _proxy = small_image
+    listing = tmp_path / "list"
+    listing.write_text("/data/\n")
+    trace = tmp_path / "t"
+    record.create_spool(str(trace))
+    disk, opts = _open(ref, tmp_path / "cache", record_trace=str(trace), prefetch_file=str(listing),
+                       prefetch_list=True)
+    session = PrefetchSession.start(dataclasses.asdict(opts), disk)
+    assert _wait(session).state == "done" and session.stats.trace_reads == 0
+    assert _read_files(disk, ["/data/a/f004.txt"])  # the workload's own reads are recorded
+    assert session.stats.trace_reads > 0
+    session.stop()
+    disk.close()
+    recorded = sum(r.count for r in decode_trace(trace.read_bytes()))
+    assert recorded < 1 << 20  # one small file and metadata, not the whole /data (> 3 MiB)

@@ -111,6 +111,11 @@ def background_fetches():
         _kind.background = False
 
 
+def in_background_fetch() -> bool:
+    """Whether this thread fetches for prefetch (inside ``background_fetches()``)."""
+    return getattr(_kind, "background", False)
+
+
 def yield_to_foreground(stop: threading.Event | None = None, max_wait: float = YIELD_MAX_S) -> None:
     """Wait while device reads are fetching (at most ``max_wait`` s, or until ``stop`` is set)."""
     with _fg_cond:
@@ -676,7 +681,7 @@ class CachedSource:
         not fetched twice; the rest go out as runs of adjacent blocks, up to
         ``self.parallel`` requests at once (see ``split_runs``).
         """
-        foreground = not getattr(_kind, "background", False)
+        foreground = not in_background_fetch()
         if foreground:
             _foreground_delta(1)
         try:

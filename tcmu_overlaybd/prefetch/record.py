@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 
+from ..cache.blockcache import in_background_fetch
 from ..errors import StateError
 from ..format.trace import OP_READ, RECORD, TraceRecord, decode_records, encode_trace
 
@@ -219,6 +220,8 @@ class RecordingLayer:
     The stack reads an ordinary layer with ``read_mapped(0, pos, n)`` (``pos`` in
     the decompressed LSMT file) and a warp (TurboOCI) layer with ``read(off, n)``
     (``off`` in the layer's view of the disk): those are the offsets recorded.
+    Reads of prefetch threads (a list replayed while recording) are not the
+    workload's and are left out.
     """
 
     def __init__(self, layer, index: int, recorder: TraceRecorder):
@@ -232,12 +235,12 @@ class RecordingLayer:
 
     def read_mapped(self, tag: int, byte_offset: int, length: int) -> bytes:
         data = self.layer.read_mapped(tag, byte_offset, length)
-        if tag == 0 and not self.warp:
+        if tag == 0 and not self.warp and not in_background_fetch():
             self.recorder.note(self.layer_index, byte_offset, len(data))
         return data
 
     def read(self, offset: int, length: int) -> bytes:
         data = self.layer.read(offset, length)
-        if self.warp:
+        if self.warp and not in_background_fetch():
             self.recorder.note(self.layer_index, offset, len(data))
         return data

@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .. import config
+from ..cache.blockcache import background_fetches
 from ..errors import CorruptDataError, ObdError, UsageError
 from ..format.trace import PrefetchFile, load_prefetch_file
 from . import record
@@ -191,6 +192,10 @@ class PrefetchSession:
         return list_pieces(disk, list(spec.paths), name)
 
     def _run(self, disk, options: dict, cfg, background: bool) -> None:
+        with background_fetches():  # planning reads (a list's ext4 lookups) are prefetch too
+            self._replay_then_download(disk, options, cfg, background)
+
+    def _replay_then_download(self, disk, options: dict, cfg, background: bool) -> None:
         from .background import BackgroundDownload
         from .replay import Replayer
 
