@@ -380,6 +380,25 @@ def test_mirror_tls_from_hosts_toml_and_one_error_naming_every_endpoint(site, ve
         tls.stop()
 
 
+def test_a_mirror_that_wants_a_client_certificate_gets_the_pair_of_hosts_toml(site, vectors, test_ca, tmp_path):
+    mtls = RegistryServer(str(tmp_path / "mtls"), ca=test_ca, client_certs=True)
+    try:
+        _push_hello(mtls.host, vectors, "library/hello", "obd", tls_ca_cert=test_ca.ca_cert,
+                    client_cert=test_ca.client_cert, client_key=test_ca.client_key)
+        d = site.hosts_toml("")
+        for src, name in ((test_ca.ca_cert, "ca.pem"), (test_ca.client_cert, "me.cert"), (test_ca.client_key, "me.key")):
+            shutil.copy(src, d / name)
+        site.stop_upstream()
+        mirror = f'[host."https://{mtls.host}"]\n  capabilities = ["pull", "resolve"]\n  ca = "ca.pem"\n'
+        site.hosts_toml(mirror + '  client = [["me.cert", "me.key"]]\n')
+        assert read_hello(site.store())[1] == vector_blob(vectors, HELLO_LAYER)
+        site.hosts_toml(mirror)  # no client certificate: the mirror refuses the handshake
+        with pytest.raises(NetworkError, match=rf"mirror https://{mtls.host}: (TLS error|ConnectionError)"):
+            site.store(cache_dir=str(tmp_path / "c2")).resolve(parse_reference(f"{site.up.host}/library/hello:obd"))
+    finally:
+        mtls.stop()
+
+
 def test_not_found_anywhere_and_corrupt_mirror_content(site, vectors, caplog):
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
     store = site.store()
