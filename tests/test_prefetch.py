@@ -37,7 +37,11 @@ from tcmu_overlaybd.prefetch.session import STOP_WAIT_S, PrefetchSession, Prefet
 from .helpers.layouts import native_layout, turbo_layout
 from .helpers.registry import needs_registry, plain_registry, proxied_registry  # noqa: F401 - fixtures
 
-pytestmark = [pytest.mark.registry]
+
+
+def registry_test(fn):
+    """A test that starts Debian's docker-registry (skipped without it)."""
+    return pytest.mark.registry(needs_registry(fn))
 
 SMALL = "upstream-small"
 WORKLOAD = ["/data/a/f004.txt", "/data/a/f008.txt", "/data/big.txt"]
@@ -93,7 +97,7 @@ def _record(ref, cache_dir, trace) -> PrefetchSession:
     return disk, session
 
 
-@needs_registry
+@registry_test
 def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_registry(small_image, vectors,
                                                                                   tmp_path):
     ref, proxy = small_image
@@ -124,7 +128,7 @@ def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_regist
     disk.close()
 
 
-@needs_registry
+@registry_test
 def test_fastoci_trace_replay_fetches_meta_and_original_ranges_and_fills_the_gzip_cache(
         proxied_registry, vectors, tmp_path):
     """A TurboOCI layer is recorded in its own view of the disk; replaying it on cold block and
@@ -156,7 +160,7 @@ def test_fastoci_trace_replay_fetches_meta_and_original_ranges_and_fills_the_gzi
     disk.close()
 
 
-@needs_registry
+@registry_test
 def test_prefetch_list_fetches_exactly_the_listed_files_extents(small_image, vectors, tmp_path):
     ref, proxy = small_image
     listing = tmp_path / "list"
@@ -182,7 +186,7 @@ def test_prefetch_list_fetches_exactly_the_listed_files_extents(small_image, vec
     disk.close()
 
 
-@needs_registry
+@registry_test
 def test_trace_push_stores_the_list_with_the_image_and_mounts_replay_it(small_image, tmp_path, capfd):
     import io
     import tarfile
@@ -360,7 +364,7 @@ def test_replay_runs_on_one_lane_while_a_device_read_waits_then_on_all(tmp_path)
     assert 5 <= while_waiting <= 60, while_waiting
 
 
-@needs_registry
+@registry_test
 def test_starting_a_replay_never_waits_for_the_registry(small_image, tmp_path):
     """The handler reports ready before the session starts, and the start itself only spawns a
     thread: a slow registry delays the prefetch, never the mount."""
@@ -377,7 +381,7 @@ def test_starting_a_replay_never_waits_for_the_registry(small_image, tmp_path):
     disk.close()
 
 
-@needs_registry
+@registry_test
 def test_a_list_replayed_while_recording_stays_out_of_the_trace(small_image, vectors, tmp_path):
     ref, _proxy = small_image
     listing = tmp_path / "list"
