@@ -137,6 +137,7 @@ dial_timeout = "1m30s"
     ('[host."https://m"]\n  ca = "missing.crt"\n', '[host."https://m"]: ca file {dir}/missing.crt not found'),
     ('[host."https://m"]\n  client = [["a", "b", "c"]]\n', "[host.\"https://m\"]: client entry ['a', 'b', 'c'] is neither a path nor a [cert, key] pair"),
     ('[host."https://m"]\n  [host."https://m".header]\n    x = 1\n', "[host.\"https://m\"]: header 'x' must be a string or a list of strings"),
+    ('[host."https://m"]\n  [host."https://m".header]\n    x = "a\\r\\nInjected: 1"\n', "[host.\"https://m\"]: header 'x': not a valid HTTP header name and one-line value"),
     ('[host."https://m"]\n  dial_timeout = "soon"\n', "[host.\"https://m\"]: dial_timeout 'soon' is not a positive duration like \"2s\" or \"500ms\""),
     ('[host."https://m"]\n  proxy = "socks5://p:1080"\n', "[host.\"https://m\"]: proxy 'socks5://p:1080': unsupported scheme (http or https)"),
     ('proxy = "http://p:3128/path"\n', "server: proxy 'http://p:3128/path' must be scheme://host[:port] with no path"),

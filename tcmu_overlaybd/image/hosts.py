@@ -50,6 +50,8 @@ DOCKER_CERTS_DIR = "/etc/docker/certs.d"
 #: the per-endpoint keys of hosts.toml (containerd's hostFileConfig) obd understands
 ENDPOINT_KEYS = frozenset({"capabilities", "ca", "client", "skip_verify", "header", "override_path",
                            "dial_timeout", "proxy"})
+#: an HTTP header name (RFC 9110 token)
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 #: parsed hosts.toml files: (path, content, registry, default scheme) -> endpoints
@@ -328,11 +330,14 @@ def _headers(value, bad) -> tuple[tuple[str, str], ...]:
     out = []
     for name, v in value.items():
         if isinstance(v, str):
-            out.append((name, v))
+            text = v
         elif isinstance(v, list) and all(isinstance(x, str) for x in v):
-            out.append((name, ", ".join(v)))  # a list-valued header, as HTTP folds repeated fields
+            text = ", ".join(v)  # a list-valued header, as HTTP folds repeated fields
         else:
             raise bad(f"header {name!r} must be a string or a list of strings")
+        if not _TOKEN_RE.fullmatch(name) or "\r" in text or "\n" in text:
+            raise bad(f"header {name!r}: not a valid HTTP header name and one-line value")
+        out.append((name, text))
     return tuple(out)
 
 
