@@ -233,6 +233,10 @@ def test_the_default_namespace_and_the_port_spelling(site, vectors):
     default.mkdir(parents=True)
     (default / "hosts.toml").write_text(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
     assert read_hello(site.store())[1] == vector_blob(vectors, HELLO_LAYER)
+    # a server line sends everything there: the registry's own host is never asked, the server hears ns
+    (default / "hosts.toml").write_text(f'server = "http://{site.mirror.host}"\n')
+    assert read_hello(site.store(cache_dir=str(site.tmp / "c1")))[1] == vector_blob(vectors, HELLO_LAYER)
+    assert site.mirror.log.requests[-1][1].endswith(f"?{site.ns}")
     # a directory of the registry's own wins over _default; host_port_ is how containerd spells host:port too
     host, port = site.up.host.rsplit(":", 1)
     own = site.hosts / f"{host}_{port}_"

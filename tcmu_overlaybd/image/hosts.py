@@ -119,6 +119,11 @@ def namespace_of(host: str) -> str:
     return DOCKER_HUB if host == DOCKER_HUB_API else host
 
 
+def api_host_of(registry: str) -> str:
+    """The host that serves ``registry`` when nothing else is configured (Docker Hub's API host)."""
+    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
+
+
 def namespace_names(registry: str) -> list[str]:
     """Directory names that hold the settings of ``registry``, most specific first (containerd's order)."""
     names = []
@@ -151,10 +156,9 @@ def host_config(registry: str, hosts_dirs=(CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DI
 
 def _default_server(registry: str, scheme: str, tls: dict | None = None) -> Endpoint:
     """The registry itself as its own server (Docker Hub's API lives on registry-1.docker.io)."""
+    host = api_host_of(registry)
     if registry == DOCKER_HUB:
-        scheme, host = "https", DOCKER_HUB_API
-    else:
-        host = registry
+        scheme = "https"
     return Endpoint(scheme, host, "/v2", **(tls or {}))
 
 

@@ -39,7 +39,8 @@ from ..errors import AuthError, CorruptDataError, NetworkError, NotFoundError, O
 from ..logs import register_secret
 from ..progress import progress_bar
 from .auth import Authenticator
-from .hosts import CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DIR, PULL, PUSH, RESOLVE, Endpoint, host_config, namespace_of
+from .hosts import (CONTAINERD_HOSTS_DIR, DOCKER_CERTS_DIR, PULL, PUSH, RESOLVE, Endpoint, api_host_of, host_config,
+                    namespace_of)
 from .mirrors import EndpointPool
 from .options import OpenOptions
 from .reference import Reference
@@ -126,8 +127,8 @@ class RegistryClient:
     certificate comes from ``--tlscert/--tlskey``, else the endpoint's first ``client``.
     An endpoint's ``proxy`` carries all its requests (token requests too).
     Credentials: ``-u`` applies to the registry's own server, a mirror gets those the
-    authfile has for the mirror's host.  ``ns`` (mirrors) is sent as the ``ns`` query
-    parameter naming the registry the request is for, as containerd does.
+    authfile has for the mirror's host.  ``ns`` (for hosts other than the registry's own) is
+    sent as the ``ns`` query parameter naming the registry the request is for, as containerd does.
     Retries: ``opts.retries`` more attempts, pausing ``opts.extra["backoff_base"]``
     (default ``BACKOFF_BASE``) seconds, doubled each time, capped at ``MAX_BACKOFF``.
     """
@@ -522,8 +523,9 @@ def endpoint_pool(registry: str, opts: OpenOptions) -> EndpointPool:
     server_opts = opts if single else replace(opts, device_reads=False)
     mirror_opts = replace(opts, retries=min(opts.retries, MIRROR_RETRIES), device_reads=False,
                           username=None, password=None)
+    own = api_host_of(config.registry)  # any other host is told which registry a request is for
     clients = [RegistryClient(e.host, mirror_opts if e.mirror else server_opts, endpoint=e,
-                              ns=config.registry if e.mirror else None) for e in config.endpoints]
+                              ns=config.registry if e.host != own else None) for e in config.endpoints]
     io_timeout = opts.io_timeout if opts.device_reads and not single else None
     return EndpointPool(config, clients, io_timeout=io_timeout,
                         backoff_base=float(opts.extra.get("backoff_base", BACKOFF_BASE)), max_backoff=MAX_BACKOFF)
