@@ -124,3 +124,23 @@ def test_recover_after_a_reboot_brings_back_every_mount_with_its_writes(vectors,
     finally:  # whatever is left after a failure: mounts and records (rc 9 where there is none)
         for p in mnt.values():
             obd("umount", str(p))
+
+
+def test_a_foreground_mount_leaves_no_record(tmp_path):
+    """`obd mount -f` (what obd-mount@.service runs) is mounted again by its unit after a reboot:
+    a record would make obd-recover.service mount it first and the unit then fail."""
+    records = config.load()["state.persistDir"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([os.path.join(REPO, ".venv", "bin", "obd"), "mount", "-f", "--raw",
+                             raw_image(tmp_path, "f"), str(mnt)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == str(mnt)  # printed once mounted
+        assert (mnt / "whoami").read_text() == "raw image f\n"
+        [m] = obd_json_list()
+        assert (m["status"], m["persisted"]) == ("active", False)
+        assert not os.path.exists(os.path.join(records, f"{m['id']}.json"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    assert obd_json_list() == []
