@@ -28,7 +28,7 @@ from .. import config
 from ..errors import KernelError, ObdError, StateError, UsageError
 from ..image.options import OpenOptions
 from ..lio import backstore, host, loopback
-from .state import SECRET_OPTIONS, MountRecord, MountState, RecordDir, StateDir, mount_id, pid_alive
+from .state import SECRET_OPTIONS, MountRecord, MountState, RecordDir, StateDir, mount_id, obd_pid_alive
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 20.0
@@ -201,16 +201,16 @@ def _stop_processes(sd: StateDir, st: MountState) -> None:
     pids = sd.read_pids(st.id)
     sup, handler = pids["supervisor_pid"], pids["handler_pid"]
     for pid in (sup, handler):
-        if pid_alive(pid):
+        if obd_pid_alive(pid):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while (pid_alive(sup) or pid_alive(handler)) and time.monotonic() < deadline:
+    while (obd_pid_alive(sup) or obd_pid_alive(handler)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in (sup, handler):
-        if pid_alive(pid):
+        if obd_pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -242,7 +242,7 @@ def teardown(st: MountState, sd: StateDir, lazy: bool = False, forget: bool = Tr
         if _mounted(path):
             argv = ["umount", "-l", path] if lazy else ["umount", path]
             _run(argv, f"cannot unmount {path}")
-    if not pid_alive(sd.read_pids(st.id)["handler_pid"]):
+    if not obd_pid_alive(sd.read_pids(st.id)["handler_pid"]):
         _fail_pending_io(st)
     loopback.unexport(st.wwn)
     _stop_processes(sd, st)
@@ -293,8 +293,8 @@ def status(st: MountState, sd: StateDir, persisted: bool) -> dict:
     d.update(pids)
     d["device"] = loopback.device_of(st.wwn) or st.device
     d["mounted"] = _mounted(st.mountpoint)
-    d["handler_alive"] = pid_alive(pids["handler_pid"])
-    d["supervisor_alive"] = pid_alive(pids["supervisor_pid"])
+    d["handler_alive"] = obd_pid_alive(pids["handler_pid"])
+    d["supervisor_alive"] = obd_pid_alive(pids["supervisor_pid"])
     d["persisted"] = persisted
     if st.phase != "mounted":
         d["status"] = st.phase
@@ -326,7 +326,9 @@ def list_mounts() -> list[dict]:
 
 
 def _crash_outcome(st: MountState, sd: StateDir) -> str:
-    """The supervisor of ``st`` is dead but its backstore lives: restart the handler."""
+    """The supervisor of ``st`` is dead but its backstore lives: restart the handler (one
+    that outlived its supervisor is stopped first: nothing would restart it if it died)."""
+    _stop_processes(sd, st)
     try:
         _spawn_supervisor(sd, st, recover=True)
     except ObdError as e:
@@ -388,7 +390,7 @@ def recover() -> list[tuple[str, str]]:
     unreadable = {mid for mid in sd.ids() if mid not in states}
     for mid in sorted((set(states) | set(rd.ids())) - unreadable):
         st = states.get(mid)
-        if st is not None and (pid_alive(sd.read_pids(mid)["supervisor_pid"]) or _mount_in_progress(sd, st)):
+        if st is not None and (obd_pid_alive(sd.read_pids(mid)["supervisor_pid"]) or _mount_in_progress(sd, st)):
             continue
         if st is not None and backstore.exists(st.backstore):
             done.append((st.mountpoint, _crash_outcome(st, sd)))
@@ -416,6 +418,6 @@ def foreground(st: MountState, stop: list) -> None:
     """Stay until ``stop`` fills (the caller's SIGINT/SIGTERM handler appends to it) or the
     handler process ends, then tear down (obd mount -f)."""
     sd = state_dir()
-    while not stop and pid_alive(sd.read_pids(st.id)["supervisor_pid"]):
+    while not stop and obd_pid_alive(sd.read_pids(st.id)["supervisor_pid"]):
         time.sleep(0.2)
     teardown(st, sd, lazy=True)

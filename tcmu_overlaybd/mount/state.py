@@ -236,3 +236,19 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+#: in the command line of every supervisor and of its handlers (forks of it)
+SUPERVISOR_MODULE = b"tcmu_overlaybd.mount.supervisor"
+
+
+def obd_pid_alive(pid: int) -> bool:
+    """True if ``pid`` is a live obd supervisor or handler (a pid recycled by another
+    program is not: pids files outlive their processes)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return SUPERVISOR_MODULE in f.read()
+    except OSError:
+        return False

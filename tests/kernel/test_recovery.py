@@ -101,6 +101,28 @@ def test_obd_recover_restarts_a_dead_handler_process_group(mounted):
     assert (mnt / "data").stat().st_size == 24 << 20
 
 
+def test_obd_recover_replaces_a_handler_that_outlived_its_supervisor(mounted):
+    """Only the supervisor killed: its handler still serves, unsupervised.  obd recover stops it
+    and starts a supervised one; reads go on throughout, and a later handler crash is survived."""
+    mnt, img, want = mounted
+    [m] = obd_json_list()
+    os.kill(m["supervisor_pid"], signal.SIGKILL)
+    wait_for(lambda: not obd_json_list()[0]["supervisor_alive"])
+    assert obd_json_list()[0]["handler_alive"]
+    reader = DeviceReader(m["device"], passes=2)
+    reader.start()
+    wait_for(lambda: reader.chunks >= 4)
+    rc, out = obd("recover")
+    assert rc == 0 and out.strip() == f"{mnt}: handler restarted"
+    [after] = obd_json_list()
+    assert after["handler_alive"] and after["handler_pid"] != m["handler_pid"]
+    os.kill(after["handler_pid"], signal.SIGKILL)  # supervised again: restarted automatically
+    wait_for(lambda: obd_json_list()[0]["restarts"] == 1 and obd_json_list()[0]["handler_alive"])
+    reader.join(600)
+    assert reader.error is None and reader.sums == [want] * 2
+    assert obd("recover") == (0, "")  # nothing left to do
+
+
 def test_umount_after_every_obd_process_was_killed(mkext4, tmp_path):
     """No handler left at all: obd umount still finishes promptly and leaves nothing behind,
     even with a reader blocked on the device."""
