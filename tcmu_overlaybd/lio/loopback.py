@@ -31,7 +31,7 @@ def export(name: str, wwn: str, timeout: float = 30.0) -> str:
         tpg = rtslib.TPG(target, 1, mode="create")  # loopback writes a random nexus itself
         rtslib.LUN(tpg, 0, storage_object=so, alias="obd")
     except (rtslib.RTSLibError, OSError) as e:
-        unexport(wwn)
+        unexport(wwn, name)
         raise KernelError(f"cannot export {name} through tcm_loop: {e}") from None
     dev = wait_block_device(tpg.path, 0, timeout)
     set_disk_timeout(dev, backstore.WAIT_FOR_HANDLER_S)
@@ -80,20 +80,38 @@ def set_offline(dev: str) -> None:
         raise KernelError(f"cannot set {path}: {e.strerror}") from None
 
 
-def unexport(wwn: str) -> None:
-    """Remove the LUN, TPG and target (the handler must still serve: sd flushes on removal)."""
+def _foreign_luns(wwn: str, name: str) -> list[str]:
+    """What the LUNs of target ``wwn`` serve other than our backstore ``name`` (configfs
+    paths of backstores): a target that serves anything else is not ours."""
+    ours = backstore.path_of(name)
+    ours = os.path.realpath(ours) if ours else None
+    served = {os.path.realpath(link) for link in glob.glob(f"{LOOPBACK_ROOT}/{wwn}/tpgt_*/lun/lun_*/*")
+              if os.path.islink(link)}
+    return sorted(p for p in served if p != ours)
+
+
+def unexport(wwn: str, name: str | None = None) -> None:
+    """Remove the LUN, TPG and target ``wwn`` (the handler must still serve: sd flushes on
+    removal).  With ``name``, the target must serve only our backstore ``name``: one that
+    serves anything else (a state file naming another target) is refused, untouched.
+    ``name=None`` is for a caller that made the target itself."""
     if not os.path.isdir(os.path.join(LOOPBACK_ROOT, wwn)):
         return
+    foreign = _foreign_luns(wwn, name) if name is not None else []
+    if foreign:
+        raise KernelError(f"refusing to remove loopback target {wwn}: it serves {', '.join(foreign)}, "
+                          f"not obd backstore {name}")
     try:
         rtslib.Target(rtslib.FabricModule("loopback"), wwn, mode="lookup").delete()
     except (rtslib.RTSLibError, OSError) as e:
         raise KernelError(f"cannot remove loopback target {wwn}: {e}") from None
 
 
-def device_of(wwn: str) -> str | None:
-    """The ``/dev/sdX`` currently attached under target ``wwn`` (None if none)."""
+def device_of(wwn: str, name: str | None = None) -> str | None:
+    """The ``/dev/sdX`` currently attached under target ``wwn`` (None if none, or if ``name``
+    is given and the target serves anything but our backstore ``name``)."""
     tpg = os.path.join(LOOPBACK_ROOT, wwn, "tpgt_1")
-    if not os.path.isdir(tpg):
+    if not os.path.isdir(tpg) or (name is not None and _foreign_luns(wwn, name)):
         return None
     try:
         addr = _scsi_address(tpg)

@@ -218,7 +218,7 @@ def _fail_pending_io(st: MountState) -> None:
     """No handler serves the ring: removing the LUN would wait forever on sd's flush and on
     commands queued in the ring.  Fail them first: short sd timeout, device offline, ring
     reset with errors (the order obd-cleanup uses)."""
-    dev = loopback.device_of(st.wwn)
+    dev = loopback.device_of(st.wwn, st.backstore)
     steps = []
     if dev:
         steps += [lambda: loopback.set_disk_timeout(dev, 5), lambda: loopback.set_offline(dev)]
@@ -244,7 +244,7 @@ def teardown(st: MountState, sd: StateDir, lazy: bool = False, forget: bool = Tr
             _run(argv, f"cannot unmount {path}")
     if not obd_pid_alive(sd.read_pids(st.id)["handler_pid"]):
         _fail_pending_io(st)
-    loopback.unexport(st.wwn)
+    loopback.unexport(st.wwn, st.backstore)
     _stop_processes(sd, st)
     backstore.delete(st.backstore)
     for d in (st.lower,):
@@ -291,7 +291,7 @@ def status(st: MountState, sd: StateDir, persisted: bool) -> dict:
     pids = sd.read_pids(st.id)
     d = st.public()
     d.update(pids)
-    d["device"] = loopback.device_of(st.wwn) or st.device
+    d["device"] = loopback.device_of(st.wwn, st.backstore) or st.device
     d["mounted"] = _mounted(st.mountpoint)
     d["handler_alive"] = obd_pid_alive(pids["handler_pid"])
     d["supervisor_alive"] = obd_pid_alive(pids["supervisor_pid"])

@@ -348,3 +348,37 @@ def test_udev_links_dev_obd_to_the_disk_of_each_mount(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_umount_of_a_state_file_naming_a_foreign_target_touches_nothing(tmp_path, foreign_lio, capsys):
+    """A state file edited to name another tool's tcm_loop target: obd umount refuses in one
+    line; that target, its LUN and its disk stay as they were (not offlined, not removed)."""
+    import json
+
+    from tcmu_overlaybd.mount.state import mount_id
+
+    foreign_paths, foreign_scsi = foreign_lio()
+    [disk] = [d for d in os.listdir("/sys/class/scsi_disk") if d.startswith(foreign_scsi)]
+    state_of = f"/sys/class/scsi_disk/{disk}/device/state"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mid = mount_id(str(mnt))
+    forged = f"/run/obd/{mid}.json"
+    os.makedirs("/run/obd", exist_ok=True)
+    with open(forged, "w") as f:
+        json.dump({"id": mid, "mountpoint": str(mnt), "image": "x", "raw": True, "options": {}, "size": 1 << 20,
+                   "backstore": f"obd-{mid}", "wwn": FOREIGN_WWN, "lower": f"/run/obd/{mid}.lower",
+                   "upper": str(tmp_path / "upper"), "work": str(tmp_path / "work"), "own_upper": False,
+                   "phase": "mounted"}, f)
+    try:
+        capsys.readouterr()
+        rc, _ = obd("umount", str(mnt))
+        [err] = capsys.readouterr().err.splitlines()
+        assert rc == 8 and err.startswith(f"obd: refusing to remove loopback target {FOREIGN_WWN}: it serves ")
+        assert err.endswith(f"/foreign-disk, not obd backstore obd-{mid}")
+        [m] = [x for x in obd_json_list() if x["id"] == mid]
+        assert m["device"] == ""  # a foreign disk is not shown as this mount's
+        assert all(os.path.isdir(p) for p in foreign_paths)
+        assert open(state_of).read().strip() == "running"
+    finally:
+        os.unlink(forged)
