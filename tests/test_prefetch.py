@@ -341,7 +341,7 @@ class _Gate:
         pass
 
 
-def test_replay_runs_on_one_lane_while_a_device_read_waits_then_on_all(tmp_path):
+def test_replay_runs_on_a_quarter_of_its_lanes_while_a_device_read_waits_then_on_all(tmp_path):
     gate = _Gate(4 * BS)
     device = CachedSource(gate, BlockCache(tmp_path / "g", 64 << 20, BS), "sha256:" + "e" * 64)
     reader = threading.Thread(target=device.read, args=(0, 4096))
@@ -360,8 +360,8 @@ def test_replay_runs_on_one_lane_while_a_device_read_waits_then_on_all(tmp_path)
     gate.release.set()
     reader.join()
     assert replay.join(10) and stats.ranges_done == 200
-    # one lane at ~20 ms per piece: about 25 pieces in 0.5 s, not 8 lanes' 200
-    assert 5 <= while_waiting <= 60, while_waiting
+    # 2 of 8 lanes at ~20 ms per piece: about 50 pieces in 0.5 s, not 8 lanes' 200
+    assert 10 <= while_waiting <= 110, while_waiting
 
 
 @registry_test

@@ -13,9 +13,9 @@ FastOCI, the inflated data in the gzip cache).
   disk; each file's extents are read from the merged disk (the "layer 0" of
   upstream's list mode), directories ending in ``/`` recursively.
 
-Device reads keep priority: while one waits for the registry, only the first
-``PRIORITY_LANES`` workers go on, the others wait (at most
-``cache.blockcache.YIELD_MAX_S`` per piece) until the device is idle.
+Device reads keep priority: while one waits for the registry, only a quarter
+of the workers (``PRIORITY_SHARE``, at least one) go on, the others wait (at
+most ``cache.blockcache.YIELD_MAX_S`` per piece) until the device is idle.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 #: bytes per replay read (upstream replays with 1 MiB buffers)
 PIECE_MAX = 1 << 20
-#: workers that keep fetching while device reads wait for the registry
-PRIORITY_LANES = 1
+#: share of the workers that keep fetching while device reads wait for the registry
+PRIORITY_SHARE = 0.25
 #: paths of a directory walk, at most (a list of "/" must not walk a whole distro forever)
 WALK_MAX_FILES = 200_000
 
@@ -149,6 +149,7 @@ class Replayer:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"obd-prefetch-{i}", daemon=True)
                          for i in range(max(1, min(concurrency, len(pieces))))]
+        self._priority_lanes = max(1, int(concurrency * PRIORITY_SHARE))
         stats.ranges_total += len(pieces)
 
     def start(self) -> "Replayer":
@@ -173,7 +174,7 @@ class Replayer:
         stats = self.stats
         with background_fetches():
             while True:
-                if lane >= PRIORITY_LANES:
+                if lane >= self._priority_lanes:
                     yield_to_foreground(self.stop)
                 piece = self._take()
                 if piece is None:
