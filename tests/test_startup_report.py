@@ -18,7 +18,7 @@ from benchmarks.startup.lazy import mount_entry, obd_stats
 from benchmarks.startup.modes import MODES, select
 from benchmarks.startup.plan import Plan
 from benchmarks.startup.registry import BenchRegistry, PushedImage, parse_access_log
-from benchmarks.startup.report import document, results_from_json, table
+from benchmarks.startup.report import breakdown, document, results_from_json, table
 from benchmarks.startup.result import ColdStart
 from tcmu_overlaybd.errors import CorruptDataError, KernelError, UsageError
 from tcmu_overlaybd.image.push import push_blob
@@ -202,3 +202,16 @@ def test_arguments_check_images_modes_and_the_plan_doc_pair():
 
 def test_obd_stats_of_a_path_that_is_no_mount_is_kept_as_its_one_line_error(tmp_path):
     assert obd_stats(str(tmp_path), dict(os.environ)) == {"error": f"obd stats: {tmp_path} is not an obd mount"}
+
+
+def test_breakdown_shows_device_reads_their_wait_and_fetch_sizes_from_obd_stats():
+    stats = {"device_reads": 4770, "latency_sum_s": 385.57, "fetch_requests": 643, "bytes_fetched": 183238656,
+             "cache": {"hit_ratio": 0.7975}}
+    r = lazy("python-large", "fastoci", 83.7, 645.6, 204 * MB, 226 * MB, 111 * MB)
+    r.details["obd_stats"] = stats
+    lines = breakdown([("unshaped", r), ("unshaped", ColdStart("python-large", "traditional", 1.0, 2.0, 3, 4))])
+    lines = lines.splitlines()
+    assert len(lines) == 3  # header, rule, the one lazy run with stats
+    assert [c.strip() for c in lines[2].split(" | ")] == [
+        "python-large", "unshaped", "fastoci", "4770", "385.6", "645.6", "643", "285.0 kB", "0.80"]
+    assert breakdown([("unshaped", lazy("python-small", "overlaybd", 1, 2, 3, 4, 5))]) == ""

@@ -38,7 +38,7 @@ from .convert import FORMATS, convert
 from .images import DEFAULT_CACHE, IMAGES, BuiltImage, ImageBuilder
 from .plan import Plan
 from .registry import REPO_PREFIX, BenchRegistry, free_port
-from .report import document, results_from_json, sizes_table, table, write_json
+from .report import breakdown, document, results_from_json, sizes_table, table, write_json
 from .result import ColdStart
 from .service import AppConfig
 from .shaping import PROFILES, Namespace, apply_profile, parse_profiles
@@ -67,6 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-host-baseline", action="store_true",
                    help="do not measure the traditional mode on the host before booting the VM")
     p.add_argument("--build-only", action="store_true", help="build and convert (or find cached) images and stop")
+    p.add_argument("--from-json", metavar="FILE", help="print the table and goal lines of an earlier result "
+                   "file (no building, no measuring)")
     p.add_argument("--plan", help=argparse.SUPPRESS)  # measuring part only: the plan to read ...
     p.add_argument("--doc", help=argparse.SUPPRESS)  # ... and the raw result document to write
     p.add_argument("--in-netns", metavar="NAME", help=argparse.SUPPRESS)
@@ -267,6 +269,10 @@ def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
     print(sizes_table(sizes))
     print()
     print(table(results))
+    where = breakdown(results)
+    if where:
+        print("\nwhere the lazy time went (the handler's obd stats; read wait sums overlapping reads):")
+        print(where)
     for name, m in doc["modes"].items():
         if not m["available"]:
             print(f"mode {name}: not yet available: needs {m['missing']}")
@@ -286,7 +292,9 @@ def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
         if found:
             factor = found[0]
             print(f"\nVM/host factor (traditional pull, unshaped): {factor:.1f}x ({found[1]})")
-    goals = goals_mod.check(results, factor)
+    # the trace recordings are unshaped lazy mounts too: their mount time, bytes and RSS count
+    recordings = results_from_json([dict(r, link="unshaped") for r in doc.get("recordings", [])])
+    goals = goals_mod.check(results + recordings, factor)
     print()
     for g in goals:
         print(g.line())
@@ -296,6 +304,10 @@ def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        doc = load_doc(args.from_json)
+        report(doc, doc.get("host_baseline"))
+        return 0
     if os.geteuid() != 0:
         raise UsageError("the startup benchmark needs root (debootstrap, chroot, namespaces)")
     if args.plan:  # the measuring part, in the VM harness or a network namespace

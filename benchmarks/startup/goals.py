@@ -27,7 +27,8 @@ FASTOCI_VS_OVERLAYBD = 1.25
 MOUNT_S = 2.0
 FETCH_VS_READ = 2.0
 RSS_BYTES = 150_000_000
-PAIRS = (("fastoci", "overlaybd"), ("fastoci+prefetch", "overlaybd+prefetch"))
+PAIRS = (("fastoci", "overlaybd"), ("fastoci+prefetch", "overlaybd+prefetch"),
+         ("fastoci recording", "overlaybd recording"))
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,20 @@ def write_json(path: str, doc: dict) -> None:
         json.dump(doc, f, indent=2)
         f.write("\n")
     os.replace(path + ".part", path)
+
+
+def breakdown(results: list[tuple[str, ColdStart]]) -> str:
+    """Where a lazy cold start's time went, from the handler's ``obd stats`` (kept in ``details``):
+    device reads, the seconds they waited in sum, registry fetches and their mean size, cache hits."""
+    rows = [("image", "link", "mode", "device reads", "read wait s", "available s", "fetches", "mean fetch",
+             "cache hit ratio")]
+    for link, r in results:
+        st = r.details.get("obd_stats") or {}
+        if "device_reads" not in st:
+            continue
+        fetches = st.get("fetch_requests", 0)
+        rows.append((r.image, link, r.mode, str(st["device_reads"]), f"{st.get('latency_sum_s', 0):.1f}",
+                     f"{r.available_s:.1f}", str(fetches),
+                     size(st.get("bytes_fetched", 0) // fetches) if fetches else "-",
+                     f"{st.get('cache', {}).get('hit_ratio', 0):.2f}"))
+    return format_rows(rows) if len(rows) > 1 else ""
