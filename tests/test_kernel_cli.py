@@ -244,3 +244,28 @@ def test_recover_reports_an_unreadable_state_file_and_leaves_its_mount_alone(dir
     [line] = r.stdout.splitlines()
     assert line.startswith(f"{d['state']}/{rec.id}.json: failed: {d['state']}/{rec.id}.json: unreadable mount state")
     assert os.listdir(d["records"]) == [f"{rec.id}.json"] and not mnt.exists()
+
+
+def test_a_target_whose_lun_serves_another_backstore_is_refused_untouched(tmp_path, monkeypatch):
+    """configfs as LIO lays it out (LUN = symlink to a backstore directory), in a temp dir."""
+    from tcmu_overlaybd.errors import KernelError
+    from tcmu_overlaybd.lio import backstore, loopback
+
+    ours = tmp_path / "core" / "user_1" / "obd-aaaaaaaaaaaa"
+    foreign = tmp_path / "core" / "rd_mcp_0" / "foreign-disk"
+    for d in (ours, foreign):
+        d.mkdir(parents=True)
+    lun = tmp_path / "loopback" / "naa.5001405deadbeef0" / "tpgt_1" / "lun" / "lun_0"
+    lun.mkdir(parents=True)
+    (lun / "link").symlink_to(foreign)
+    monkeypatch.setattr(loopback, "LOOPBACK_ROOT", str(tmp_path / "loopback"))
+    monkeypatch.setattr(backstore, "path_of", lambda name: str(ours) if name == ours.name else None)
+    with pytest.raises(KernelError) as e:
+        loopback.unexport("naa.5001405deadbeef0", "obd-aaaaaaaaaaaa")
+    assert str(e.value) == (f"refusing to remove loopback target naa.5001405deadbeef0: it serves {foreign}, "
+                            f"not obd backstore obd-aaaaaaaaaaaa")
+    assert loopback.device_of("naa.5001405deadbeef0", "obd-aaaaaaaaaaaa") is None
+    assert (lun / "link").is_symlink()
+    (lun / "link").unlink()
+    (lun / "link").symlink_to(ours)
+    assert loopback._foreign_luns("naa.5001405deadbeef0", "obd-aaaaaaaaaaaa") == []
