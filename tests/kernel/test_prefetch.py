@@ -55,18 +55,19 @@ def _sha(path) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _quiet(proxy, idle: float = 2.0, timeout: float = 120.0) -> None:
-    """Wait until the proxy saw no blob request for ``idle`` seconds."""
+def _prefetch_done(mnt, field: str = "state", timeout: float = 180.0) -> dict:
+    """Wait until the mount's prefetch ``field`` (obd stats) says done; its counters."""
+    import json
+
     deadline = time.monotonic() + timeout
-    last, since = _blob_gets(proxy), time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = _blob_gets(proxy)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= idle:
-            return
-    raise AssertionError("prefetch still fetching after the timeout")
+        rc, out = obd("stats", "--json", str(mnt))
+        prefetch = (json.loads(out).get("prefetch") or {}) if rc == 0 else {}
+        if prefetch.get(field) in ("done", "failed"):
+            assert prefetch[field] == "done", prefetch
+            return prefetch
+        time.sleep(0.5)
+    raise AssertionError(f"prefetch {field} not done after {timeout:g} s: {prefetch}")
 
 
 def test_record_at_umount_and_on_stop_then_replay_fetches_the_file_before_it_is_read(small_image, tmp_path):
@@ -102,8 +103,8 @@ def test_record_at_umount_and_on_stop_then_replay_fetches_the_file_before_it_is_
     proxy.reset_counters()
     assert obd("mount", "--plain-http", "--prefetch", str(trace), ref, str(mnt))[0] == 0
     try:
-        _quiet(proxy)
-        assert _blob_gets(proxy) > 0  # the prefetch did fetch
+        stats = _prefetch_done(mnt)
+        assert stats["ranges_done"] == stats["ranges_total"] > 0 and _blob_gets(proxy) > 0
         proxy.reset_counters()
         assert _sha(mnt / FILE) == FILE_SHA
         assert _blob_gets(proxy) == 0  # and reading the file needs no request
@@ -142,7 +143,7 @@ def test_recording_survives_a_handler_killed_and_restarted(small_image, tmp_path
     shutil.rmtree(cache)  # the trace covers what both handlers served
     assert obd("mount", "--plain-http", "--prefetch", str(trace), ref, str(mnt))[0] == 0
     try:
-        _quiet(proxy)
+        _prefetch_done(mnt)
         proxy.reset_counters()
         (mnt / first).read_bytes()
         assert _sha(mnt / second) == FILE_SHA
@@ -161,11 +162,33 @@ def test_background_download_pulls_the_whole_image_then_nothing_is_fetched(small
     mnt.mkdir()
     assert obd("mount", "--plain-http", "--background-download", ref, str(mnt))[0] == 0
     try:
-        _quiet(proxy)
+        stats = _prefetch_done(mnt, "background_state")
+        assert stats["background_bytes"] > 0
         proxy.reset_counters()
         # every file's bytes (tar -f /dev/null would skip reading them)
         r = subprocess.run(f"tar -cf - -C {mnt} . | sha256sum", shell=True, capture_output=True)
         assert r.returncode == 0 and _sha(mnt / FILE) == FILE_SHA
         assert _blob_gets(proxy) == 0  # every block was already in the cache
+    finally:
+        assert obd("umount", str(mnt))[0] == 0
+
+
+def test_a_list_pushed_with_the_image_is_replayed_by_a_plain_mount(small_image, tmp_path):
+    ref, proxy, _cache = small_image
+    listing = tmp_path / "list"
+    listing.write_text("/data/\n")
+    traced = ref.replace(":obd", ":obd-list")
+    rc, out = obd("trace", "push", "--plain-http", "-q", ref, str(listing), "--to", traced)
+    assert rc == 0 and out.startswith(traced.rsplit(":", 1)[0])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proxy.reset_counters()
+    assert obd("mount", "--plain-http", traced, str(mnt))[0] == 0  # no --prefetch flag
+    try:
+        stats = _prefetch_done(mnt)
+        assert stats["source"].startswith("list acceleration layer sha256:")
+        proxy.reset_counters()
+        assert _sha(mnt / FILE) == FILE_SHA and (mnt / "data/b/new.txt").read_bytes()
+        assert _blob_gets(proxy) == 0, (stats, proxy.log.requests)
     finally:
         assert obd("umount", str(mnt))[0] == 0
