@@ -398,3 +398,27 @@ def test_a_list_replayed_while_recording_stays_out_of_the_trace(small_image, vec
     disk.close()
     recorded = sum(r.count for r in decode_trace(trace.read_bytes()))
     assert recorded < 1 << 20  # one small file and metadata, not the whole /data (> 3 MiB)
+
+
+def test_record_trace_stop_writes_the_spool_of_a_mount_whose_handler_is_gone(tmp_path, monkeypatch, capfd):
+    from tcmu_overlaybd.mount.state import MountState, StateDir, mount_id
+
+    monkeypatch.setenv("OBD_STATE_DIR", str(tmp_path / "state"))
+    os.makedirs(tmp_path / "state")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    trace = str(tmp_path / "t")
+    record.create_spool(trace)
+    with open(record.spool_path(trace), "ab") as f:  # what a killed handler left behind
+        from tcmu_overlaybd.format.trace import RECORD
+
+        f.write(RECORD.pack(OP_READ, 0, 4096, 0) + RECORD.pack(OP_READ, 0, 4096, 4096))
+    mid = mount_id(str(mnt))
+    StateDir(str(tmp_path / "state")).save(MountState(
+        id=mid, mountpoint=str(mnt), image="r/x:y", raw=False, options={"record_trace": trace}, size=0,
+        backstore="b", wwn="w", lower="l", upper="u", work="w", own_upper=True))
+    assert main(["record-trace", "stop", str(mnt)]) == 0
+    assert capfd.readouterr()[0] == f"{trace}: 1 records\n"
+    assert decode_trace(open(trace, "rb").read()) == [TraceRecord(OP_READ, 0, 8192, 0)]
+    assert main(["record-trace", "stop", str(mnt)]) == 9  # StateError: already finished
+    assert "already finished" in capfd.readouterr()[1]
