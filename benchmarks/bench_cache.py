@@ -11,7 +11,9 @@ Parallel range requests (``io.parallelFetches``): cold 1 MiB and 8 MiB reads,
 and an 8 MiB read whose misses are fragmented by cached blocks, each timed with
 one request at a time (``parallel=1``) and with 4 in flight, every request
 delayed by an injected ``--latency-ms`` (default 20 ms, a WAN round trip) on top
-of the real registry.  Prints the figures and writes them to
+of the real registry; then again with each request also paced to
+``--stream-mbps`` (default 100 Mbit/s), as one TCP stream limited by its window
+over a long path is (the aggregate is not capped: the case parallel streams are for).  Prints the figures and writes them to
 ``benchmarks/results/cache.json``.
 
 Usage: .venv/bin/python benchmarks/bench_cache.py [--reads N] [--blob-mib M] [--latency-ms L]
@@ -55,29 +57,35 @@ def timed(fn, offsets, repeat: int = 1) -> float:
 
 
 class LatencySource:
-    """A blob source whose every request first waits ``delay`` seconds (an injected round trip)."""
+    """A blob source whose every request waits ``delay`` seconds (an injected round trip), plus
+    ``length / stream_rate`` when a per-stream rate (bytes/s) is given."""
 
-    def __init__(self, base, delay: float):
+    def __init__(self, base, delay: float, stream_rate: float = 0.0):
         self.base, self.delay, self.name, self.size = base, delay, base.name, base.size
+        self.stream_rate = stream_rate
 
     def read(self, offset: int, length: int) -> bytes:
-        time.sleep(self.delay)
-        return self.base.read(offset, length)
+        t0 = time.perf_counter()
+        data = self.base.read(offset, length)
+        wait = self.delay + (length / self.stream_rate if self.stream_rate else 0.0)
+        time.sleep(max(0.0, wait - (time.perf_counter() - t0)))
+        return data
 
     def close(self) -> None:
         self.base.close()
 
 
-def parallel_figures(remote, digest: str, data: bytes, tmp: str, delay: float) -> dict:
-    """Wall time of cold reads with 1 and with 4 requests in flight, over ``remote`` + ``delay``."""
+def parallel_figures(remote, digest: str, data: bytes, tmp: str, delay: float, stream_rate: float = 0.0) -> dict:
+    """Wall time of cold reads with 1 and with 4 requests in flight, over ``remote`` + ``delay``
+    (and ``stream_rate`` bytes/s per request when given)."""
     cases = {"cold_1MiB": (1 << 20, ()), "cold_8MiB": (8 << 20, ()),
              "cold_8MiB_fragmented": (8 << 20, range(0, 32, 3))}  # every 3rd block already cached
     out = {}
     for name, (length, cached_blocks) in cases.items():
         row = {}
         for label, parallel in (("serial", 1), ("parallel", 4)):
-            cache = BlockCache(os.path.join(tmp, f"pc-{name}-{label}"), 1 << 30)
-            src = CachedSource(LatencySource(remote, delay), cache, digest, parallel=parallel)
+            cache = BlockCache(os.path.join(tmp, f"pc-{name}-{label}-{int(stream_rate)}"), 1 << 30)
+            src = CachedSource(LatencySource(remote, delay, stream_rate), cache, digest, parallel=parallel)
             for b in cached_blocks:
                 src.read(b * cache.block_size, 1)
             best = float("inf")
@@ -101,6 +109,8 @@ def main() -> None:
     ap.add_argument("--blob-mib", type=int, default=256)
     ap.add_argument("--latency-ms", type=float, default=20.0,
                     help="injected delay per request for the parallel-fetch figures")
+    ap.add_argument("--stream-mbps", type=float, default=100.0,
+                    help="per-request stream rate, Mbit/s, of the second parallel-fetch table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache.json"))
     args = ap.parse_args()
 
@@ -138,8 +148,10 @@ def main() -> None:
             finally:
                 os.close(fd)
             fetched = cache.counters.bytes_fetched
-            parallel = parallel_figures(RemoteBlob(client, "bench", digest, size), digest, data, tmp,
-                                        args.latency_ms / 1e3)
+            remote = RemoteBlob(client, "bench", digest, size)
+            parallel = parallel_figures(remote, digest, data, tmp, args.latency_ms / 1e3)
+            parallel_shaped = parallel_figures(remote, digest, data, tmp, args.latency_ms / 1e3,
+                                               args.stream_mbps * 1e6 / 8)
         finally:
             registry.stop()
 
@@ -163,6 +175,8 @@ def main() -> None:
         "bytes_fetched_from_registry": fetched,
         "parallel_fetch_latency_ms": args.latency_ms,
         "parallel_fetch": parallel,
+        "parallel_fetch_stream_mbps": args.stream_mbps,
+        "parallel_fetch_stream_limited": parallel_shaped,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -176,10 +190,12 @@ def main() -> None:
     print(f"  local file:      {result['local_file_us_per_read']} us/read, {result['local_file_MBps']} MB/s")
     print(f"  warm throughput = {result['warm_vs_local_throughput']} x local file; "
           f"warm is {result['warm_vs_cold_speedup']} x faster than cold")
-    print(f"cold reads with {args.latency_ms:g} ms injected per request, 1 vs 4 requests in flight:")
-    for name, row in parallel.items():
-        print(f"  {name:22} serial {row['serial_ms']:7.1f} ms   parallel {row['parallel_ms']:7.1f} ms"
-              f"   ratio {row['ratio']}")
+    for title, rows in ((f"{args.latency_ms:g} ms injected per request", parallel),
+                        (f"{args.latency_ms:g} ms + {args.stream_mbps:g} Mbit/s per stream", parallel_shaped)):
+        print(f"cold reads, {title}, 1 vs 4 requests in flight:")
+        for name, row in rows.items():
+            print(f"  {name:22} serial {row['serial_ms']:7.1f} ms   parallel {row['parallel_ms']:7.1f} ms"
+                  f"   ratio {row['ratio']}")
     print(f"wrote {args.out}")
 
 
