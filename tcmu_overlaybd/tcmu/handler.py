@@ -61,6 +61,11 @@ class Handler:
         self._readinto = getattr(source, "readinto", None)
         self._inline = bool(getattr(source, "local", False))
         self._drain = self._drain_inline if self._inline else self._drain_async
+        ring, info = self.ring, target.info
+        #: everything _drain_inline needs, fetched with one attribute load per wake-up
+        self._inline_ctx = (ring, ring.buf, ring.mv, ring.cmdr_off, ring.cmdr_size, info.block_size,
+                            info.num_blocks, READ_CDB.get, self._readinto or self._readinto_by_read,
+                            ring.respond, ENTRY.unpack_from, ENTRY.size, U32.unpack_from)
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         # a local source needs no workers: every command is served on the ring thread
         self._workers = [] if self._inline else [
@@ -117,15 +122,11 @@ class Handler:
     def _drain_inline(self) -> None:
         """Serve every queued command on this thread, in ring order, each response in the
         command's own slot; then move the tail and notify once (§1.9, §7.3)."""
-        ring = self.ring
-        buf, mv, base, size = ring.buf, ring.mv, ring.cmdr_off, ring.cmdr_size
-        info = self.target.info
-        bs, nblocks = info.block_size, info.num_blocks
-        read_cdb, fill, respond = READ_CDB.get, self._readinto or self._readinto_by_read, ring.respond
-        entry, entry_size = ENTRY.unpack_from, ENTRY.size
+        (ring, buf, mv, base, size, bs, nblocks, read_cdb, fill, respond, entry, entry_size,
+         u32) = self._inline_ctx
         cursor = ring.cursor
         while True:
-            head = U32.unpack_from(buf, MB_CMD_HEAD_OFF)[0]
+            head = u32(buf, MB_CMD_HEAD_OFF)[0]
             if head == cursor:
                 return
             served = 0
@@ -135,7 +136,7 @@ class Handler:
                     (len_op, _id, _kf, _uf, iov_cnt, bidi_cnt, _dif, cdb_off,
                      iov_base, iov_len) = entry(buf, pos)
                 else:  # only a PAD fits here
-                    len_op, iov_cnt = U32.unpack_from(buf, pos)[0], 0
+                    len_op, iov_cnt = u32(buf, pos)[0], 0
                 length = len_op & ~OP_MASK
                 if length == 0 or length > size - cursor:
                     ring.entry_length(cursor, len_op)  # raises KernelError
