@@ -407,7 +407,7 @@ def test_split_runs_halves_the_longest_run_up_to_the_limit():
 def test_cold_read_is_parallel_whole_block_requests_about_one_round_trip(tmp_path, mib):
     bs = 256 * 1024
     data = blob(mib << 20, 30 + mib)
-    rtt, rate = 0.2, 32 << 20  # 200 ms per request, 32 MiB/s per stream
+    rtt, rate = 0.2, 8 << 20  # 200 ms per request, 8 MiB/s per stream
     base = ShapedSource(data, rtt, rate)
     src = CachedSource(base, BlockCache(tmp_path / "c", 64 << 20, bs), DIGEST_A, parallel=4)
     t0 = time.monotonic()
@@ -417,8 +417,11 @@ def test_cold_read_is_parallel_whole_block_requests_about_one_round_trip(tmp_pat
     assert len(base.requests) == min(4, mib * 4) and base.max_in_flight == min(4, mib * 4)
     assert all(off % bs == 0 and n % bs == 0 for off, n in base.requests)
     assert sorted(base.requests) == [(i * len(data) // 4, len(data) // 4) for i in range(4)]
-    # about one round trip plus a quarter of the transfer, far from 4-32 round trips
-    assert wall < 2 * rtt + len(data) / 4 / rate < serial + rtt, (wall, serial)
+    # about one round trip plus a quarter of the transfer (plus CPU on a loaded host): far from the
+    # 4-32 round trips of block-by-block fetches, and for 8 MiB faster than one merged stream
+    assert wall < 2 * rtt + len(data) / 4 / rate + 0.15, (wall, serial)
+    if mib == 8:
+        assert wall < serial, (wall, serial)
     base.requests.clear()
     assert src.read(0, mib << 20) == data and base.requests == []  # warm: no request
 
