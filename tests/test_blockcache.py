@@ -515,3 +515,50 @@ def test_cold_1mib_read_of_a_zfile_layer_is_one_parallel_round_trip(tmp_path):
     wall = time.monotonic() - t0
     assert 2 <= len(base.requests) <= 5 and base.max_in_flight >= 2
     assert wall < 2 * rtt + 0.1
+
+
+@pytest.mark.registry
+def test_parallel_pieces_from_many_threads_through_one_registry_client(tmp_path):
+    """The registry client (one requests.Session, its auth and counters) serves concurrent Range
+    GETs: 8 readers of cold 1 MiB ranges, 4 pieces each, get exactly the blob's bytes."""
+    import hashlib
+
+    from tcmu_overlaybd.image.options import OpenOptions
+    from tcmu_overlaybd.image.push import push_blob
+    from tcmu_overlaybd.image.registry import RegistryClient, RemoteBlob
+
+    from .helpers.registry import RegistryServer, registry_available
+
+    if not registry_available():
+        pytest.skip("needs Debian's docker-registry")
+    data = blob(24 << 20, 50)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    reg = RegistryServer(str(tmp_path / "registry"))
+    try:
+        client = RegistryClient(reg.host, OpenOptions(plain_http=True, quiet=True))
+        push_blob(client, "par", data, digest, len(data))
+        sent = client.requests_sent
+        src = CachedSource(RemoteBlob(client, "par", digest, len(data)),
+                           BlockCache(tmp_path / "c", 1 << 30, 256 * 1024), digest, parallel=4)
+        rng = random.Random(51)
+        offsets = [rng.randrange(0, len(data) - (1 << 20)) for _ in range(24)]
+        errors: list = []
+
+        def reader(mine):
+            try:
+                for off in mine:
+                    assert src.read(off, 1 << 20) == data[off : off + (1 << 20)]
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(offsets[i::8],)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert src.read(0, len(data)) == data
+        assert client.bytes_received == len(data)  # every block fetched once, whatever the races
+        assert client.requests_sent - sent == src.cache.counters.fetch_requests
+    finally:
+        reg.stop()
