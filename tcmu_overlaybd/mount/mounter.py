@@ -382,12 +382,13 @@ def recover() -> list[tuple[str, str]]:
     """
     sd, rd = state_dir(), record_dir()
     states, done = {}, []
-    for mid in sd.ids():
+    ids = sd.ids()
+    for mid in ids:
         try:
             states[mid] = sd.load(mid)
         except StateError as e:  # it may belong to a live mount: leave that mount alone
             done.append((sd.file(mid), f"failed: {e}"))
-    unreadable = {mid for mid in sd.ids() if mid not in states}
+    unreadable = set(ids) - set(states)
     for mid in sorted((set(states) | set(rd.ids())) - unreadable):
         st = states.get(mid)
         if st is not None and (obd_pid_alive(sd.read_pids(mid)["supervisor_pid"]) or _mount_in_progress(sd, st)):
