@@ -150,3 +150,8 @@ def test_unsupported_commands_are_invalid_opcode(target, cdb):
 def test_request_sense_reports_no_sense(target):
     r = target.execute(bytes([0x03, 0, 0, 0, 18, 0]))
     assert r.status == 0 and r.data[0] == 0x70 and r.data[2] == 0 and len(r.data) == 18
+
+
+@pytest.mark.parametrize("cdb", [bytes([0x28, 0, 0, 0, 1]), bytes([0x88]) + bytes(8), bytes([0x2F, 0, 0])])
+def test_truncated_read_or_verify_cdb_is_invalid_field_not_a_crash(target, cdb):
+    check(target.execute(cdb), 0x5, 0x24, 0x00)
