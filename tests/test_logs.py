@@ -41,3 +41,45 @@ def teardown_module():
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
+
+
+def test_supervisor_logs_to_log_file_with_the_mount_id(tmp_path):
+    """A supervisor (here: recovering a mount whose device does not exist on this host) writes
+    its lines to ``log.file``, each tagged with the mount's id."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tcmu_overlaybd.mount.state import MountState, StateDir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * 4096)
+    st = MountState(id="5eed1d", mountpoint=str(tmp_path / "mnt"), image=str(disk), raw=True, options={},
+                    size=4096, backstore="obd-5eed1d", wwn="naa.0", lower="", upper="", work="",
+                    own_upper=False)
+    StateDir(str(state)).save(st)
+    log_file = tmp_path / "obd.log"
+    env = {**os.environ, "OBD_CONFIG": "", "OBD_STATE_DIR": str(state), "OBD_LOG_FILE": str(log_file),
+           "OBD_LOG_LEVEL": "warning"}
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "tcmu_overlaybd.mount.supervisor",
+                             str(state / "5eed1d.json"), str(w), "--recover"],
+                            pass_fds=(w,), env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert os.read(r, 512).decode().startswith("error ")  # the first start fails: no uio device here
+        deadline = time.monotonic() + 30
+        while "handler failed to start" not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, "no retry line in the log file"
+            time.sleep(0.1)
+    finally:
+        os.close(r)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    line = next(ln for ln in log_file.read_text().splitlines() if "handler failed to start" in ln)
+    assert "[mount=5eed1d]" in line and "uio" in line
+    assert b"handler failed to start" not in err  # the file, not stderr, got it

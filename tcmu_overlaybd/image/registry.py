@@ -155,7 +155,7 @@ class RegistryClient:
                 register_secret(value.partition(" ")[2])  # the credential of "<scheme> <credential>"
         extra_ca = ([opts.tls_ca_cert] if opts.tls_ca_cert else []) + list(endpoint.ca)
         adapter = _TrustAdapter(_read_pem(extra_ca, "CA certificates") if extra_ca else None,
-                                pool_connections=4, pool_maxsize=32, max_retries=0)
+                                pool_connections=4, pool_maxsize=64, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         # passed on every request: requests lets $REQUESTS_CA_BUNDLE override a session's verify

@@ -67,10 +67,10 @@ class _ImageDisk:
     def __init__(self, disk, store, local: bool):
         self.name, self.size, self.local = disk.name, disk.size, local
         self.read = disk.read  # bound method: no extra call per read
-        self._disk, self._store = disk, store
+        self.disk, self._store = disk, store
 
     def close(self) -> None:
-        self._disk.close()
+        self.disk.close()
         self._store.close()
 
 
@@ -100,7 +100,7 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
     log.info("handler %d serving %s (%s)", os.getpid(), st.backstore, st.image)
     from ..prefetch.session import PrefetchSession  # trace recording, replay, background download
 
-    prefetch = PrefetchSession.start(st.options, getattr(source, "_disk", None))
+    prefetch = PrefetchSession.start(st.options, getattr(source, "disk", None))
     telemetry.prefetch = prefetch  # obd stats shows its counters
     try:
         handler.serve()
@@ -200,7 +200,9 @@ def main(argv: list[str]) -> int:
     state_path, ready_fd = argv[0], int(argv[1])
     recover = "--recover" in argv[2:]
     cfg = config.load()
-    setup_logging(cfg["log.level"])
+    # every line of this mount's supervisor and handler carries its id (the state file's name)
+    mid = os.path.splitext(os.path.basename(state_path))[0]
+    setup_logging(cfg["log.level"], cfg["log.file"] or None, mount_id=mid)
     secrets = _read_secrets()
     return Supervisor(state_path, secrets).run(ready_fd, recover)
 
