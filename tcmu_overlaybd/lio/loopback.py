@@ -47,13 +47,16 @@ def _scsi_address(tpg_path: str) -> str:
 
 
 def wait_block_device(tpg_path: str, lun: int, timeout: float) -> str:
-    """Poll sysfs until sd has attached the LUN (it may finish after symlink() returns)."""
+    """Poll sysfs until sd has attached the LUN (it may finish after symlink() returns):
+    the block device, its node, and its ``/sys/block/<sdX>/device`` link (the disk
+    attributes set next), which a loaded machine was seen to add last."""
     addr = f"{_scsi_address(tpg_path)}:{lun}"
     deadline = time.monotonic() + timeout
     while True:
         found = glob.glob(f"/sys/class/scsi_device/{addr}/device/block/*")
-        if found and os.path.exists(f"/dev/{os.path.basename(found[0])}"):
-            return f"/dev/{os.path.basename(found[0])}"
+        name = os.path.basename(found[0]) if found else ""
+        if name and os.path.exists(f"/dev/{name}") and os.path.exists(f"/sys/block/{name}/device/timeout"):
+            return f"/dev/{name}"
         if time.monotonic() > deadline:
             raise KernelError(f"SCSI device {addr} got no block device within {timeout:.0f}s")
         time.sleep(0.02)
