@@ -269,3 +269,14 @@ def test_a_target_whose_lun_serves_another_backstore_is_refused_untouched(tmp_pa
     (lun / "link").unlink()
     (lun / "link").symlink_to(ours)
     assert loopback._foreign_luns("naa.5001405deadbeef0", "obd-aaaaaaaaaaaa") == []
+
+
+def test_list_warns_about_an_unreadable_state_file_and_shows_the_rest(dirs, tmp_path):
+    d, env = dirs
+    rec = record(dirs, tmp_path / "mnt")
+    d["state"].mkdir()
+    (d["state"] / "bbbbbbbbbbbb.json").write_text("{truncated")
+    r = obd("list", "--json", env=env)
+    assert r.returncode == 0
+    assert [m["id"] for m in json.loads(r.stdout)] == [rec.id]
+    assert f"{d['state']}/bbbbbbbbbbbb.json: unreadable mount state" in r.stderr

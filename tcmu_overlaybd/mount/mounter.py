@@ -315,9 +315,13 @@ def list_mounts() -> list[dict]:
     """Every mount with a state file, then every recorded mount without one."""
     sd, rd = state_dir(), record_dir()
     recorded = set(rd.ids())
-    out = [status(st, sd, st.id in recorded) for st in sd.all()]
-    active = {m["id"] for m in out}
-    for mid in recorded - active:
+    out = []
+    for mid in sd.ids():
+        try:
+            out.append(status(sd.load(mid), sd, mid in recorded))
+        except StateError as e:  # one broken file must not hide every other mount
+            log.warning("%s", e)
+    for mid in recorded - set(sd.ids()):
         try:
             out.append(_record_status(rd.load(mid)))
         except StateError as e:
