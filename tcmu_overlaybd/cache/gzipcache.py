@@ -76,6 +76,8 @@ class GzipCache:
         self._estimate: int | None = None
         self._since_scan = 0
         self._scanned_at = 0.0
+        self._views: list["CachedView"] = []
+        self._closed_counts: dict[str, int] = {}
         _prepare_dir(self.dir)
 
     @classmethod
@@ -104,6 +106,40 @@ class GzipCache:
     def open(self, key: str, source: ByteSource) -> "CachedView":
         """A ByteSource of ``source`` whose pages are kept in this pool under ``key``."""
         return CachedView(self, self.file_name(key), source)
+
+    def _attach(self, view: "CachedView") -> None:
+        with self._lock:
+            self._views.append(view)
+
+    def _detach(self, view: "CachedView") -> None:
+        """Forget a closing view, keeping what it counted."""
+        counts = view.stats()
+        with self._lock:
+            if view in self._views:
+                self._views.remove(view)
+                for key, value in counts.items():
+                    self._closed_counts[key] = self._closed_counts.get(key, 0) + value
+
+    def stats(self) -> dict:
+        """What this process's views of the pool counted, summed (the ``gzip_cache`` object of
+        ``obd stats``): ``hits``/``misses`` (reads served from cached pages alone / needing a
+        refill), ``bytes_from_cache``, ``bytes_from_source`` (inflated for refills),
+        ``refills`` (units), the inflater's ``spans_inflated`` (restarts at a checkpoint),
+        ``continued``, ``bytes_inflated``, ``compressed_reads``, ``compressed_bytes``; plus
+        ``layers`` (views open now), ``usage_bytes`` and ``capacity_bytes`` of the pool."""
+        with self._lock:
+            views = list(self._views)
+            total = dict(self._closed_counts)
+        for view in views:
+            for key, value in view.stats().items():
+                total[key] = total.get(key, 0) + value
+        for key in ("hits", "misses", "bytes_from_cache", "bytes_from_source", "refills"):
+            total.setdefault(key, 0)
+        try:
+            usage = self.usage()
+        except StateError:
+            usage = None
+        return {**total, "layers": len(views), "usage_bytes": usage, "capacity_bytes": self.capacity}
 
     # --- accounting and eviction ---------------------------------------------------
 
@@ -247,72 +283,111 @@ class CachedView:
         self._touched = 0.0
         self._lock = threading.Lock()
         self._inflight: dict[int, _Refill] = {}
-        #: bytes of reads answered from cached pages / bytes fetched from ``source``
+        #: reads answered from cached pages alone / reads that needed a refill (or went
+        #: uncached after a full disk); bytes of reads answered from cached pages; bytes
+        #: fetched from ``source``; refill units fetched
+        self.hits = 0
+        self.misses = 0
         self.bytes_from_cache = 0
         self.bytes_from_source = 0
+        self.refills = 0
         self._touch()
+        pool._attach(self)
 
     def read(self, offset: int, length: int) -> bytes:
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
         if not self._caching:
+            self._count(misses=1)
             return self._fetch(offset, n)
         first, last = offset // PAGE, (offset + n - 1) // PAGE
         lo = first * PAGE
         hi = min((last + 1) * PAGE, self.size)
-        buf = bytearray(os.pread(self._data, hi - lo, lo))
-        if len(buf) < hi - lo:
-            buf += bytes(hi - lo - len(buf))
+        data = os.pread(self._data, hi - lo, lo)
+        if len(data) < hi - lo:
+            data += bytes(hi - lo - len(data))
         entries = os.pread(self._side, (last - first + 1) * PAGE_ENTRY.size, first * PAGE_ENTRY.size)
-        missing = []
-        for p in range(first, last + 1):
-            page_size = min(PAGE, self.size - p * PAGE)
-            if not self._page_ok(buf, p * PAGE - lo, page_size, entries, (p - first) * PAGE_ENTRY.size):
-                missing.append(p)
-        missed_bytes = 0
-        for unit in sorted({p * PAGE // self.pool.refill_size for p in missing}):
-            u_lo = unit * self.pool.refill_size
-            fresh = self._refill(unit, u_lo, min(self.pool.refill_size, self.size - u_lo))
+        view = memoryview(data)
+        missing = [p for p in range(first, last + 1)
+                   if not self._page_ok(view, p * PAGE - lo, min(PAGE, self.size - p * PAGE), entries,
+                                        (p - first) * PAGE_ENTRY.size)]
+        if not missing:
+            self._count(hits=1, from_cache=n)
+            self._touch()
+            return data if offset == lo and n == len(data) else data[offset - lo : offset - lo + n]
+        buf = bytearray(data)
+        refill = self.pool.refill_size
+        for u_lo, fresh in self._refill(sorted({p * PAGE // refill for p in missing})):
             a, b = max(u_lo, lo), min(u_lo + len(fresh), hi)
             buf[a - lo : b - lo] = fresh[a - u_lo : b - u_lo]
-        for p in missing:
-            missed_bytes += min((p + 1) * PAGE, offset + n) - max(p * PAGE, offset)
-        with self._lock:
-            self.bytes_from_cache += n - missed_bytes
-        if not missing:
-            self._touch()
+        missed = sum(min((p + 1) * PAGE, offset + n) - max(p * PAGE, offset) for p in missing)
+        self._count(misses=1, from_cache=n - missed)
         return bytes(buf[offset - lo : offset - lo + n])
 
-    def _refill(self, unit: int, offset: int, n: int) -> bytes:
-        """Fetch and store one refill unit; concurrent readers of the unit wait for one fetch."""
+    def _count(self, hits: int = 0, misses: int = 0, from_cache: int = 0) -> None:
         with self._lock:
-            pending = self._inflight.get(unit)
-            if pending is None:
-                pending = self._inflight[unit] = _Refill()
-                mine = True
-            else:
-                mine = False
-        if not mine:
-            pending.done.wait()
-            if pending.data is not None:
-                return pending.data
-            return self._fetch(offset, n)  # the other fetch failed: try ourselves
+            self.hits += hits
+            self.misses += misses
+            self.bytes_from_cache += from_cache
+
+    def _refill(self, units: list[int]) -> list[tuple[int, memoryview]]:
+        """Fetch and store the refill ``units`` (sorted); returns ``(offset, bytes)`` per unit.
+
+        Adjacent units this thread fetches go to the source as one read, so a read
+        across a unit boundary costs one inflate pass (and, cold, one round trip for
+        its compressed input).  Units another thread is fetching are waited for.
+        """
+        refill = self.pool.refill_size
+        with self._lock:
+            mine, theirs = [], []
+            for unit in units:
+                pending = self._inflight.get(unit)
+                if pending is None:
+                    self._inflight[unit] = _Refill()
+                    mine.append(unit)
+                else:
+                    theirs.append((unit, pending))
+        out: list[tuple[int, memoryview]] = []
         try:
-            pending.data = self._fetch(offset, n)
-            self._store(offset, pending.data)
-            return pending.data
+            for run in _adjacent_runs(mine):
+                r_lo = run[0] * refill
+                data = memoryview(self._fetch(r_lo, min(len(run) * refill, self.size - r_lo)))
+                self._store(r_lo, data)
+                with self._lock:
+                    self.refills += len(run)
+                for unit in run:
+                    fresh = data[(unit - run[0]) * refill : (unit - run[0] + 1) * refill]
+                    self._inflight[unit].data = fresh
+                    out.append((unit * refill, fresh))
         finally:
             with self._lock:
-                del self._inflight[unit]
-            pending.done.set()
+                done = [self._inflight.pop(unit) for unit in mine]
+            for pending in done:
+                pending.done.set()
+        for unit, pending in theirs:
+            pending.done.wait()
+            u_lo = unit * refill
+            fresh = pending.data
+            if fresh is None:  # that fetch failed: try ourselves
+                fresh = memoryview(self._fetch(u_lo, min(refill, self.size - u_lo)))
+            out.append((u_lo, fresh))
+        return out
+
+    def stats(self) -> dict:
+        """This view's counters (``GzipCache.stats`` sums them over the pool's views)."""
+        with self._lock:
+            counts = {"hits": self.hits, "misses": self.misses, "refills": self.refills,
+                      "bytes_from_cache": self.bytes_from_cache, "bytes_from_source": self.bytes_from_source}
+        counts.update(getattr(self.source, "inflate_stats", dict)())
+        return counts
 
     @staticmethod
-    def _page_ok(buf: bytearray, at: int, size: int, entries: bytes, e_at: int) -> bool:
+    def _page_ok(view: memoryview, at: int, size: int, entries: bytes, e_at: int) -> bool:
         if e_at + PAGE_ENTRY.size > len(entries):
             return False
         marker, crc = PAGE_ENTRY.unpack_from(entries, e_at)
-        return marker == PAGE_PRESENT and crc == crc32c_raw(memoryview(buf)[at : at + size])
+        return marker == PAGE_PRESENT and crc == crc32c_raw(view[at : at + size])
 
     def _fetch(self, offset: int, n: int) -> bytes:
         data = self.source.read(offset, n)
@@ -324,9 +399,9 @@ class CachedView:
             self.bytes_from_source += n
         return data
 
-    def _store(self, offset: int, data: bytes) -> None:
+    def _store(self, offset: int, data: memoryview) -> None:
         """Data first, then the page entries: an entry never describes bytes not yet written."""
-        view = memoryview(data)
+        view = data
         entries = b"".join(
             PAGE_ENTRY.pack(PAGE_PRESENT, crc32c_raw(view[i : i + PAGE])) for i in range(0, len(data), PAGE)
         )
@@ -351,8 +426,21 @@ class CachedView:
                 pass
 
     def close(self) -> None:
+        if self._data >= 0:
+            self.pool._detach(self)
         for fd in (self._data, self._side):
             if fd >= 0:
                 os.close(fd)
         self._data = self._side = -1
         self.source.close()
+
+
+def _adjacent_runs(units: list[int]) -> list[list[int]]:
+    """Sorted unit numbers cut into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for unit in units:
+        if runs and runs[-1][-1] == unit - 1:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return runs

@@ -221,6 +221,9 @@ class GzipIndex:
 
     #: decompressed windows kept in memory (32 KiB each)
     WINDOW_CACHE = 32
+    #: ``input_end`` of a read's last span: the span's ratio times this, plus this many bytes
+    TAIL_MARGIN = 1.5
+    TAIL_SLACK = 16384
 
     def __init__(self, header: GzipIndexHeader, checkpoints: list[Checkpoint], source: ByteSource):
         self.header = header
@@ -284,6 +287,31 @@ class GzipIndex:
         i = bisect.bisect_right(self._de_positions, offset)
         return self.checkpoints[max(i - 1, 0)]
 
+    def input_end(self, pos: int, out_end: int) -> int:
+        """Compressed offset up to which input suffices for an inflater at uncompressed
+        ``pos`` to produce output through ``out_end`` (one read of the blob, see ``_RawInflater``).
+
+        Output up to a checkpoint's ``de_pos`` needs input only up to its ``en_pos``
+        (checkpoints are deflate block boundaries).  So a read ending in the span its
+        inflater is in gets the rest of that span's compressed bytes.  A read that runs
+        into a later span gets the spans it crosses whole, and of its last span an
+        estimate: the span's own compression ratio times ``TAIL_MARGIN``, plus
+        ``TAIL_SLACK``, capped at the span's end (an inflater that still runs dry
+        reads the remainder then: a second round trip, never wrong bytes).
+        """
+        cps = self.checkpoints
+        j = bisect.bisect_left(self._de_positions, out_end)
+        if j < len(cps):
+            end_de, end_en = cps[j].de_pos, cps[j].en_pos
+        else:
+            end_de, end_en = self.header.uncompress_file_size, self.header.gzip_file_size
+        last = cps[j - 1] if j else cps[0]
+        if last.de_pos <= pos or end_de <= last.de_pos:
+            return end_en
+        ratio = (end_en - last.en_pos) / (end_de - last.de_pos)
+        estimate = last.en_pos + int((out_end - last.de_pos) * ratio * self.TAIL_MARGIN) + self.TAIL_SLACK
+        return min(end_en, estimate)
+
     def window(self, cp: Checkpoint) -> bytes:
         """The 32 KiB preceding ``cp.de_pos``, decompressed and cached."""
         with self._lock:
@@ -343,45 +371,80 @@ def _check_checkpoints(cps: list[Checkpoint], h: GzipIndexHeader, name: str) -> 
 
 
 class _RawInflater:
-    """A raw (``wbits=-15``) libz inflater positioned at uncompressed offset ``pos``."""
+    """A raw (``wbits=-15``) libz inflater positioned at uncompressed offset ``pos``.
 
-    IN_CHUNK = 65536
+    Input comes from ``gz`` in as few reads as the output asked for allows: each
+    time the inflater runs dry it reads up to ``GzipIndex.input_end`` in one call
+    (for a block-cached registry blob: one batch of parallel Range requests, not
+    one round trip per chunk), at most ``MAX_INPUT`` bytes, at least ``MIN_INPUT``.
+    zlib reads the returned bytes in place (``next_in`` points into them), so the
+    input is never copied; it is held until consumed (a parked inflater keeps the
+    rest of its read, at most ``MAX_INPUT``).
+    """
 
-    def __init__(self, gz: ByteSource, cp: Checkpoint, window: bytes):
+    MIN_INPUT = 65536
+    MAX_INPUT = 4 << 20
+
+    def __init__(self, gz: ByteSource, index: GzipIndex, cp: Checkpoint):
         self.gz = gz
+        self.index = index
         self.strm = _ZStream()
         self._ref = ctypes.byref(self.strm)
         if _LIBZ.inflateInit2_(self._ref, -15, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
             raise MemoryError("inflateInit2 failed")
-        self._inbuf = ctypes.create_string_buffer(self.IN_CHUNK)
+        _LIBZ.inflateSetDictionary(self._ref, index.window(cp), WINSIZE)
+        #: compressed offset of the first byte not yet handed to zlib
         self.in_pos = cp.en_pos
-        if cp.bits:
-            byte = read_exact(gz, cp.en_pos - 1, 1, "gzip checkpoint byte")[0]
-            _LIBZ.inflatePrime(self._ref, cp.bits, byte >> (8 - cp.bits))
-        _LIBZ.inflateSetDictionary(self._ref, window, WINSIZE)
+        #: bits of the byte before ``en_pos`` still to feed (``inflatePrime``, done with the first read)
+        self._prime = cp.bits
+        self._input = None  # the c_char_p that next_in points into: keeps those bytes alive
+        self._scratch = None
+        self._want = 0
         self.pos = cp.de_pos
         self.ended = False
+        #: reads of ``gz`` and their bytes
+        self.reads = 0
+        self.read_bytes = 0
 
-    def _feed(self) -> None:
-        data = self.gz.read(self.in_pos, self.IN_CHUNK)
-        if not data:
+    def _feed(self, out_end: int) -> None:
+        """Read the input for output through ``out_end`` (the current output position is
+        ``pos`` plus what this call of ``inflate_into`` produced so far)."""
+        strm = self.strm
+        at = self.pos + (self._want - strm.avail_out)
+        start = self.in_pos - 1 if self._prime else self.in_pos
+        end = min(max(self.index.input_end(at, out_end), self.in_pos + self.MIN_INPUT),
+                  start + self.MAX_INPUT, self.gz.size)
+        data = self.gz.read(start, end - start) if end > start else b""
+        self.reads += 1
+        self.read_bytes += len(data)
+        skip = 0
+        if self._prime:
+            if not data:
+                raise CorruptDataError("truncated: no byte before a gzip checkpoint", blob=self.gz.name, offset=start)
+            _LIBZ.inflatePrime(self._ref, self._prime, data[0] >> (8 - self._prime))
+            self._prime = 0
+            skip = 1
+        if len(data) <= skip:
             raise CorruptDataError(
-                f"gzip stream truncated: no input left at uncompressed offset {self.pos}",
+                f"gzip stream truncated: no input left at uncompressed offset {at}",
                 blob=self.gz.name, offset=self.in_pos,
             )
-        ctypes.memmove(self._inbuf, data, len(data))
-        self.strm.next_in = ctypes.addressof(self._inbuf)
-        self.strm.avail_in = len(data)
-        self.in_pos += len(data)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        self._input = ctypes.c_char_p(data)
+        strm.next_in = ctypes.cast(self._input, ctypes.c_void_p).value + skip
+        strm.avail_in = len(data) - skip
+        self.in_pos = start + len(data)
 
-    def inflate_into(self, buf, start: int, length: int) -> int:
-        """Inflate up to ``length`` bytes into ``buf[start:]``; returns bytes produced (short only at end)."""
+    def inflate_into(self, buf, start: int, length: int, out_end: int) -> int:
+        """Inflate up to ``length`` bytes into ``buf[start:]``; returns bytes produced (short only
+        at the end of the stream).  ``out_end``: where the caller's whole read ends (input planning)."""
         strm = self.strm
         strm.next_out = ctypes.addressof(buf) + start
-        strm.avail_out = length
+        strm.avail_out = self._want = length
         while strm.avail_out and not self.ended:
             if strm.avail_in == 0:
-                self._feed()
+                self._feed(out_end)
             ret = _LIBZ.inflate(self._ref, Z_NO_FLUSH)
             if ret == Z_STREAM_END:
                 self.ended = True
@@ -392,12 +455,24 @@ class _RawInflater:
                 )
         produced = length - strm.avail_out
         self.pos += produced
+        if strm.avail_in == 0:
+            self._input = None
         return produced
+
+    def skip_to(self, offset: int, out_end: int) -> None:
+        """Inflate and drop output up to ``offset`` (stops early only at the end of the stream);
+        ``out_end``: where the read that follows ends, so input is read for both at once."""
+        while self.pos < offset and not self.ended:
+            if self._scratch is None:
+                self._scratch = ctypes.create_string_buffer(GzipIndexedSource.SKIP_CHUNK)
+            n = min(offset - self.pos, GzipIndexedSource.SKIP_CHUNK)
+            self.inflate_into(self._scratch, 0, n, out_end)
 
     def close(self) -> None:
         if self._ref is not None:
             _LIBZ.inflateEnd(self._ref)
             self._ref = None
+        self._input = None
 
     def __del__(self):
         self.close()
@@ -413,9 +488,11 @@ class GzipIndexedSource:
     ``gz_source.name``; a source known only by path is not cached).
     """
 
-    #: inflaters kept for continuation (each holds ~40 KiB of zlib state)
+    #: inflaters kept for continuation (each holds ~40 KiB of zlib state and the unread
+    #: rest of its last input read)
     PARKED = 4
-    _SKIP = 1 << 16
+    #: output inflated and dropped per call when a read starts past its inflater
+    SKIP_CHUNK = 1 << 16
 
     def __init__(self, gz_source: ByteSource, index: GzipIndex, *, cache=None, cache_key: str | None = None):
         if index.gzip_size != gz_source.size:
@@ -429,6 +506,8 @@ class GzipIndexedSource:
         self.size = index.uncompressed_size
         self._parked: list[_RawInflater] = []
         self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("spans_inflated", "continued", "bytes_inflated", "compressed_reads", "compressed_bytes"), 0)
         #: the ``cache.gzipcache.CachedView`` reads go through (its counters show hits and refills)
         self.cached_view = None
         key = cache_key or digest_in(gz_source.name)
@@ -450,18 +529,13 @@ class GzipIndexedSource:
         length = clamp_read(self.size, offset, length)
         if length == 0:
             return b""
-        inf = self._take_inflater(offset)
+        end = offset + length
+        inf, fresh = self._take_inflater(offset)
+        reads, read_bytes, pos = inf.reads, inf.read_bytes, inf.pos
         try:
-            gap = offset - inf.pos
-            if gap:
-                scratch = ctypes.create_string_buffer(min(gap, self._SKIP))
-                while gap:
-                    n = inf.inflate_into(scratch, 0, min(gap, self._SKIP))
-                    if n == 0:
-                        break
-                    gap -= n
+            inf.skip_to(offset, end)
             out = ctypes.create_string_buffer(length)
-            got = inf.inflate_into(out, 0, length) if not gap else 0
+            got = inf.inflate_into(out, 0, length, end) if inf.pos == offset else 0
             if got != length:
                 raise CorruptDataError(
                     f"gzip stream ends at uncompressed offset {inf.pos}, its index says {self.size}",
@@ -470,19 +544,34 @@ class GzipIndexedSource:
         except BaseException:
             inf.close()
             raise
+        finally:
+            with self._lock:
+                c = self._counts
+                c["spans_inflated" if fresh else "continued"] += 1
+                c["bytes_inflated"] += inf.pos - pos
+                c["compressed_reads"] += inf.reads - reads
+                c["compressed_bytes"] += inf.read_bytes - read_bytes
         self._park(inf)
         return out.raw
 
-    def _take_inflater(self, offset: int) -> _RawInflater:
-        """A parked inflater between the checkpoint and ``offset`` (the closest), else a fresh one."""
+    def inflate_stats(self) -> dict[str, int]:
+        """Counters of the inflating path: ``spans_inflated`` (reads that started an inflater at
+        a checkpoint), ``continued`` (reads that continued a parked one), ``bytes_inflated``
+        (output including skipped bytes), ``compressed_reads``/``compressed_bytes`` (of the blob)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _take_inflater(self, offset: int) -> tuple[_RawInflater, bool]:
+        """A parked inflater between the checkpoint and ``offset`` (the closest), else a fresh
+        one started at the checkpoint; and whether it is fresh."""
         cp = self.index.checkpoint_for(offset)
         with self._lock:
             usable = [inf for inf in self._parked if cp.de_pos <= inf.pos <= offset]
             if usable:
                 best = max(usable, key=lambda inf: inf.pos)
                 self._parked.remove(best)
-                return best
-        return _RawInflater(self.gz, cp, self.index.window(cp))
+                return best, False
+        return _RawInflater(self.gz, self.index, cp), True
 
     def _park(self, inf: _RawInflater) -> None:
         if inf.ended:
@@ -511,6 +600,7 @@ class _UncachedView:
         self.name = src.name
         self.size = src.size
         self.read = src.read_uncached
+        self.inflate_stats = src.inflate_stats
 
     def close(self) -> None:
         pass
