@@ -333,3 +333,111 @@ def test_gzip_cli_stream_with_file_name_header(tmp_path):
     src = GzipIndexedSource(BytesSource(blob, "cli.gz"), idx)
     for a in (0, 1, 999_999, 1_048_576, len(plain) - 5):
         assert src.read(a, 100_000) == plain[a : a + 100_000]
+
+
+# --- cold reads: the compressed input of a read in one request -------------------------------
+
+
+class _LatencySource:
+    """A blob with a fixed delay per read that records each read's (start, end) time."""
+
+    def __init__(self, base, latency: float):
+        import threading
+
+        self.base, self.latency = base, latency
+        self.name, self.size = base.name, base.size
+        self.intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def read(self, offset, length):
+        import time
+
+        t0 = time.monotonic()
+        time.sleep(self.latency)
+        data = self.base.read(offset, length)
+        with self._lock:
+            self.intervals.append((t0, time.monotonic()))
+        return data
+
+    def round_trips(self) -> int:
+        """Reads that had to wait for an earlier one: the longest chain of non-overlapping reads."""
+        chain, end = 0, float("-inf")
+        for t0, t1 in sorted(self.intervals, key=lambda iv: iv[1]):
+            if t0 >= end:
+                chain, end = chain + 1, t1
+        return chain
+
+    def close(self):
+        self.base.close()
+
+
+def _span(n: int) -> int:
+    """Compressed bytes of layer 0's span n (checkpoint n to checkpoint n + 1)."""
+    return LAYER0_CHECKPOINTS[n + 1][1] - LAYER0_CHECKPOINTS[n][1]
+
+
+@pytest.mark.parametrize("span", [1, 3])  # checkpoint 1 has 4 unused bits, 3 has 4 too: primed
+def test_cold_read_mid_span_reads_its_compressed_span_once(small, span):
+    tar = small[0]["tar"]
+    gz = CountingSource(FileSource(small[0]["path"]))
+    src = GzipIndexedSource(gz, GzipIndex.from_bytes(small[0]["meta"]))
+    mid = (LAYER0_CHECKPOINTS[span][0] + LAYER0_CHECKPOINTS[span + 1][0]) // 2
+    assert src.read(mid, 4096) == tar[mid : mid + 4096]
+    # one read from the byte before the checkpoint (its unused bits) to the next checkpoint
+    assert gz.calls == 1
+    assert _span(span) < gz.bytes_read <= 1.1 * _span(span)
+    # the rest of the span continues the parked inflater on the bytes already read
+    end = LAYER0_CHECKPOINTS[span + 1][0]
+    assert src.read(mid + 4096, end - mid - 4096) == tar[mid + 4096 : end]
+    assert gz.calls == 1
+    assert src.inflate_stats() == {"spans_inflated": 1, "continued": 1, "bytes_inflated": end - LAYER0_CHECKPOINTS[span][0],
+                                   "compressed_reads": 1, "compressed_bytes": gz.bytes_read}
+
+
+def test_cold_read_through_the_block_cache_is_one_round_trip(small, tmp_path):
+    """Latency injected under a real BlockCache: the span goes out as one batch of parallel
+    Range requests (it used to take one round trip per 64 KiB of compressed input)."""
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+
+    tar = small[0]["tar"]
+    slow = _LatencySource(FileSource(small[0]["path"]), latency=0.2)
+    blob = CachedSource(slow, BlockCache(tmp_path / "blocks", 1 << 30), key="sha256:" + LAYER0, parallel=4)
+    src = GzipIndexedSource(blob, GzipIndex.from_bytes(small[0]["meta"]))
+    mid = (LAYER0_CHECKPOINTS[1][0] + LAYER0_CHECKPOINTS[2][0]) // 2
+    assert src.read(mid, 4096) == tar[mid : mid + 4096]
+    assert slow.round_trips() == 1 and len(slow.intervals) >= 2
+
+
+def test_sequential_refill_units_read_each_compressed_byte_about_once(small):
+    """1 MiB reads (the gzip cache's refill units) cross a checkpoint each: the crossed span is
+    read whole and only an estimate of the next span's head, so the stream is read ~once."""
+    tar = small[0]["tar"]
+    gz = CountingSource(FileSource(small[0]["path"]))
+    src = GzipIndexedSource(gz, GzipIndex.from_bytes(small[0]["meta"]))
+    unit = 1 << 20
+    for off in range(0, len(tar), unit):
+        assert src.read(off, unit) == tar[off : off + unit]
+    assert gz.bytes_read <= 1.1 * len(small[0]["blob"])
+    assert gz.calls <= 2 * len(range(0, len(tar), unit))  # one read per unit, two at most
+    # a cold unit alone: one read, covering its checkpoint's span and the head of the next
+    cold = CountingSource(FileSource(small[0]["path"]))
+    src = GzipIndexedSource(cold, GzipIndex.from_bytes(small[0]["meta"]))
+    assert src.read(3 * unit, unit) == tar[3 * unit : 4 * unit]
+    assert cold.calls == 1 and cold.bytes_read < 1.25 * _span(3)
+
+
+def test_an_underestimated_tail_costs_a_second_read_never_wrong_bytes():
+    """A last span that is random data then zeros compresses ~8:1 on average, so the estimate
+    for a read ending in its random head is far too low: the inflater reads the rest of the span."""
+    rnd = random.Random(3)
+    body = rnd.randbytes(1_250_000) + bytes(1_500_000)
+    blob = gzip.compress(body, compresslevel=6, mtime=0)
+    idx = GzipIndex.from_bytes(build_gzip_index(BytesSource(blob), span=1 << 20))
+    [_, cp1] = idx.checkpoints
+    assert cp1.de_pos < 1_100_000 and (len(blob) - cp1.en_pos) / (len(body) - cp1.de_pos) < 0.2
+    gz = CountingSource(BytesSource(blob, "sha256:" + "1" * 64))
+    src = GzipIndexedSource(gz, idx)
+    start, end = cp1.de_pos - 1000, 1_200_000
+    assert src.read(start, end - start) == body[start:end]
+    assert gz.calls == 2 and gz.bytes_read == len(blob) - 10  # the rest: up to the end of the stream
+    assert src.read(0, len(body)) == body

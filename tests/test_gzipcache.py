@@ -332,3 +332,43 @@ def test_obd_cache_commands_cover_the_gzip_cache(tmp_path, capsys):
     assert main(["cache", "prune", "--max-size", "0", *args]) == 0
     assert "gz" in capsys.readouterr().out
     assert pool.usage() == 0
+
+
+def test_a_read_across_units_fetches_them_in_one_source_read(tmp_path):
+    data = _data(4 * MiB, 21)
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    view = GzipCache(tmp_path / "gz").open(DIGEST_A, src)
+    assert view.read(MiB - 100, 2 * MiB) == data[MiB - 100 : 3 * MiB - 100]
+    assert (src.calls, src.bytes_read, view.refills) == (1, 3 * MiB, 3)
+    # a read over cached, missing and cached units: one read for the missing one only
+    view.read(3 * MiB + 5, 10)
+    src.calls = src.bytes_read = 0
+    assert view.read(0, 4 * MiB) == data
+    assert (src.calls, src.bytes_read) == (0, 0)
+
+
+def test_pool_stats_sum_its_views_and_keep_closed_ones(tmp_path, vectors):
+    root = vectors / "upstream-small"
+    blob = root / "original" / "blobs" / "sha256" / LAYER0
+    tar = gzip.decompress(blob.read_bytes())
+    idx = GzipIndex.from_bytes((root / "turbooci" / "layer0" / "gzip.meta").read_bytes())
+    pool = GzipCache(tmp_path / "gz")
+    gz = CountingSource(FileSource(blob, name="sha256:" + LAYER0))
+    src = GzipIndexedSource(gz, idx, cache=pool)
+    other = pool.open(DIGEST_A, BytesSource(_data(MiB, 3), DIGEST_A))
+    assert src.read(2 * MiB + 10, 4096) == tar[2 * MiB + 10 : 2 * MiB + 4106]  # miss: unit 2 refilled
+    assert src.read(2 * MiB + 9000, 4096) == tar[2 * MiB + 9000 : 2 * MiB + 13096]  # hit
+    other.read(0, 100)  # a miss of the other layer
+    stats = pool.stats()
+    assert {k: stats[k] for k in ("hits", "misses", "refills", "bytes_from_cache", "bytes_from_source",
+                                  "layers", "spans_inflated", "continued", "compressed_reads")} == {
+        "hits": 1, "misses": 2, "refills": 2, "bytes_from_cache": 4096, "bytes_from_source": 2 * MiB,
+        "layers": 2, "spans_inflated": 1, "continued": 0, "compressed_reads": 1}
+    # inflated from checkpoint 2 (below 2 MiB) through 3 MiB; the compressed bytes it read
+    assert stats["bytes_inflated"] == 3 * MiB - 2059384 and stats["compressed_bytes"] == gz.bytes_read
+    assert stats["capacity_bytes"] == 4 << 30 and stats["usage_bytes"] >= 2 * MiB
+    src.close()
+    other.close()
+    after = pool.stats()
+    assert after["layers"] == 0 and {k: after[k] for k in ("hits", "misses", "refills")} == {
+        "hits": 1, "misses": 2, "refills": 2}

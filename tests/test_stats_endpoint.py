@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -359,3 +360,61 @@ def test_the_prefetch_session_of_a_mount_shows_under_prefetch(tmp_path):
     doc = tel.document()
     assert doc["prefetch"]["state"] == "idle" and doc["prefetch"]["ranges_done"] == 0
     assert "obd_prefetch_ranges_done{" in render(doc)
+
+
+def _turbo_mount(tmp_path, vectors, **options):
+    """A mount state of the upstream-small TurboOCI image (an OCI layout) as run_handler opens it."""
+    from .test_turbooci import _turbo_layout
+
+    layout = _turbo_layout(vectors / "upstream-small", tmp_path / "layout")
+    sd, st = make_mount(tmp_path)
+    st = dataclasses.replace(st, image=f"oci:{layout}:turbo", raw=False, size=0, options={
+        "gzip_cache_dir": str(tmp_path / "gzcache"), "cache_dir": str(tmp_path / "blocks"), **options})
+    sd.save(st)
+    return sd, st
+
+
+def test_fastoci_mount_shows_its_gzip_cache(tmp_path, vectors):
+    """The disk run_handler serves (supervisor.open_source) carries the gzip cache: a file read
+    cold refills and inflates, read again it is served from cached pages."""
+    from tcmu_overlaybd.ext4.fs import Ext4
+    from tcmu_overlaybd.mount.supervisor import open_source
+
+    sd, st = _turbo_mount(tmp_path, vectors)
+    source = open_source(st)
+    try:
+        tel = Telemetry(st, source, state_dir=sd.path, slow_ms=1000, store=source._store)
+        fs = Ext4(tel.device)
+        big = fs.lookup("data/big.txt")
+        data = fs.read(big)
+        cold = tel.document()["gzip_cache"]
+        assert cold["misses"] >= 1 and cold["refills"] >= 1 and cold["spans_inflated"] >= 1
+        assert (cold["refills"] - 1) << 20 < cold["bytes_from_source"] <= cold["refills"] << 20  # a tail unit
+        assert cold["layers"] == 2
+        assert fs.read(big) == data
+        warm = tel.document()["gzip_cache"]
+        assert warm["hits"] - cold["hits"] >= 1 and warm["misses"] == cold["misses"]
+        assert warm["compressed_bytes"] == cold["compressed_bytes"] and warm["bytes_from_cache"] - cold["bytes_from_cache"] == len(data)
+        assert 0 < warm["hit_ratio"] < 1 and warm["hit_ratio"] == round(warm["hits"] / (warm["hits"] + warm["misses"]), 4)
+        samples = {s.name: s.value for f in text_string_to_metric_families(render(tel.document())) for s in f.samples}
+        assert samples["obd_gzip_cache_hits_total"] == warm["hits"]
+        assert samples["obd_gzip_compressed_read_bytes_total"] == warm["compressed_bytes"]
+    finally:
+        source.close()
+
+
+def test_gzip_cache_is_null_when_off_or_not_fastoci(tmp_path, vectors):
+    from tcmu_overlaybd.mount.supervisor import open_source
+
+    sd, st = _turbo_mount(tmp_path, vectors, gzip_cache_enable=False)
+    source = open_source(st)
+    try:
+        tel = Telemetry(st, source, state_dir=sd.path, slow_ms=1000)
+        tel.device.read(0, 4096)
+        doc = tel.document()
+        assert doc["gzip_cache"] is None and "obd_gzip_cache" not in render(doc)
+    finally:
+        source.close()
+    (tmp_path / "raw").mkdir()
+    sd, st = make_mount(tmp_path / "raw")
+    assert Telemetry(st, FileSource(st.image), state_dir=sd.path, slow_ms=1000).document()["gzip_cache"] is None

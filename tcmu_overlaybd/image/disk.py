@@ -43,15 +43,21 @@ def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
                             cache_key=target.digest)
 
 
-def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None) -> list:
+#: ``open_layers(gzip_cache=...)`` default: open the pool ``opts`` describes
+_FROM_OPTIONS = object()
+
+
+def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None, *, gzip_cache=_FROM_OPTIONS) -> list:
     """Each data layer of ``image`` as a layer byte source, bottom first.
 
-    ``blobs`` receives every blob source opened (layer, meta and original blobs)."""
+    ``blobs`` receives every blob source opened (layer, meta and original blobs);
+    ``gzip_cache``: the pool TurboOCI layers read through (None: none; default: per ``opts``)."""
     if image.mode == "oci":
         raise UsageError(f"{image.reference}: image is not accelerated (run obd convert)")
     from ..format.layer import open_layer_blob
 
-    gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
+    if gzip_cache is _FROM_OPTIONS:
+        gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
     layers: list = []
     opened: list = []
     try:
@@ -79,7 +85,9 @@ def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None) -> l
 def open_disk(image: Image, opts: OpenOptions):
     """The merged virtual disk (an ``ImageDisk`` byte source) of an overlaybd or TurboOCI image."""
     blobs: list = []
-    return ImageDisk(image, open_layers(image, opts, blobs), blobs, opts)
+    gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
+    layers = open_layers(image, opts, blobs, gzip_cache=gzip_cache)
+    return ImageDisk(image, layers, blobs, opts, gzip_cache=gzip_cache)
 
 
 class ImageDisk(StackedDisk):
@@ -89,15 +97,18 @@ class ImageDisk(StackedDisk):
     without recording itself); ``blobs``: every blob source of the stack (the
     background download walks them); ``acceleration``: the image's §7.2 trace
     layer, or None; ``recorder``: the ``TraceRecorder`` of ``opts.record_trace``
-    (inert until started), or None.
+    (inert until started), or None; ``gzip_cache``: the ``cache.gzipcache.GzipCache``
+    the TurboOCI layers read through (its ``stats()`` are ``obd stats``' ``gzip_cache``),
+    or None.
     """
 
-    def __init__(self, image: Image, layers: list, blobs: list, opts: OpenOptions):
+    def __init__(self, image: Image, layers: list, blobs: list, opts: OpenOptions, *, gzip_cache=None):
         self.image = image
         self.data_layers = layers
         self.blobs = blobs
         self.acceleration = next((la for la in image.layers if la.kind == "acceleration"), None)
         self.recorder = None
+        self.gzip_cache = gzip_cache
         if opts.record_trace:
             from ..prefetch.record import RecordingLayer, TraceRecorder
 

@@ -42,6 +42,18 @@ CACHE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("obd_cache_hits_total", "Block cache blocks served from disk.", "hits"),
     ("obd_cache_misses_total", "Block cache blocks fetched from the registry.", "misses"),
 )
+#: (metric name, help, key in the document's ``gzip_cache`` object)
+GZIP_CACHE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("obd_gzip_cache_hits_total", "FastOCI reads served from decompressed-data cache pages alone.", "hits"),
+    ("obd_gzip_cache_misses_total", "FastOCI reads that needed a refill of the decompressed-data cache.",
+     "misses"),
+    ("obd_gzip_cache_served_bytes_total", "Bytes of FastOCI reads served from cached pages.", "bytes_from_cache"),
+    ("obd_gzip_cache_inflated_bytes_total", "Bytes inflated from gzip layers, skipped ones included.",
+     "bytes_inflated"),
+    ("obd_gzip_spans_inflated_total", "Inflates started at a gzip index checkpoint.", "spans_inflated"),
+    ("obd_gzip_compressed_read_bytes_total", "Compressed bytes of gzip layers read to inflate.",
+     "compressed_bytes"),
+)
 HISTOGRAM = "obd_device_read_duration_seconds"
 
 
@@ -71,6 +83,10 @@ def render(doc: dict) -> str:
     for name, help_, key in CACHE_COUNTERS:
         if key in cache:
             metric(name, "counter", help_, [("", "", cache[key])])
+    gzip_cache = doc.get("gzip_cache") or {}
+    for name, help_, key in GZIP_CACHE_COUNTERS:
+        if isinstance(gzip_cache.get(key), int):
+            metric(name, "counter", help_, [("", "", gzip_cache[key])])
     buckets = doc["latency_buckets"]
     samples, cumulative = [], 0
     for le_ms, count in zip(buckets["le_ms"] + ["+Inf"], buckets["counts"]):

@@ -22,6 +22,8 @@ latency_ms                            {p50, p90, p99, max, mean} of device reads
 latency_buckets, latency_sum_s        {le_ms: [...], counts: [... +Inf last]}, total seconds
 bytes_fetched, fetch_requests         from registries (null: no registry, e.g. a local layout)
 cache                                 the block cache's stats() plus hit_ratio, or null
+gzip_cache                            FastOCI's decompressed-data cache: GzipCache.stats()
+                                      plus hit_ratio, or null (not FastOCI, or the cache is off)
 scsi_commands                         commands the handler consumed from the ring
 prefetch                              the prefetcher's counters when one runs, else null
 metrics_address                       HOST:PORT of the Prometheus endpoint, or null
@@ -97,6 +99,8 @@ class Telemetry:
         self.state_dir = state_dir
         self.device = CountingDevice(source, slow_ms)
         self.cache = getattr(store, "cache", None) if store is not None else None
+        # the image disk (``source`` or the ``disk`` it wraps, see mount/supervisor.py) holds the pool
+        self.gzip_cache = getattr(getattr(source, "disk", source), "gzip_cache", None)
         #: the prefetcher of this mount (set by whoever starts it); read by attribute name
         self.prefetch = None
         self.handler = None
@@ -160,6 +164,10 @@ class Telemetry:
             cache = self.cache.stats()
             looked = cache.get("hits", 0) + cache.get("misses", 0)
             cache["hit_ratio"] = round(cache.get("hits", 0) / looked, 4) if looked else None
+        gzip_cache = counters_of(self.gzip_cache)
+        if gzip_cache is not None and "unreadable" not in gzip_cache:
+            looked = gzip_cache.get("hits", 0) + gzip_cache.get("misses", 0)
+            gzip_cache["hit_ratio"] = round(gzip_cache.get("hits", 0) / looked, 4) if looked else None
         return {
             "mount_id": st.id,
             "mountpoint": st.mountpoint,
@@ -189,6 +197,7 @@ class Telemetry:
             "bytes_fetched": cache.get("bytes_fetched") if cache else None,
             "fetch_requests": cache.get("fetch_requests") if cache else None,
             "cache": cache,
+            "gzip_cache": gzip_cache,
             "scsi_commands": getattr(self.handler, "commands", None),
             "prefetch": counters_of(self.prefetch),
             "metrics_address": self._metrics.address if self._metrics is not None else None,
