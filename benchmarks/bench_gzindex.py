@@ -7,12 +7,18 @@ uncompressed output.  Reported per layer:
 * ``random_cold``: random 4 KiB reads, no cache (each restarts at a checkpoint);
 * ``sequential``: consecutive 4 KiB reads, no cache (parked inflaters continue);
 * ``random_cache_fill`` / ``random_cache_warm``: the same random reads through the
-  gzip cache, first pass (refills) and second pass (pages from disk).
+  gzip cache, first pass (refills) and second pass (pages from disk);
+* ``latency``: the layer behind a real block cache (256 KiB blocks, 4 parallel
+  fetches) over a blob with ``--latency-ms`` injected per request: for a cold 4 KiB
+  read in the middle of a span, a cold 1 MiB gzip-cache refill unit, and 64
+  sequential 4 KiB reads from a cold span, the serial round trips (the longest
+  chain of requests that waited for each other), requests, bytes fetched and
+  milliseconds.
 
 Throughputs are bytes handed to the caller per second; ``x_gunzip`` is the ratio
 to the gunzip baseline.  Writes ``benchmarks/results/gzindex.json``.
 
-Usage: .venv/bin/python benchmarks/bench_gzindex.py [--reads N] [--synthetic-mib M]
+Usage: .venv/bin/python benchmarks/bench_gzindex.py [--reads N] [--synthetic-mib M] [--latency-ms L]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import platform
 import random
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -32,6 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tcmu_overlaybd.block.source import FileSource  # noqa: E402
+from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource  # noqa: E402
 from tcmu_overlaybd.cache.gzipcache import GzipCache  # noqa: E402
 from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource, build_gzip_index  # noqa: E402
 
@@ -60,7 +68,66 @@ def _rate(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6 if seconds > 0 else float("inf")
 
 
-def bench_layer(name: str, blob_path: pathlib.Path, reads: int, workdir: pathlib.Path) -> dict:
+class _LatencySource:
+    """A blob file with ``latency`` seconds per read; records each read's (start, end, bytes)."""
+
+    def __init__(self, path: pathlib.Path, latency: float):
+        self.base = FileSource(path)
+        self.name, self.size = self.base.name, self.base.size
+        self.latency = latency
+        self.reads: list[tuple[float, float, int]] = []
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        t0 = time.monotonic()
+        time.sleep(self.latency)
+        data = self.base.read(offset, length)
+        with self._lock:
+            self.reads.append((t0, time.monotonic(), len(data)))
+        return data
+
+    def round_trips(self) -> int:
+        """The longest chain of reads each started after the previous one ended."""
+        chain, end = 0, float("-inf")
+        for t0, t1, _ in sorted(self.reads, key=lambda r: r[1]):
+            if t0 >= end:
+                chain, end = chain + 1, t1
+        return chain
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def bench_latency(blob_path: pathlib.Path, index: GzipIndex, workdir: pathlib.Path, latency_ms: float) -> dict:
+    """Cold reads over an injected-latency blob behind a real block cache (see the module doc)."""
+    cps = index.checkpoints
+    # the longest span (the one upstream-small's layer 0 has in the middle is typical)
+    k = max(range(len(cps)), key=lambda i: (cps[i + 1].de_pos if i + 1 < len(cps) else index.uncompressed_size)
+            - cps[i].de_pos)
+    span_end = cps[k + 1].de_pos if k + 1 < len(cps) else index.uncompressed_size
+    mid = (cps[k].de_pos + span_end) // 2
+    unit = -(-cps[k].de_pos // (1 << 20)) << 20  # the refill unit that starts in span k
+    cases = {
+        "cold_4k_mid_span": [(mid, READ)],
+        "cold_refill_unit_1MiB": [(unit, 1 << 20)],
+        "sequential_64x4k_from_span_start": [(cps[k].de_pos + i * READ, READ) for i in range(64)],
+    }
+    out = {"latency_ms": latency_ms}
+    for case, reads in cases.items():
+        slow = _LatencySource(blob_path, latency_ms / 1000)
+        cache = BlockCache(workdir / f"blocks-{case}", 1 << 30)
+        src = GzipIndexedSource(CachedSource(slow, cache, key="sha256:" + "1" * 64, parallel=4), index)
+        t0 = time.perf_counter()
+        for off, n in reads:
+            src.read(off, n)
+        out[case] = {"round_trips": slow.round_trips(), "requests": len(slow.reads),
+                     "bytes_fetched": sum(r[2] for r in slow.reads),
+                     "ms": round((time.perf_counter() - t0) * 1000, 1)}
+        src.close()
+    return out
+
+
+def bench_layer(name: str, blob_path: pathlib.Path, reads: int, workdir: pathlib.Path, latency_ms: float) -> dict:
     blob = blob_path.read_bytes()
     t = time.perf_counter()
     plain_size = len(zlib.decompress(blob, 47))
@@ -97,6 +164,7 @@ def bench_layer(name: str, blob_path: pathlib.Path, reads: int, workdir: pathlib
         results[f"{key}_x_gunzip"] = round(results[f"{key}_MBps"] / gunzip, 3)
     for src in (cold, seq, cached):
         src.close()
+    results["latency"] = bench_latency(blob_path, index, workdir, latency_ms)
     return results
 
 
@@ -104,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reads", type=int, default=400)
     ap.add_argument("--synthetic-mib", type=int, default=64)
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="injected per request (default 20)")
     ap.add_argument("--vectors", default=os.environ.get("OBD_SHARED", str(ROOT.parent / "shared")) + "/spec/vectors")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gzindex.json"))
     args = ap.parse_args()
@@ -113,10 +182,10 @@ def main() -> None:
         work = pathlib.Path(tmp)
         vector = pathlib.Path(args.vectors) / VECTOR_LAYER0
         if vector.exists():
-            layers["upstream_small_layer0"] = bench_layer("vector", vector, args.reads, work)
+            layers["upstream_small_layer0"] = bench_layer("vector", vector, args.reads, work, args.latency_ms)
         synth = work / "synthetic.tar.gz"
         _synthetic_layer(synth, args.synthetic_mib)
-        layers[f"synthetic_{args.synthetic_mib}MiB"] = bench_layer("synthetic", synth, args.reads, work)
+        layers[f"synthetic_{args.synthetic_mib}MiB"] = bench_layer("synthetic", synth, args.reads, work, args.latency_ms)
 
     report = {
         "benchmark": "gzindex",
@@ -132,6 +201,10 @@ def main() -> None:
               f"random 4K cold {r['random_cold_MBps']} MB/s ({r['random_cold_x_gunzip']}x) | "
               f"sequential {r['sequential_MBps']} MB/s | cache fill {r['random_cache_fill_MBps']} MB/s | "
               f"cache warm {r['random_cache_warm_MBps']} MB/s ({r['random_cache_warm_x_gunzip']}x)")
+        lat = r["latency"]
+        print(f"  {lat['latency_ms']} ms per request: " + " | ".join(
+            f"{case} {v['round_trips']} round trips, {v['requests']} requests, {v['bytes_fetched']} B, {v['ms']} ms"
+            for case, v in lat.items() if case != "latency_ms"))
     print(f"wrote {out}")
 
 
