@@ -441,3 +441,20 @@ def test_an_underestimated_tail_costs_a_second_read_never_wrong_bytes():
     assert src.read(start, end - start) == body[start:end]
     assert gz.calls == 2 and gz.bytes_read == len(blob) - 10  # the rest: up to the end of the stream
     assert src.read(0, len(body)) == body
+
+
+def test_parked_inflaters_keep_only_input_they_have_not_used(small):
+    """Each span is read whole, but an inflater parked near its span's end keeps just the rest:
+    memory stays ~the zlib states, not PARKED x a compressed span."""
+    tar = small[0]["tar"]
+    src = GzipIndexedSource(FileSource(small[0]["path"]), GzipIndex.from_bytes(small[0]["meta"]))
+    for k in range(1, 5):
+        at = LAYER0_CHECKPOINTS[k + 1][0] - 8192
+        assert src.read(at, 4096) == tar[at : at + 4096]
+    held = [len(inf._input or b"") for inf in src._parked]
+    assert len(held) == 4 and sum(held) < 4 * 16384
+    # and they still continue: the next 4 KiB of each comes without reading the blob again
+    for k in range(1, 5):
+        at = LAYER0_CHECKPOINTS[k + 1][0] - 4096
+        assert src.read(at, 4096) == tar[at : at + 4096]
+    assert src.inflate_stats()["compressed_reads"] == 4 and src.inflate_stats()["continued"] == 4

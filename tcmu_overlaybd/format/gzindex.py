@@ -397,7 +397,7 @@ class _RawInflater:
         self.in_pos = cp.en_pos
         #: bits of the byte before ``en_pos`` still to feed (``inflatePrime``, done with the first read)
         self._prime = cp.bits
-        self._input = None  # the c_char_p that next_in points into: keeps those bytes alive
+        self._input: bytes | None = None  # the bytes next_in points into (kept alive here)
         self._scratch = None
         self._want = 0
         self.pos = cp.de_pos
@@ -429,12 +429,25 @@ class _RawInflater:
                 f"gzip stream truncated: no input left at uncompressed offset {at}",
                 blob=self.gz.name, offset=self.in_pos,
             )
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        self._input = ctypes.c_char_p(data)
-        strm.next_in = ctypes.cast(self._input, ctypes.c_void_p).value + skip
-        strm.avail_in = len(data) - skip
+        self._point_at(data if isinstance(data, bytes) else bytes(data), skip)
         self.in_pos = start + len(data)
+
+    def _point_at(self, data: bytes, skip: int) -> None:
+        """Hand ``data[skip:]`` to zlib in place (a bytes object's buffer never moves)."""
+        self._input = data
+        self.strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + skip
+        self.strm.avail_in = len(data) - skip
+
+    def trim(self) -> None:
+        """Keep only the input zlib has not consumed (before parking: a parked inflater
+        holds at most what its next read will use, not its whole last read)."""
+        left = self.strm.avail_in
+        if self._input is None or left >= len(self._input) // 2:
+            return  # copying would cost more than the memory it frees
+        if left:
+            self._point_at(self._input[len(self._input) - left :], 0)
+        else:
+            self._input = None
 
     def inflate_into(self, buf, start: int, length: int, out_end: int) -> int:
         """Inflate up to ``length`` bytes into ``buf[start:]``; returns bytes produced (short only
@@ -577,6 +590,7 @@ class GzipIndexedSource:
         if inf.ended:
             inf.close()
             return
+        inf.trim()
         with self._lock:
             self._parked.append(inf)
             if len(self._parked) > self.PARKED:
