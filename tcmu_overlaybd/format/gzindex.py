@@ -496,7 +496,9 @@ class GzipIndexedSource:
 
     Reads start from the nearest checkpoint, or continue an inflater parked by an
     earlier read when that is closer (sequential reads then cost only their own
-    length).  With ``cache`` (a ``cache.gzipcache.GzipCache``) reads go through the
+    length).  A cold read fetches the compressed bytes it needs in one read of
+    ``gz_source`` (``GzipIndex.input_end``): through the block cache, one batch of
+    parallel Range requests.  ``inflate_stats()`` counts the work.  With ``cache`` (a ``cache.gzipcache.GzipCache``) reads go through the
     decompressed-data cache keyed by ``cache_key`` (default: the digest carried by
     ``gz_source.name``; a source known only by path is not cached).
     """
