@@ -16,7 +16,8 @@ from contextlib import redirect_stdout
 import pytest
 
 from tcmu_overlaybd.cli.main import main
-from tcmu_overlaybd.errors import KernelError
+from tcmu_overlaybd import config
+from tcmu_overlaybd.errors import KernelError, ObdError
 from tcmu_overlaybd.lio import host
 
 
@@ -39,6 +40,12 @@ def no_mount_survives_a_test():
     sd = mounter.state_dir()
     for st in sd.all():
         mounter.teardown(st, sd, lazy=True)
+    rd = mounter.record_dir()
+    for mid in rd.ids():  # records left without a state file (a failed recover test)
+        try:
+            mounter.umount(rd.load(mid).mountpoint)
+        except ObdError:
+            rd.remove(mid)
 
 
 def obd(*args: str) -> tuple[int, str]:
@@ -63,6 +70,7 @@ def kernel_leftovers() -> dict:
         "scsi_disks": glob.glob("/sys/class/scsi_disk/*"),
         "uio": glob.glob("/sys/class/uio/uio*"),
         "state": glob.glob("/run/obd/*"),
+        "records": glob.glob(os.path.join(config.load()["state.persistDir"], "*")),
         "mounts": [line.split()[4] for line in open("/proc/self/mountinfo")
                    if line.split()[4].startswith(("/tmp", "/run/obd", "/mnt"))],
         "processes": supervisor_processes(),
