@@ -372,3 +372,21 @@ def test_pool_stats_sum_its_views_and_keep_closed_ones(tmp_path, vectors):
     after = pool.stats()
     assert after["layers"] == 0 and {k: after[k] for k in ("hits", "misses", "refills")} == {
         "hits": 1, "misses": 2, "refills": 2}
+
+
+def test_pages_evicted_under_a_live_view_are_fetched_again(tmp_path):
+    """Another handler's eviction truncates the files this view has open (and has checked):
+    their pages read as misses and come back from the source, never as zeros."""
+    data = _data(3 * MiB, 31)
+    pool = GzipCache(tmp_path / "gz")
+    src = CountingSource(BytesSource(data, DIGEST_A))
+    view = pool.open(DIGEST_A, src)
+    assert view.read(0, 3 * MiB) == data and view.read(5, 100) == data[5:105]
+    assert pool.prune(0) > 0  # what a handler over the cap does: truncate least recently used files
+    assert os.path.getsize(view.path) == 0
+    assert view.read(MiB + 5, 200_000) == data[MiB + 5 : MiB + 200_005]
+    assert src.bytes_read == 4 * MiB
+    # only the refilled unit is back; the others still miss, then hit
+    assert view.read(0, 3 * MiB) == data and src.bytes_read == 6 * MiB
+    hits = view.hits
+    assert view.read(2 * MiB, MiB) == data[2 * MiB :] and (view.hits, src.bytes_read) == (hits + 1, 6 * MiB)
