@@ -185,7 +185,8 @@ def main() -> None:
             layers["upstream_small_layer0"] = bench_layer("vector", vector, args.reads, work, args.latency_ms)
         synth = work / "synthetic.tar.gz"
         _synthetic_layer(synth, args.synthetic_mib)
-        layers[f"synthetic_{args.synthetic_mib}MiB"] = bench_layer("synthetic", synth, args.reads, work, args.latency_ms)
+        layers[f"synthetic_{args.synthetic_mib}MiB"] = bench_layer("synthetic", synth, args.reads, work,
+                                                                   args.latency_ms)
 
     report = {
         "benchmark": "gzindex",

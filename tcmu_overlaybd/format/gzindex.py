@@ -498,9 +498,10 @@ class GzipIndexedSource:
     earlier read when that is closer (sequential reads then cost only their own
     length).  A cold read fetches the compressed bytes it needs in one read of
     ``gz_source`` (``GzipIndex.input_end``): through the block cache, one batch of
-    parallel Range requests.  ``inflate_stats()`` counts the work.  With ``cache`` (a ``cache.gzipcache.GzipCache``) reads go through the
-    decompressed-data cache keyed by ``cache_key`` (default: the digest carried by
-    ``gz_source.name``; a source known only by path is not cached).
+    parallel Range requests.  ``inflate_stats()`` counts the work.  With ``cache``
+    (a ``cache.gzipcache.GzipCache``) reads go through the decompressed-data cache
+    keyed by ``cache_key`` (default: the digest carried by ``gz_source.name``; a
+    source known only by path is not cached).
     """
 
     #: inflaters kept for continuation (each holds ~40 KiB of zlib state and the unread
