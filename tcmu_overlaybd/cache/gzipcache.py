@@ -16,11 +16,9 @@ page, ``PAGE_ENTRY`` = (``PAGE_PRESENT``, ``crc32c_raw`` of the page's bytes),
 written *after* the data.  A page is served only if its entry is present and the
 CRC of the bytes read back matches, so a torn write, a lost data write after a
 crash, a truncated file or a corrupted disk block all read as a miss and are
-fetched again -- never served.  A view computes that CRC once per page: pages it
-wrote or already checked are served on their entry alone (an entry is written
-after its data and erased with it by eviction; a new process checks again), which
-spares a CRC per 4 KiB on every cached read (costly where crc32c has no hardware
-instruction, e.g. under QEMU's TCG).
+fetched again -- never served.  The CRC is checked on every read: a page this process
+checked before may since have been evicted by another handler (truncated) and be
+refilled while we read it, so an entry alone never vouches for the bytes.
 """
 
 from __future__ import annotations
@@ -284,8 +282,6 @@ class CachedView:
         except OSError as e:
             raise StateError(f"{self.path}: cannot open gzip cache file: {e.strerror}") from None
         self._caching = True
-        #: 1 per page whose bytes this view wrote or CRC-checked (see the module docstring)
-        self._checked = bytearray(-(-self.size // PAGE))
         self._touched = 0.0
         self._lock = threading.Lock()
         self._inflight: dict[int, _Refill] = {}
@@ -328,27 +324,16 @@ class CachedView:
         self._count(misses=1, from_cache=n - missed)
         return bytes(buf[offset - lo : offset - lo + n])
 
-    def _missing_pages(self, data: bytes, entries: bytes, first: int, npages: int) -> list[int]:
-        """Numbers of the pages (``first`` is ``data[0:PAGE]``) whose sidecar entry is absent or
-        not ``PAGE_PRESENT``, or, for a page this view has not checked yet, whose CRC differs
-        from their bytes' (a short last page is checked as it is).  Runs on every cached read:
-        the common case (every page present and checked before) costs no per-page Python."""
+    @staticmethod
+    def _missing_pages(data: bytes, entries: bytes, first: int, npages: int) -> list[int]:
+        """Numbers of the pages (``first`` is ``data[0:PAGE]``) whose sidecar entry is absent,
+        not ``PAGE_PRESENT`` or has a CRC other than their bytes' (a short last page is
+        checked as it is).  One unpack for all entries: this runs on every cached read."""
         have = min(npages, len(entries) // PAGE_ENTRY.size)
         fields = struct.unpack_from(f"<{2 * have}I", entries)
-        checked = self._checked
-        if (have == npages and fields[0::2].count(PAGE_PRESENT) == have
-                and checked.find(0, first, first + npages) < 0):
-            return []
         view = memoryview(data)
-        missing = []
-        for i in range(have):
-            if fields[2 * i] != PAGE_PRESENT:
-                missing.append(first + i)
-            elif not checked[first + i]:
-                if fields[2 * i + 1] == crc32c_raw(view[i * PAGE : (i + 1) * PAGE]):
-                    checked[first + i] = 1
-                else:
-                    missing.append(first + i)
+        missing = [first + i for i in range(have)
+                   if fields[2 * i] != PAGE_PRESENT or fields[2 * i + 1] != crc32c_raw(view[i * PAGE : (i + 1) * PAGE])]
         missing.extend(range(first + have, first + npages))
         return missing
 
@@ -421,10 +406,9 @@ class CachedView:
 
     def _store(self, offset: int, data: memoryview) -> None:
         """Data first, then the page entries: an entry never describes bytes not yet written."""
-        view = data
-        entries = b"".join(
-            PAGE_ENTRY.pack(PAGE_PRESENT, crc32c_raw(view[i : i + PAGE])) for i in range(0, len(data), PAGE)
-        )
+        fields = [PAGE_PRESENT, 0] * (-(-len(data) // PAGE))
+        fields[1::2] = [crc32c_raw(data[i : i + PAGE]) for i in range(0, len(data), PAGE)]
+        entries = struct.pack(f"<{len(fields)}I", *fields)  # PAGE_ENTRY per page, in one pack
         try:
             os.pwrite(self._data, data, offset)
             os.pwrite(self._side, entries, offset // PAGE * PAGE_ENTRY.size)
@@ -433,8 +417,6 @@ class CachedView:
                 raise
             self._caching = False  # keep serving from the source
             return
-        first = offset // PAGE
-        self._checked[first : first + len(entries) // PAGE_ENTRY.size] = b"\x01" * (len(entries) // PAGE_ENTRY.size)
         self._touched = time.monotonic()
         self.pool.note_written(len(data) + len(entries))
 
