@@ -43,6 +43,7 @@ DEFAULT_REFILL = 1 << 20
 #: per-page sidecar entry: marker, crc32c_raw(page bytes)
 PAGE_ENTRY = struct.Struct("<II")
 PAGE_PRESENT = 0x50444247  # "GBDP"
+_PRESENT_BYTES = struct.pack("<I", PAGE_PRESENT)
 SIDECAR_SUFFIX = ".pages"
 #: after an eviction the pool is brought down to this fraction of the cap (hysteresis)
 LOW_WATER = 0.9
@@ -306,16 +307,20 @@ class CachedView:
         first, last = offset // PAGE, (offset + n - 1) // PAGE
         lo = first * PAGE
         hi = min((last + 1) * PAGE, self.size)
-        data = os.pread(self._data, hi - lo, lo)
-        if len(data) < hi - lo:
-            data += bytes(hi - lo - len(data))
         entries = os.pread(self._side, (last - first + 1) * PAGE_ENTRY.size, first * PAGE_ENTRY.size)
-        missing = self._missing_pages(data, entries, first, last - first + 1)
-        if not missing:
-            self._count(hits=1, from_cache=n)
-            self._touch()
-            return data if offset == lo and n == len(data) else data[offset - lo : offset - lo + n]
-        buf = bytearray(data)
+        if _PRESENT_BYTES not in entries:  # a cold range: no page to check, nothing to read back
+            missing = list(range(first, last + 1))
+            buf = bytearray(hi - lo)
+        else:
+            data = os.pread(self._data, hi - lo, lo)
+            if len(data) < hi - lo:
+                data += bytes(hi - lo - len(data))
+            missing = self._missing_pages(data, entries, first, last - first + 1)
+            if not missing:
+                self._count(hits=1, from_cache=n)
+                self._touch()
+                return data if offset == lo and n == len(data) else data[offset - lo : offset - lo + n]
+            buf = bytearray(data)
         refill = self.pool.refill_size
         for u_lo, fresh in self._refill(sorted({p * PAGE // refill for p in missing})):
             a, b = max(u_lo, lo), min(u_lo + len(fresh), hi)
