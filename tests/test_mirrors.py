@@ -290,7 +290,7 @@ def test_a_device_read_goes_round_the_endpoints_until_io_timeout(site, vectors, 
     """A handler's read outlives a short outage of every endpoint, and fails once io.timeout is spent."""
     site.hosts_toml(f'[host."http://{site.mirror.host}"]\n  capabilities = ["pull", "resolve"]\n')
     site.stop_upstream()
-    store = site.store(device_reads=True, io_timeout=1.5, retries=1)
+    store = site.store(device_reads=True, io_timeout=5, retries=1)  # two rounds fit even on a loaded host
     src = store.open_blob(HELLO_LAYER, 642560)
     outage = site.mirror.add_fault("status:503", "/blobs/", "GET", times=4)  # two rounds of two attempts
     with caplog.at_level(logging.WARNING):
@@ -303,9 +303,9 @@ def test_a_device_read_goes_round_the_endpoints_until_io_timeout(site, vectors, 
     t0 = time.monotonic()
     with pytest.raises(NetworkError) as e:
         src.read(BLOCK, 10)
-    assert 1.4 < time.monotonic() - t0 < 15
+    assert 4.9 < time.monotonic() - t0 < 30
     assert str(e.value).startswith(f"blob {HELLO_LAYER} bytes {BLOCK}-{2 * BLOCK - 1}: every endpoint failed: ")
-    assert re.search(r"\(gave up after \d+ rounds in 1.5 s, io.timeout\)$", str(e.value))
+    assert re.search(r"\(gave up after \d+ rounds in 5 s, io.timeout\)$", str(e.value))
     store.close()
 
 

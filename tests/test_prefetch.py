@@ -305,7 +305,7 @@ def test_background_download_holds_the_rate_cap_and_skips_cached_blocks(tmp_path
     assert stats.background_state == "done" and base.bytes_read == stats.background_bytes == 36 * BS
     assert stats.background_skipped == 4 * BS
     achieved = base.bytes_read / wall
-    assert 0.8 * rate <= achieved <= 1.1 * rate, achieved
+    assert achieved <= 1.1 * rate, achieved  # the cap holds (a loaded host may only be slower)
     assert all(blob.is_cached(i) for i in range(40))
 
 
@@ -372,12 +372,12 @@ def test_starting_a_replay_never_waits_for_the_registry(small_image, tmp_path):
     listing = tmp_path / "list"
     listing.write_text("/data/\n")
     disk, opts = _open(ref, tmp_path / "cache", prefetch_file=str(listing), prefetch_list=True)
-    proxy.add_fault("delay:1", "/blobs/", times=1000)
+    proxy.add_fault("delay:10", "/blobs/", times=1000)
     t0 = time.monotonic()
     session = PrefetchSession.start(dataclasses.asdict(opts), disk)
-    assert time.monotonic() - t0 < 1.0 and session.stats.state == "planning"
+    assert time.monotonic() - t0 < 5 and session.stats.state == "planning"  # not the 10 s of a fetch
     session.stop()  # and stopping does not wait for the slow registry either (at most STOP_WAIT_S)
-    assert time.monotonic() - t0 < 1.0 + STOP_WAIT_S + 1.0
+    assert time.monotonic() - t0 < 5 + STOP_WAIT_S
     disk.close()
 
 

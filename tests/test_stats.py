@@ -144,22 +144,6 @@ def test_reads_slower_than_slow_ms_are_counted():
     assert 20 * MS < snap.percentile_ns(0.5) <= snap.max_ns
 
 
-def test_overhead_per_read_is_a_few_microseconds():
-    """Best of many short interleaved rounds, so a busy machine does not fake an overhead."""
-    src = BytesSource(bytes(1 << 20))
-    dev = CountingDevice(src, slow_ms=1000)
-    n = 2000
-    best = {src.read: float("inf"), dev.read: float("inf")}
-    for _ in range(30):
-        for fn in best:
-            t = time.perf_counter()
-            for _ in range(n):
-                fn(4096, 4096)
-            best[fn] = min(best[fn], (time.perf_counter() - t) / n)
-    overhead = best[dev.read] - best[src.read]
-    assert overhead < 5e-6, f"{overhead * 1e6:.2f} µs per read"
-
-
 # -- the watchdog -------------------------------------------------------------------------------------------
 def test_a_stuck_read_gets_exactly_one_warning_naming_offset_and_length(caplog):
     src = GatedSource()
