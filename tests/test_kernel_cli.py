@@ -280,3 +280,113 @@ def test_list_warns_about_an_unreadable_state_file_and_shows_the_rest(dirs, tmp_
     assert r.returncode == 0
     assert [m["id"] for m in json.loads(r.stdout)] == [rec.id]
     assert f"{d['state']}/bbbbbbbbbbbb.json: unreadable mount state" in r.stderr
+
+
+# ------------------------------------------------------------------ one open per mount (issue 6)
+
+
+def test_obd_mount_imports_only_the_kernel_commands():
+    """`obd mount` starts without importing the converter, the stats server or the user-space
+    commands (its start-up time under QEMU was mostly imports); `obd --help` still lists all."""
+    code = ("import sys; from tcmu_overlaybd.cli.main import main; main(['mount', '--help']); "
+            "print(sorted(m for m in sys.modules if m.startswith('tcmu_overlaybd.cli.')))")
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "['tcmu_overlaybd.cli.kernel', 'tcmu_overlaybd.cli.main', 'tcmu_overlaybd.cli.options']"
+    listed = obd("--help").stdout
+    for name in ("cat", "convert", "export", "inspect", "ls", "mount", "recover", "stats", "trace", "umount"):
+        assert f"\n  {name} " in listed
+
+
+def hello_layout(vectors, tmp_path):
+    from .helpers.layouts import layout_from_flat
+
+    return layout_from_flat(vectors / "aci-hello-world", tmp_path / "hello")
+
+
+def hello_state(ref: str, tmp_path, **extra):
+    from tcmu_overlaybd.mount.state import MountState
+
+    opts = {"cache_dir": str(tmp_path / "cache"), "extra": extra}
+    return MountState(id="0123456789ab", mountpoint=str(tmp_path / "mnt"), image=ref, raw=False, options=opts,
+                      size=0, backstore="obd-0123456789ab", wwn="", lower="", upper="", work="", own_upper=True)
+
+
+def test_a_pinned_mount_opens_the_manifest_it_resolved_even_after_the_tag_is_gone(vectors, tmp_path):
+    from tcmu_overlaybd.mount.supervisor import PIN_KEY, open_source
+
+    layout = hello_layout(vectors, tmp_path)
+    ref = f"oci:{layout}:amd64-converted"
+    first = open_source(hello_state(ref, tmp_path))
+    size, digest, head = first.size, first.manifest_digest, first.read(0, 4096)
+    first.close()
+    index = json.loads((layout / "index.json").read_text())
+    assert digest in [d["digest"] for d in index["manifests"]]
+    for d in index["manifests"]:
+        d.pop("annotations", None)
+    (layout / "index.json").write_text(json.dumps(index))
+    again = open_source(hello_state(ref, tmp_path, **{PIN_KEY: digest}))
+    try:
+        assert (again.size, again.manifest_digest, again.read(0, 4096)) == (size, digest, head)
+    finally:
+        again.close()
+
+
+def test_a_pin_to_a_manifest_the_layout_lacks_is_a_one_line_error(vectors, tmp_path):
+    from tcmu_overlaybd.errors import ObdError
+    from tcmu_overlaybd.mount.supervisor import PIN_KEY, open_source
+
+    layout = hello_layout(vectors, tmp_path)
+    missing = "sha256:" + "ab" * 32
+    with pytest.raises(ObdError) as e:
+        open_source(hello_state(f"oci:{layout}:amd64-converted", tmp_path, **{PIN_KEY: missing}))
+    assert missing in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_handler_reports_size_and_manifest_before_the_backstore_exists(vectors, tmp_path, monkeypatch):
+    """The supervisor --probe handshake: the handler's one open of the image gives obd mount the
+    size and manifest digest; a failure of obd mount's side (here: the backstore) stops the
+    handler and its supervisor, and the error is obd mount's own."""
+    from tcmu_overlaybd.errors import KernelError
+    from tcmu_overlaybd.mount import mounter
+    from tcmu_overlaybd.mount.state import StateDir
+
+    monkeypatch.setenv("OBD_STATE_DIR", str(tmp_path / "run"))
+    layout = hello_layout(vectors, tmp_path)
+    st = hello_state(f"oci:{layout}:amd64-converted", tmp_path)
+    sd = StateDir(str(tmp_path / "run"))
+    sd.save(st)
+    seen = []
+
+    def on_size(size, digest):
+        seen.append((size, digest))
+        raise KernelError("cannot create the backstore")
+
+    with pytest.raises(KernelError, match="cannot create the backstore"):
+        mounter._spawn_supervisor(sd, st, recover=False, on_size=on_size)
+    index = json.loads((layout / "index.json").read_text())
+    [want] = [d["digest"] for d in index["manifests"]
+              if d.get("annotations", {}).get("org.opencontainers.image.ref.name") == "amd64-converted"]
+    from tcmu_overlaybd.mount.supervisor import open_source
+
+    disk = open_source(st)
+    disk.close()
+    assert seen == [(disk.size, want)]
+    pids = sd.read_pids(st.id)
+    assert pids["handler_pid"] == 0 and not os.path.exists(f"/proc/{pids['supervisor_pid']}")
+
+
+@no_tcmu
+def test_after_the_handshake_a_missing_device_is_the_handlers_one_line_error(vectors, tmp_path, monkeypatch):
+    from tcmu_overlaybd.errors import ObdError
+    from tcmu_overlaybd.mount import mounter
+    from tcmu_overlaybd.mount.state import StateDir
+
+    monkeypatch.setenv("OBD_STATE_DIR", str(tmp_path / "run"))
+    st = hello_state(f"oci:{hello_layout(vectors, tmp_path)}:amd64-converted", tmp_path)
+    sd = StateDir(str(tmp_path / "run"))
+    sd.save(st)
+    with pytest.raises(ObdError) as e:
+        mounter._spawn_supervisor(sd, st, recover=False, on_size=lambda size, digest: None)
+    assert str(e.value) == "/sys/class/uio does not exist: no UIO support in this kernel"
+    assert e.value.exit_code == 8

@@ -8,6 +8,7 @@ means a bug in obd.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -19,23 +20,38 @@ from ..errors import ObdError
 from ..logs import setup_logging
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: command name -> the ``cli`` module whose ``register(group)`` adds it; a module is
+#: imported only when one of its commands runs (or help lists them): ``obd mount`` must
+#: not pay for the converter's or the stats server's imports (issue 6)
+_COMMAND_MODULES = {
+    "inspect": "userspace", "export": "userspace", "ls": "userspace", "cat": "userspace",
+    "cache": "cache_cmd",
+    "mount": "kernel", "umount": "kernel", "list": "kernel", "recover": "kernel", "doctor": "kernel",
+    "convert": "convert_cmd",
+    "stats": "stats_cmd",
+    "record-trace": "trace_cmd", "trace": "trace_cmd",
+}
+
+
+class _LazyGroup(click.Group):
+    """A click group whose commands are registered by their module on first use."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(self.commands) | set(_COMMAND_MODULES))
+
+    def get_command(self, ctx, name: str):
+        if name not in self.commands and name in _COMMAND_MODULES:
+            importlib.import_module(f"{__package__}.{_COMMAND_MODULES[name]}").register(self)
+        return self.commands.get(name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="obd")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """obd: run containers from overlaybd and FastOCI images without downloading them first."""
     level = logging.WARNING - 10 * min(verbose, 2)
     setup_logging(level)
-
-
-def _register_all() -> None:
-    from . import cache_cmd, convert_cmd, kernel, stats_cmd, trace_cmd, userspace
-
-    for mod in (userspace, cache_cmd, kernel, convert_cmd, stats_cmd, trace_cmd):
-        mod.register(cli)
-
-
-_register_all()
 
 
 def main(argv: list[str] | None = None) -> int:

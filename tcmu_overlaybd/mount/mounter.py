@@ -59,27 +59,74 @@ def _run(argv: list[str], what: str) -> None:
 
 log = logging.getLogger(__name__)
 
-def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool, secrets: dict | None = None) -> subprocess.Popen:
+
+class Phases:
+    """Durations of the steps of one mount, logged at debug level as they end
+    (``mount phase <name> <seconds>``: benchmarks/bench_mount.py reads these lines)."""
+
+    def __init__(self):
+        self.t0 = self.t = time.monotonic()
+        self.done: list[tuple[str, float]] = []
+
+    def mark(self, name: str, seconds: float | None = None) -> None:
+        """End step ``name`` now (or record ``seconds`` measured elsewhere)."""
+        now = time.monotonic()
+        if seconds is None:
+            seconds, self.t = now - self.t, now
+        self.done.append((name, seconds))
+        log.debug("mount phase %s %.3f", name, seconds)
+
+    def total(self) -> None:
+        log.debug("mount phase total %.3f", time.monotonic() - self.t0)
+
+
+def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool, secrets: dict | None = None,
+                      on_size=None, phases: Phases | None = None) -> subprocess.Popen:
     """Start the handler process group and wait until its handler serves the ring.
 
     ``secrets`` (registry credentials given with ``-u``) reach the supervisor on its
     standard input: never on a command line, in the environment or in a state file.
+    ``on_size(size, manifest_digest)``: the handler opens the image first and reports
+    what it opened; this callback creates the backstore, then the handler goes on
+    (supervisor ``--probe``).  It may raise: the handler then exits.
     """
     r, w = os.pipe()
     argv = [sys.executable, "-m", "tcmu_overlaybd.mount.supervisor", sd.file(st.id), str(w)]
     if recover:
         argv.append("--recover")
+    if on_size is not None:
+        argv.append("--probe")
     with open(sd.log(st.id), "ab") as logf:
         proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.PIPE, stdout=logf,
                                 stderr=logf, start_new_session=True, close_fds=True)
     os.close(w)
     try:
-        proc.stdin.write(json.dumps(secrets or {}).encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # it died at once: the ready pipe says why
-    try:
+        try:
+            proc.stdin.write(json.dumps(secrets or {}).encode() + b"\n")
+            proc.stdin.flush()
+            if on_size is None:
+                proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: the ready pipe says why
         line = _read_ready(r, READY_TIMEOUT_S)
+        if on_size is not None and line.startswith("size "):
+            size, digest, open_ms = line.split()[1:4]
+            if phases is not None:
+                phases.mark("supervisor start", max(0.0, time.monotonic() - phases.t - int(open_ms) / 1000))
+                phases.mark("open image", int(open_ms) / 1000)
+                phases.t = time.monotonic()
+            try:
+                on_size(int(size), None if digest == "-" else digest)
+                proc.stdin.write(b"go\n")
+            except BaseException:
+                _abandon(proc)
+                raise
+            finally:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+            line = _read_ready(r, READY_TIMEOUT_S)
     finally:
         os.close(r)
     if line == "ready":
@@ -92,12 +139,26 @@ def _spawn_supervisor(sd: StateDir, st: MountState, recover: bool, secrets: dict
     raise err
 
 
+def _abandon(proc: subprocess.Popen) -> None:
+    """Stop a supervisor whose mount is given up before its handler served (stdin closed
+    without ``go``: the handler exits, and so does its supervisor)."""
+    try:
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _read_ready(fd: int, timeout: float) -> str:
     import select
 
     out = b""
     deadline = time.monotonic() + timeout
-    while not out.endswith(b"\n"):
+    while not out.endswith(b"\n"):  # one line per call: the writer waits for an answer after each
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             return f"error 8 handler not ready after {timeout:.0f}s"
@@ -108,16 +169,6 @@ def _read_ready(fd: int, timeout: float) -> str:
     return out.decode(errors="replace").strip()
 
 
-def _probe_size(st: MountState, secrets: dict) -> int:
-    from .supervisor import open_source
-
-    src = open_source(st, secrets)
-    try:
-        return src.size
-    finally:
-        src.close()
-
-
 def _new_state(sd: StateDir, mid: str, mountpoint: str, image: str, raw: bool, options: dict,
                upper: str, work: str, own_upper: bool) -> MountState:
     return MountState(id=mid, mountpoint=mountpoint, image=image, raw=raw, options=options,
@@ -126,27 +177,50 @@ def _new_state(sd: StateDir, mid: str, mountpoint: str, image: str, raw: bool, o
                       own_upper=own_upper)
 
 
-def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep_upper: bool = False) -> None:
-    """Backstore, handler, LUN, ext4 and overlayfs of ``st`` (whose ``size`` is known).
+def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep_upper: bool = False,
+              expect_size: int | None = None, phases: Phases | None = None) -> None:
+    """Handler, backstore, LUN, ext4 and overlayfs of ``st``.
 
+    The handler opens the image (the only open of this mount) and reports its size and
+    manifest digest, which go into the state before the backstore is created; the digest
+    pins the image for restarted handlers and ``recover``.  ``expect_size``: refuse an
+    image of another size (``recover`` over an existing upper layer).
     ``on_success`` runs once everything is mounted, before the state turns "mounted";
     on any failure everything is undone (the upper directory too unless ``keep_upper``).
     """
-    sd.save(st)
-    try:
+    from .supervisor import PIN_KEY
+
+    phases = phases or Phases()
+
+    def create_backstore(size: int, digest: str | None) -> None:
+        if expect_size is not None and size != expect_size:
+            raise StateError(f"{st.image} is now {size} bytes, not the {expect_size} it had when "
+                             f"mounted: not putting the old upper layer over it")
+        st.size = size
+        if digest:
+            st.options["extra"] = {**st.options.get("extra", {}), PIN_KEY: digest}
+        sd.save(st)
         st.backstore_path = backstore.create(st.backstore, st.size)
         sd.save(st)
-        _spawn_supervisor(sd, st, recover=False, secrets=secrets)
+        phases.mark("backstore")
+
+    sd.save(st)
+    try:
+        _spawn_supervisor(sd, st, recover=False, secrets=secrets, on_size=create_backstore, phases=phases)
+        phases.mark("handler start")
         st.device = loopback.export(st.backstore, st.wwn)
         sd.save(st)
+        phases.mark("export + wait for disk")
         os.makedirs(st.lower, exist_ok=True)
         _run(["mount", "-t", "ext4", "-o", "ro,noload", st.device, st.lower],
              f"cannot mount {st.device} (ext4) of {st.image}")
+        phases.mark("mount ext4")
         os.makedirs(st.upper, exist_ok=True)
         os.makedirs(st.work, exist_ok=True)
         _run(["mount", "-t", "overlay", "overlay", "-o",
               f"lowerdir={st.lower},upperdir={st.upper},workdir={st.work}", st.mountpoint],
              f"cannot mount overlayfs on {st.mountpoint}")
+        phases.mark("mount overlay")
         if on_success is not None:
             on_success()
     except BaseException:
@@ -154,6 +228,8 @@ def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep
         raise
     st.phase = "mounted"
     sd.save(st)
+    phases.mark("record")
+    phases.total()
 
 
 def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = None,
@@ -163,6 +239,7 @@ def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = No
     ``persist``: also record it in ``state.persistDir`` so ``recover`` re-creates it after a
     reboot (off for ``obd mount -f``, whose caller, e.g. a systemd unit, mounts it again).
     """
+    phases = Phases()
     mp = os.path.realpath(mountpoint)
     if not os.path.isdir(mp):
         raise UsageError(f"{mountpoint}: mountpoint is not a directory")
@@ -192,8 +269,9 @@ def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = No
     if secrets:
         options["extra"] = {**options.get("extra", {}), "credentials": "memory-only"}
     st = _new_state(sd, mid, mp, image, raw, options, upper_dir, work_dir, own_upper)
-    st.size = _probe_size(st, secrets)
-    _bring_up(st, sd, secrets, on_success=(lambda: rd.save(MountRecord.of(st))) if persist else None)
+    phases.mark("checks")
+    _bring_up(st, sd, secrets, on_success=(lambda: rd.save(MountRecord.of(st))) if persist else None,
+              phases=phases)
     return st
 
 
@@ -354,11 +432,7 @@ def _recreate(rec: MountRecord, sd: StateDir) -> str:
         os.makedirs(rec.mountpoint, exist_ok=True)
         st = _new_state(sd, rec.id, rec.mountpoint, rec.image, rec.raw, dict(rec.options),
                         rec.upper, rec.work, rec.own_upper)
-        st.size = _probe_size(st, {})
-        if st.size != rec.size:
-            return (f"failed: {rec.image} is now {st.size} bytes, not the {rec.size} "
-                    f"it had when mounted: not putting the old upper layer over it")
-        _bring_up(st, sd, {}, keep_upper=True)
+        _bring_up(st, sd, {}, keep_upper=True, expect_size=rec.size)
     except ObdError as e:
         return f"failed: {e}"
     except OSError as e:

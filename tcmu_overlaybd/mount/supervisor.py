@@ -1,13 +1,21 @@
 """The handler process of one mount and its supervisor.
 
-``python -m tcmu_overlaybd.mount.supervisor STATE_FILE READY_FD [--recover]``
+``python -m tcmu_overlaybd.mount.supervisor STATE_FILE READY_FD [--recover | --probe]``
 
-The supervisor forks the handler (which re-opens the image from the state
+The supervisor forks the handler (which opens the image from the state
 file, opens ``/dev/uioN`` and serves the ring) and restarts it whenever it dies
 abnormally (SIGKILL, crash): the kernel keeps the ring and in-flight commands,
 the new handler resets the ring so they are retried (tcmu.md §4.5), and readers
 only see a slow read.  The first handler's outcome is written to READY_FD as
 one line: ``ready`` or ``error <exit code> <message>``.  SIGTERM stops both.
+
+``--probe`` (``obd mount``: the image is opened once per mount, in the handler):
+the first handler opens the image before the backstore exists, writes
+``size <bytes> <manifest digest or -> <ms spent opening>`` to READY_FD and waits
+for a ``go`` line on standard input (the backstore now exists) before it looks
+for its device.  Standard input carries first one line of credentials (JSON),
+then that ``go``.  A restarted handler re-reads the state file, where ``obd
+mount`` pinned the image by manifest digest, so it serves the same image.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import sys
 import time
 
 from .. import config
-from ..errors import ObdError
+from ..errors import ObdError, StateError
 from ..logs import register_secret, setup_logging
 from ..tcmu.handler import Handler
 from ..tcmu.scsi import DiskInfo, Target
@@ -31,6 +39,9 @@ from .state import SECRET_OPTIONS, MountState, StateDir
 
 log = logging.getLogger(__name__)
 
+#: key of ``OpenOptions.extra`` in a mount's state and record: the manifest digest the
+#: mount resolved, so a restarted handler or ``obd recover`` opens the very same image
+PIN_KEY = "manifest_digest"
 RESTART_DELAY_S = 0.2
 REOPEN_RETRY_S = 1.0
 
@@ -49,11 +60,29 @@ def open_source(st: MountState, secrets: dict | None = None):
 
     opts = OpenOptions(**{**st.options, **(secrets or {})})
     opts.device_reads = True  # an outage is slow I/O up to io.timeout, then EIO
-    image = open_image(st.image, opts)
+    pinned = opts.extra.get(PIN_KEY)
+    image = _open_pinned(st.image, pinned, opts) if pinned else open_image(st.image, opts)
     try:
-        return _ImageDisk(open_disk(image, opts), image.store, local=image.reference.transport == "oci")
+        return _ImageDisk(open_disk(image, opts), image.store, local=image.reference.transport == "oci",
+                          manifest_digest=image.manifest_descriptor.digest)
     except BaseException:
         image.store.close()
+        raise
+
+
+def _open_pinned(ref_text: str, digest: str, opts):
+    """The image of ``ref_text`` whose manifest is ``digest`` (what the mount resolved
+    first, accelerated counterpart included): no tag lookup, no discovery."""
+    from ..image.manifest import load_manifest
+    from ..image.reference import parse_reference
+    from ..image.resolve import open_store
+
+    ref = parse_reference(ref_text).with_digest(digest)
+    store = open_store(ref, opts)
+    try:
+        return load_manifest(store, ref, store.resolve(ref), opts.platform)
+    except BaseException:
+        store.close()
         raise
 
 
@@ -64,8 +93,9 @@ class _ImageDisk:
     network and the handler serves them on its ring thread (see handler.Handler).
     """
 
-    def __init__(self, disk, store, local: bool):
+    def __init__(self, disk, store, local: bool, manifest_digest: str):
         self.name, self.size, self.local = disk.name, disk.size, local
+        self.manifest_digest = manifest_digest
         self.read = disk.read  # bound method: no extra call per read
         self.disk, self._store = disk, store
 
@@ -74,12 +104,37 @@ class _ImageDisk:
         self._store.close()
 
 
-def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None = None) -> int:
+def _probe(st: MountState, ready_fd: int, secrets: dict | None):
+    """``--probe``: open the image, report its size and manifest, wait for ``go``
+    (None: ``obd mount`` gave up, e.g. it could not create the backstore)."""
+    t0 = time.monotonic()
+    source = open_source(st, secrets)
+    st.size = source.size
+    digest = getattr(source, "manifest_digest", None) or "-"
+    ms = (time.monotonic() - t0) * 1000
+    os.write(ready_fd, f"size {source.size} {digest} {ms:.0f}\n".encode())
+    if _read_line(0) != "go":
+        source.close()
+        return None
+    return source
+
+
+def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None = None,
+                probe: bool = False) -> int:
     """Child process body: serve the device until it goes away or SIGTERM."""
     try:
+        if probe:  # the backstore is created only once the size is known
+            source = _probe(st, ready_fd, secrets)
+            if source is None:
+                return 1
         # ownership first (issue 7.7): a device that is not this mount's is never reset nor opened
         tcmu = find_uio(st.backstore, backstore.dev_config(backstore.name_for(st.id)))
-        source = open_source(st, secrets)
+        if not probe:
+            source = open_source(st, secrets)
+            if source.size != st.size:
+                source.close()
+                raise StateError(f"{st.image} is now {source.size} bytes, not the {st.size} "
+                                 f"it had when mounted: not serving it")
         dev = UioDevice(tcmu.uio)  # exclusive (EBUSY while another handler serves it): before any reset
         if reset:  # the ring cursor is read below, after the reset (tcmu.md §4.5)
             backstore.reset_for_new_handler(tcmu.name.configfs_path)
@@ -139,7 +194,7 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def _spawn(self, st: MountState, reset: bool) -> tuple[int, str]:
+    def _spawn(self, st: MountState, reset: bool, probe: bool, ready_fd: int) -> tuple[int, str]:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -147,17 +202,20 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             code = 1
             try:
-                code = run_handler(st, w, reset, self.secrets)
+                code = run_handler(st, w, reset, self.secrets, probe)
             finally:
                 logging.shutdown()
                 os._exit(code)
         os.close(w)
         self.child = pid
         msg = _read_line(r)
+        if probe and msg.startswith("size "):  # obd mount answers on the handler's stdin
+            os.write(ready_fd, (msg + "\n").encode())
+            msg = _read_line(r)
         os.close(r)
         return pid, msg or "error 1 handler exited before it was ready"
 
-    def run(self, ready_fd: int, recover: bool) -> int:
+    def run(self, ready_fd: int, recover: bool, probe: bool = False) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         st = self.state_dir.load_file(self.state_path)
@@ -166,7 +224,9 @@ class Supervisor:
         first = True
         while not self.stopping:
             self.state_dir.write_pids(st.id, me, 0, restarts)
-            pid, msg = self._spawn(st, reset)
+            if not first:  # size and manifest pin as obd mount saved them
+                st = self.state_dir.load_file(self.state_path)
+            pid, msg = self._spawn(st, reset, probe and first, ready_fd)
             if first:
                 os.write(ready_fd, (msg + "\n").encode())
                 os.close(ready_fd)
@@ -198,19 +258,20 @@ class Supervisor:
 
 def main(argv: list[str]) -> int:
     state_path, ready_fd = argv[0], int(argv[1])
-    recover = "--recover" in argv[2:]
+    recover, probe = "--recover" in argv[2:], "--probe" in argv[2:]
     cfg = config.load()
     # every line of this mount's supervisor and handler carries its id (the state file's name)
     mid = os.path.splitext(os.path.basename(state_path))[0]
     setup_logging(cfg["log.level"], cfg["log.file"] or None, mount_id=mid)
     secrets = _read_secrets()
-    return Supervisor(state_path, secrets).run(ready_fd, recover)
+    return Supervisor(state_path, secrets).run(ready_fd, recover, probe)
 
 
 def _read_secrets() -> dict:
     """Credentials sent by ``obd mount`` on standard input (empty for ``obd recover``)."""
     try:
-        text = sys.stdin.read() if sys.stdin is not None else ""
+        # one line: with --probe, stdin stays open for the handler's "go"
+        text = sys.stdin.readline() if sys.stdin is not None else ""
     except OSError:
         return {}
     try:

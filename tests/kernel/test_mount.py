@@ -123,3 +123,45 @@ def test_doctor_passes_on_a_tcmu_kernel():
     rc, out = obd("doctor")
     assert rc == 0 and "FAIL" not in out
     assert "ok   kernel module target_core_user" in out and "ok   kernel module tcm_loop" in out
+
+
+def test_restarted_handler_serves_the_image_pinned_at_mount_time(vectors, tmp_path, monkeypatch):
+    """The handler opens the image once and the mount pins its manifest digest: after the tag
+    is gone from the layout, a handler killed and restarted still serves the same /hello."""
+    import gzip
+    import io
+    import json
+    import signal
+    import tarfile
+    import time
+
+    from tcmu_overlaybd import config
+
+    from ..helpers.layouts import layout_from_flat
+
+    monkeypatch.setenv("OBD_CACHE_DIR", str(tmp_path / "cache"))
+    layer = vectors / "aci-hello-world" / "sha256_719385e32844401d57ecfd3eacab360bf551a1491c05b85806ed8f1b08d792f6"
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(layer.read_bytes()))) as tf:
+        want = tf.extractfile("hello").read()
+    layout = layout_from_flat(vectors / "aci-hello-world", tmp_path / "hello")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    assert obd("mount", f"oci:{layout}:amd64-converted", str(mnt))[0] == 0
+    try:
+        [m] = obd_json_list()
+        with open(os.path.join(config.load()["state.dir"], f"{m['id']}.json")) as f:
+            pinned = json.load(f)["options"]["extra"]["manifest_digest"]
+        index = json.loads((layout / "index.json").read_text())
+        assert pinned in [d["digest"] for d in index["manifests"]]
+        for d in index["manifests"]:  # the tag the mount named no longer resolves
+            d.pop("annotations", None)
+        (layout / "index.json").write_text(json.dumps(index))
+        os.kill(m["handler_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not (obd_json_list()[0]["restarts"] == 1 and obd_json_list()[0]["handler_alive"]):
+            assert time.monotonic() < deadline, "handler not restarted"
+            time.sleep(0.05)
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert (mnt / "hello").read_bytes() == want
+    finally:
+        assert obd("umount", str(mnt))[0] == 0

@@ -1,0 +1,220 @@
+"""Where the time of ``obd mount`` goes, and what the single-open mount saves (issue 6).
+
+Host part (any host): the import time of the ``obd`` CLI on the ``obd mount`` path,
+lazy (one command module) against eager (every command module, as before); and
+the resolve + open of the startup benchmark's python-large overlaybd and FastOCI
+images from a local docker-registry (``supervisor.open_source``, the handler's own
+path), cold cache: the open by tag that a mount does once now (twice before: the
+CLI probed the size, then the handler re-opened it) and the pinned open (manifest
+digest, no tag lookup) that a restarted handler does, with the registry requests each made.
+
+VM part (needs TCMU: on a host without it, re-run with ``--vm`` to run it inside
+the VM harness): ``obd -vv mount`` of python-small from a local OCI layout and of
+python-small/large from a registry in the guest, each phase of the mount as
+``obd mount`` logs it (``mount phase <name> <seconds>``).
+
+The images are the startup benchmark's converted layouts under
+/var/cache/obd-bench/<chain>/converted (``benchmarks/startup/run`` builds them).
+Run: .venv/bin/python benchmarks/bench_mount.py [--vm]; writes results/mount.json
+(results/mount-vm.json for the VM part).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+OBD = os.path.join(ROOT, ".venv", "bin", "obd")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+CONVERTED = "/var/cache/obd-bench/*/converted"
+IMPORT_ROUNDS = 5
+CLI_MODULES = ("userspace", "cache_cmd", "kernel", "convert_cmd", "stats_cmd", "trace_cmd")
+
+
+def layout_of(fmt: str, image: str) -> tuple[str, str]:
+    """(layout dir, tag) of the newest finished conversion of ``image`` to ``fmt``."""
+    done = glob.glob(os.path.join(CONVERTED, f"{fmt}-{image}-*", "converted.json"))
+    if not done:
+        sys.exit(f"bench_mount: no {fmt} {image} layout under {CONVERTED} (run benchmarks/startup/run first)")
+    path = max(done, key=os.path.getmtime)
+    with open(path) as f:
+        return os.path.dirname(path), json.load(f)["tag"]
+
+
+def push_source(reg, fmt: str, image: str) -> None:
+    """A FastOCI image reads the original gzip layers: push the source image to the same repository."""
+    if fmt == "fastoci":
+        layout = os.path.join(glob.glob(os.path.join(CONVERTED, "..", "layout"))[0])
+        reg.push_layout(f"oci:{os.path.normpath(layout)}:{image}", f"bench/{fmt}", f"{image}-source")
+
+
+def import_seconds(code: str) -> float:
+    """Median wall time of a fresh Python running ``code`` (the interpreter start included)."""
+    times = []
+    for _ in range(IMPORT_ROUNDS):
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-c", code], check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_imports() -> dict:
+    mount_path = ("from tcmu_overlaybd.cli.main import cli; cli.get_command(None, 'mount'); "
+                  "import tcmu_overlaybd.mount.mounter, tcmu_overlaybd.prefetch.session")
+    eager = "; ".join([mount_path] + [f"import tcmu_overlaybd.cli.{m}" for m in CLI_MODULES])
+    return {"python_s": import_seconds("pass"), "obd_mount_lazy_s": import_seconds(mount_path),
+            "obd_mount_eager_s": import_seconds(eager),
+            "supervisor_s": import_seconds("import tcmu_overlaybd.mount.supervisor")}
+
+
+def open_once(ref: str, pin: str | None, cache_dir: str) -> tuple[float, int]:
+    """Seconds of ``open_source`` of ``ref`` (pinned to ``pin`` if given), in a fresh process."""
+    code = (
+        "import sys, time, json\n"
+        "from tcmu_overlaybd.mount.state import MountState\n"
+        "from tcmu_overlaybd.mount.supervisor import open_source, PIN_KEY\n"
+        "from benchmarks.startup.registry import registry_options\n"
+        "import dataclasses\n"
+        "opts = dataclasses.asdict(registry_options())\n"
+        "opts['cache_dir'] = sys.argv[3]; opts['gzip_cache_dir'] = sys.argv[3] + '/gz'\n"
+        "if sys.argv[2] != '-': opts['extra'] = {PIN_KEY: sys.argv[2]}\n"
+        "st = MountState(id='bench', mountpoint='/', image=sys.argv[1], raw=False, options=opts, size=0,\n"
+        "                backstore='', wwn='', lower='', upper='', work='', own_upper=False)\n"
+        "t0 = time.perf_counter(); src = open_source(st); dt = time.perf_counter() - t0\n"
+        "print(json.dumps([dt, src.size, src.manifest_digest])); src.close()\n")
+    r = subprocess.run([PY, "-c", code, ref, pin or "-", cache_dir], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench_mount: open of {ref} failed: {r.stderr.strip()[-600:]}")
+    return tuple(json.loads(r.stdout.splitlines()[-1]))
+
+
+def measure_opens() -> dict:
+    from benchmarks.startup.registry import BenchRegistry
+
+    out = {}
+    work = tempfile.mkdtemp(prefix="bench-mount-")
+    reg = BenchRegistry(os.path.join(work, "registry"))
+    try:
+        for fmt in ("overlaybd", "fastoci"):
+            layout, tag = layout_of(fmt, "python-large")
+            push_source(reg, fmt, "python-large")
+            pushed = reg.push_layout(f"oci:{layout}:{tag}", f"bench/{fmt}", tag)
+            ref = f"{reg.host}/bench/{fmt}:{tag}"
+            row = {}
+            # the second open of a mount (before: the handler after the CLI's probe) found the cache warm
+            for what, pin, cache in (("by_tag", None, "cold"), ("again_warm", None, "cold"),
+                                     ("pinned", pushed.manifest_digest, "pinned")):
+                cache = os.path.join(work, f"cache-{fmt}-{cache}")
+                mark = reg.mark()
+                seconds, size, digest = open_once(ref, pin, cache)
+                row[what] = {"seconds": seconds, "requests": reg.served_since(mark).requests,
+                             "bytes": reg.served_since(mark).bytes}
+                row["size"], row["manifest"] = size, digest
+            out[fmt] = row
+    finally:
+        reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def host_report() -> dict:
+    imports = measure_imports()
+    opens = measure_opens()
+    print("obd mount import path (median of %d fresh processes)" % IMPORT_ROUNDS)
+    print(f"  python alone                 {imports['python_s']:.3f} s")
+    print(f"  obd mount, before (eager)    {imports['obd_mount_eager_s']:.3f} s")
+    print(f"  obd mount, after (lazy)      {imports['obd_mount_lazy_s']:.3f} s")
+    print(f"  supervisor module            {imports['supervisor_s']:.3f} s")
+    print("resolve + open of python-large from a local registry (cold cache, fresh process)")
+    print(f"  {'format':10} {'disk':>9} {'open by tag':>16} {'pinned open':>16} {'again, warm':>16}"
+          f" {'before: 2 opens':>16} {'after: 1 open':>14}")
+    for fmt, r in opens.items():
+        tag, pin, warm = r["by_tag"], r["pinned"], r["again_warm"]
+        print(f"  {fmt:10} {r['size'] / 2**30:7.1f}Gi {tag['seconds']:7.3f}s {tag['requests']:3d} req"
+              f" {pin['seconds']:7.3f}s {pin['requests']:3d} req {warm['seconds']:7.3f}s {warm['requests']:3d} req"
+              f" {tag['seconds'] + warm['seconds']:15.3f}s {tag['seconds']:13.3f}s")
+    return {"imports": imports, "opens": opens}
+
+
+def obd_mount_phases(ref: str, extra: list[str]) -> dict:
+    """``obd -vv mount`` of ``ref`` on a fresh mountpoint: its phases, wall time, then umount."""
+    mnt = tempfile.mkdtemp(prefix="bench-mnt-")
+    cache = tempfile.mkdtemp(prefix="bench-cache-")
+    t0 = time.perf_counter()
+    r = subprocess.run([OBD, "-vv", "mount", "--cache-dir", cache, *extra, ref, mnt], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"bench_mount: obd mount {ref} failed: {r.stderr.strip()[-400:]}")
+    phases = {}
+    for line in r.stderr.splitlines():
+        if "mount phase " in line:
+            name, _, secs = line.split("mount phase ", 1)[1].rpartition(" ")
+            phases[name] = float(secs)
+    t0 = time.perf_counter()
+    subprocess.run([OBD, "umount", mnt], check=True)
+    return {"wall_s": wall, "phases": phases, "umount_s": time.perf_counter() - t0}
+
+
+def vm_report() -> dict:
+    from benchmarks.startup.registry import BenchRegistry
+
+    subprocess.run(["modprobe", "-a", "target_core_user", "tcm_loop"], check=True)
+    t0 = time.perf_counter()
+    subprocess.run([OBD, "--help"], check=True, capture_output=True)
+    runs = {"obd --help": {"wall_s": time.perf_counter() - t0, "phases": {}}}
+    small, small_tag = layout_of("overlaybd", "python-small")
+    runs["overlaybd python-small, local layout"] = obd_mount_phases(f"oci:{small}:{small_tag}", [])
+    reg = BenchRegistry(tempfile.mkdtemp(prefix="bench-registry-"))
+    try:
+        for fmt, image in (("overlaybd", "python-small"), ("fastoci", "python-small"),
+                           ("overlaybd", "python-large")):
+            layout, tag = layout_of(fmt, image)
+            push_source(reg, fmt, image)
+            reg.push_layout(f"oci:{layout}:{tag}", f"bench/{fmt}", tag)
+            runs[f"{fmt} {image}, registry"] = obd_mount_phases(f"{reg.host}/bench/{fmt}:{tag}", ["--plain-http"])
+    finally:
+        reg.stop()
+    names = []
+    for r in runs.values():
+        names += [n for n in r["phases"] if n not in names]
+    print("obd mount phases in the VM (s; QEMU TCG, ~20x slower than the host)")
+    for label, r in runs.items():
+        print(f"  {label}: wall {r['wall_s']:.2f}")
+        for n in names:
+            if n in r["phases"]:
+                print(f"    {n:24} {r['phases'][n]:7.3f}")
+    return runs
+
+
+def main(argv: list[str]) -> int:
+    os.makedirs(RESULTS, exist_ok=True)
+    if "--in-vm" in argv:
+        doc, name = vm_report(), "mount-vm.json"
+        out_dir = os.environ.get("OBD_VM_OUT", RESULTS)
+    elif "--vm" in argv:
+        out = os.environ.get("OBD_VM_RESULTS") or os.path.join(ROOT, "build", "bench-mount-vm")
+        rc = subprocess.call([os.path.join(ROOT, "scripts", "vm-run"), "--timeout", "1800", "--out", out,
+                              "--", PY, os.path.abspath(__file__), "--in-vm"])
+        if rc == 0:
+            shutil.copyfile(os.path.join(out, "mount-vm.json"), os.path.join(RESULTS, "mount-vm.json"))
+        return rc
+    else:
+        doc, name = host_report(), "mount.json"
+        out_dir = RESULTS
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
