@@ -399,6 +399,11 @@ def test_fastoci_mount_shows_its_gzip_cache(tmp_path, vectors):
         samples = {s.name: s.value for f in text_string_to_metric_families(render(tel.document())) for s in f.samples}
         assert samples["obd_gzip_cache_hits_total"] == warm["hits"]
         assert samples["obd_gzip_compressed_read_bytes_total"] == warm["compressed_bytes"]
+        from tcmu_overlaybd.cli.stats_cmd import render_text
+
+        gz_line = next(ln for ln in render_text(tel.document()).splitlines() if ln.strip().startswith("gzip"))
+        assert f"{warm['hits']} hits, {warm['misses']} misses" in gz_line
+        assert f"{warm['spans_inflated']} spans inflated" in gz_line
     finally:
         source.close()
 

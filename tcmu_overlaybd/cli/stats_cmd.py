@@ -54,6 +54,11 @@ def render_text(doc: dict) -> str:
     if cache:
         ratio = "-" if cache.get("hit_ratio") is None else f"{100 * cache['hit_ratio']:.1f}%"
         lines.append(f"  cache     {cache['hits']} hits, {cache['misses']} misses, hit ratio {ratio}")
+    gz = doc.get("gzip_cache")
+    if gz:
+        ratio = "-" if gz.get("hit_ratio") is None else f"{100 * gz['hit_ratio']:.1f}%"
+        lines.append(f"  gzip      {gz['hits']} hits, {gz['misses']} misses, hit ratio {ratio}, "
+                     f"{gz.get('spans_inflated', 0)} spans inflated")
     if doc.get("prefetch"):
         lines.append("  prefetch  " + ", ".join(f"{k} {v}" for k, v in doc["prefetch"].items()))
     if doc.get("metrics_address"):
