@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import rtslib_fb as rtslib
-
 from ..errors import KernelError, NotFoundError
 
 #: dev_config subtype: ``obd/<name>``; other TCMU daemons never claim it (§2.3)
@@ -19,6 +17,9 @@ MAX_DATA_AREA_MB = 64
 #: overlaybd's value (INT32_MAX / 1000 s).  Reads that wait for a registry fail earlier,
 #: after ``io.timeout``, with a MEDIUM ERROR from the handler.
 WAIT_FOR_HANDLER_S = 2147483
+
+# rtslib_fb is imported by the functions that create, find or delete a backstore, not here:
+# the handler process only writes configfs actions and names (its start is on obd mount's path)
 
 
 def name_for(mount_id: str) -> str:
@@ -43,6 +44,8 @@ def create(name: str, size: int, block_size: int = BLOCK_SIZE) -> str:
     The kernel registers ``/dev/uioN`` during ``enable``.  Timeouts are raised
     here, before any LUN exists (``cmd_time_out`` is frozen once exported).
     """
+    import rtslib_fb as rtslib
+
     size = -(-size // block_size) * block_size
     try:
         rtslib.RTSRoot().invalidate_caches()  # other tools may have created backstores meanwhile
@@ -63,6 +66,8 @@ def _find(name: str):
     """Our backstore ``name``: a user backstore of that name whose dev_config is ours.  A
     namesake configured for another handler is never returned, so nothing here deletes,
     resets or exports a foreign device even when a state file names one."""
+    import rtslib_fb as rtslib
+
     want = dev_config(name)
     for so in rtslib.RTSRoot().storage_objects:
         if so.plugin == "user" and so.name == name and so.config == want:
@@ -90,6 +95,8 @@ def exists(name: str) -> bool:
 
 def delete(name: str) -> None:
     """Delete the backstore (after its LUN is gone; the handler then sees EIO)."""
+    import rtslib_fb as rtslib
+
     so = _find(name)
     if so is not None:
         try:
