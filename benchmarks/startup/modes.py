@@ -78,7 +78,7 @@ def obd_mount_flags() -> set[str]:
     """The options ``obd mount`` accepts in this checkout."""
     from tcmu_overlaybd.cli.main import cli
 
-    return {opt for p in cli.commands["mount"].params for opt in p.opts}
+    return {opt for p in cli.get_command(None, "mount").params for opt in p.opts}
 
 
 def missing(mode: Mode, flags: set[str]) -> str:

@@ -41,7 +41,6 @@ from ..errors import ObdError, StateError
 from ..mount.state import MountState, StateDir
 from .device import CountingDevice, SlowReadWatchdog
 from .latency import BOUNDS_NS
-from .prometheus import MetricsServer
 from .unix_endpoint import StatsSocketServer
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class Telemetry:
         self._t0 = time.monotonic()
         self._watchdog = SlowReadWatchdog(self.device)
         self._socket = StatsSocketServer(stats_socket_path(state_dir, st.id), self.document)
-        self._metrics: MetricsServer | None = None
+        self._metrics = None  # a prometheus.MetricsServer when metrics.listen is set
 
     def start(self, handler=None) -> None:
         """Start the watchdog and the endpoints (a failing endpoint is logged, never fatal)."""
@@ -120,6 +119,8 @@ class Telemetry:
         except ObdError as e:
             log.warning("obd stats unavailable: %s", e)
         if self.metrics_listen:
+            from .prometheus import MetricsServer  # http.server only when it is wanted
+
             metrics = MetricsServer(self.metrics_listen, self.document)
             try:
                 metrics.start()
