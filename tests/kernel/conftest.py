@@ -10,7 +10,9 @@ import glob
 import io
 import json
 import os
+import signal
 import subprocess
+import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -88,6 +90,16 @@ def supervisor_processes() -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def kill_every_obd_process() -> None:
+    """SIGKILL every obd supervisor and handler (a crash, or what a reboot does) and wait."""
+    for pid in supervisor_processes():
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while supervisor_processes():
+        assert time.monotonic() < deadline, "obd processes survived SIGKILL"
+        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import kernel_leftovers, obd, obd_json_list, supervisor_processes
+from .conftest import kernel_leftovers, kill_every_obd_process, obd, obd_json_list
 
 pytestmark = pytest.mark.kernel
 
@@ -36,15 +36,6 @@ def make_image(tmp_path, name: str) -> str:
     img = str(tmp_path / f"{name}.img")
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", str(tree), img, "16M"], check=True)
     return img
-
-
-def kill_every_obd_process() -> None:
-    for pid in supervisor_processes():
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while supervisor_processes():
-        assert time.monotonic() < deadline, "obd processes survived SIGKILL"
-        time.sleep(0.05)
 
 
 @pytest.fixture

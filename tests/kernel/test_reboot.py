@@ -12,14 +12,13 @@ import signal
 import stat
 import subprocess
 import tarfile
-import time
 
 import pytest
 
 from tcmu_overlaybd import config
 
 from ..helpers.layouts import layout_from_flat
-from .conftest import kernel_leftovers, obd, obd_json_list, supervisor_processes
+from .conftest import kernel_leftovers, kill_every_obd_process, obd, obd_json_list
 
 pytestmark = pytest.mark.kernel
 
@@ -46,12 +45,7 @@ def raw_image(tmp_path, name: str) -> str:
 
 def simulate_reboot(mounts: list[dict]) -> None:
     """What a reboot takes away: processes (SIGKILL), mounts, LIO objects, /run/obd."""
-    for pid in supervisor_processes():
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while supervisor_processes():
-        assert time.monotonic() < deadline, "obd processes survived SIGKILL"
-        time.sleep(0.05)
+    kill_every_obd_process()
     for m in mounts:
         for path in (m["mountpoint"], m["lower"]):
             subprocess.run(["umount", "-l", path], check=True)
