@@ -63,14 +63,46 @@ def mount_id(mountpoint: str) -> str:
     return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
 
 
-class StateDir:
-    """The directory of state files (``<id>.json``) and handler logs (``<id>.log``)."""
+class _MountFiles:
+    """A directory of one ``<id>.json`` file per mount; ``kind`` names them in errors."""
+
+    kind = ""
 
     def __init__(self, path: str):
         self.path = path
 
     def file(self, mid: str) -> str:
         return os.path.join(self.path, f"{mid}.json")
+
+    def _load_as(self, cls, path: str):
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except FileNotFoundError:
+            raise StateError(f"{path}: no such {self.kind}") from None
+        except (ValueError, TypeError) as e:
+            raise StateError(f"{path}: unreadable {self.kind}: {e}") from None
+
+    def load(self, mid: str):
+        return self.load_file(self.file(mid))
+
+    def ids(self) -> list[str]:
+        """The ids of every file, readable or not."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+        return [n[:-5] for n in names if n.endswith(".json")]
+
+    def find_mountpoint(self, mountpoint: str):
+        mid = mount_id(mountpoint)
+        return self.load(mid) if os.path.exists(self.file(mid)) else None
+
+
+class StateDir(_MountFiles):
+    """The directory of state files (``<id>.json``) and handler logs (``<id>.log``)."""
+
+    kind = "mount state"
 
     def log(self, mid: str) -> str:
         return os.path.join(self.path, f"{mid}.log")
@@ -96,32 +128,10 @@ class StateDir:
         _write_private_json(self.path, self.file(st.id), dataclasses.asdict(st))
 
     def load_file(self, path: str) -> MountState:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            return MountState(**data)
-        except FileNotFoundError:
-            raise StateError(f"{path}: no such mount state") from None
-        except (ValueError, TypeError) as e:
-            raise StateError(f"{path}: unreadable mount state: {e}") from None
-
-    def load(self, mid: str) -> MountState:
-        return self.load_file(self.file(mid))
-
-    def ids(self) -> list[str]:
-        """The ids of every state file, readable or not."""
-        try:
-            names = sorted(os.listdir(self.path))
-        except FileNotFoundError:
-            return []
-        return [n[:-5] for n in names if n.endswith(".json")]
+        return self._load_as(MountState, path)
 
     def all(self) -> list[MountState]:
         return [self.load(mid) for mid in self.ids()]
-
-    def find_mountpoint(self, mountpoint: str) -> MountState | None:
-        mid = mount_id(mountpoint)
-        return self.load(mid) if os.path.exists(self.file(mid)) else None
 
     def remove(self, mid: str) -> None:
         """Every file of mount ``mid``: state, log, pids, and the handler's stats socket and
@@ -178,14 +188,10 @@ class MountRecord:
         return d
 
 
-class RecordDir:
+class RecordDir(_MountFiles):
     """The directory of persistent mount records (``<id>.json``)."""
 
-    def __init__(self, path: str):
-        self.path = path
-
-    def file(self, mid: str) -> str:
-        return os.path.join(self.path, f"{mid}.json")
+    kind = "mount record"
 
     def save(self, rec: MountRecord) -> None:
         data = dataclasses.asdict(rec)
@@ -193,32 +199,10 @@ class RecordDir:
         _write_private_json(self.path, self.file(rec.id), data)
 
     def load_file(self, path: str) -> MountRecord:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            rec = MountRecord(**data)
-        except FileNotFoundError:
-            raise StateError(f"{path}: no such mount record") from None
-        except (ValueError, TypeError) as e:
-            raise StateError(f"{path}: unreadable mount record: {e}") from None
+        rec = self._load_as(MountRecord, path)
         if not isinstance(rec.options, dict) or os.path.basename(path) != f"{rec.id}.json":
             raise StateError(f"{path}: unreadable mount record: its id is not its file name")
         return rec
-
-    def load(self, mid: str) -> MountRecord:
-        return self.load_file(self.file(mid))
-
-    def ids(self) -> list[str]:
-        """The ids of every record, readable or not."""
-        try:
-            names = sorted(os.listdir(self.path))
-        except FileNotFoundError:
-            return []
-        return [n[:-5] for n in names if n.endswith(".json")]
-
-    def find_mountpoint(self, mountpoint: str) -> MountRecord | None:
-        mid = mount_id(mountpoint)
-        return self.load(mid) if os.path.exists(self.file(mid)) else None
 
     def remove(self, mid: str) -> None:
         try:
