@@ -23,6 +23,8 @@ from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.convert.publish import publish
 from tcmu_overlaybd.errors import CorruptDataError
 from tcmu_overlaybd.ext4.fs import Ext4
+from tcmu_overlaybd.format.zfile import ZFileReader
+from tcmu_overlaybd.format.zfile import ZFileReader
 from tcmu_overlaybd.format.trace import OP_READ, TraceRecord, decode_trace, encode_trace
 from tcmu_overlaybd.image.disk import ImageDisk, open_disk
 from tcmu_overlaybd.image.manifest import REF_NAME
@@ -99,7 +101,7 @@ def _record(ref, cache_dir, trace) -> PrefetchSession:
 
 @registry_test
 def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_registry(small_image, vectors,
-                                                                                  tmp_path):
+                                                                                  tmp_path, monkeypatch):
     ref, proxy = small_image
     tree = _tree(vectors)
     cache_dir = tmp_path / "cache"
@@ -115,15 +117,23 @@ def test_recorded_trace_replayed_makes_the_workload_read_nothing_from_the_regist
     assert len(records) < session.stats.trace_reads  # adjacent reads merged
 
     shared_cache(str(cache_dir), None).clear()  # a cold cache, as on another host
+    decompressed = []  # the layers are ZFile (LZ4): which blocks get decompressed, when
+    real = ZFileReader._decompress
+    monkeypatch.setattr(ZFileReader, "_decompress",
+                        lambda self, n, stored: decompressed.append(n) or real(self, n, stored))
     disk, opts = _open(ref, cache_dir, prefetch_file=str(trace))
+    decompressed.clear()  # opening reads the LSMT index through ZFile
+    proxy.reset_counters()
     session = PrefetchSession.start(dataclasses.asdict(opts), disk)
     stats = _wait(session)
     assert (stats.state, stats.ranges_failed) == ("done", 0)
     assert stats.ranges_done == stats.ranges_total >= len(records)
     assert stats.source == f"trace {trace}"
+    assert _blob_gets(proxy) and decompressed == []  # compressed blocks fetched, none decoded twice
     proxy.reset_counters()
     assert _read_files(disk, WORKLOAD) == {p: tree[p] for p in WORKLOAD}
     assert _blob_gets(proxy) == []  # every block the workload reads was prefetched
+    assert decompressed  # ... and decompressed once, by the workload's reads
     session.stop()
     disk.close()
 

@@ -122,6 +122,12 @@ class SliceSource:
         if inv is not None:
             inv(self.start + offset, length)
 
+    def fetch_range(self, offset: int, length: int) -> None:
+        """Warm ``[offset, offset+length)`` of the window in the base (see ``warm``)."""
+        n = clamp_read(self.size, offset, length)
+        if n:
+            warm(self.base, self.start + offset, n)
+
     def close(self) -> None:
         self.base.close()
 
@@ -151,6 +157,20 @@ class CountingSource:
 
     def close(self) -> None:
         self.base.close()
+
+
+def warm(src: ByteSource, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` of ``src`` cheap to read later, without using the bytes.
+
+    Sources that sit on a cache (``CachedSource``) or can map the range to one
+    below them (``SliceSource``, ``ZFileReader``) have ``fetch_range``: the bytes
+    are fetched into the cache and not decoded.  Any other source is read once
+    (a local file: into the page cache)."""
+    fetch = getattr(src, "fetch_range", None)
+    if fetch is not None:
+        fetch(offset, length)
+    else:
+        src.read(offset, length)
 
 
 def read_exact(src: ByteSource, offset: int, length: int, what: str) -> bytes:

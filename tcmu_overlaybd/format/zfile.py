@@ -27,7 +27,7 @@ from typing import BinaryIO
 import lz4.block
 import zstandard
 
-from ..block.source import ByteSource, clamp_read, read_exact
+from ..block.source import ByteSource, clamp_read, read_exact, warm
 from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw
 from ..errors import CorruptDataError, UnsupportedError
 
@@ -271,6 +271,15 @@ class ZFileReader:
             return data if skip == 0 and n == len(data) else data[skip : skip + n]
         joined = b"".join(blocks)
         return joined if skip == 0 and len(joined) == n else joined[skip : skip + n]
+
+    def fetch_range(self, offset: int, length: int) -> None:
+        """Warm the compressed blocks under ``[offset, offset+length)`` in the source, without
+        decompressing them (trace replay: the device read that follows decompresses once)."""
+        n = clamp_read(self.size, offset, length)
+        if n:
+            bs = self.block_size
+            lo, hi = self._starts[offset // bs], self._starts[(offset + n - 1) // bs + 1]
+            warm(self.source, lo, hi - lo)
 
     def _load(self, missing: list[int]) -> dict[int, bytes]:
         """Fetch the compressed bytes of the blocks ``missing`` (ascending) in one read; decompress."""

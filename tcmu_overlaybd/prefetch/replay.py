@@ -6,9 +6,13 @@ bytes, the 1 MiB buffers of upstream's replay) read in order by
 matters is that every blob block under it is now in the block cache (and, for
 FastOCI, the inflated data in the gzip cache).
 
-* trace records read the layer they name: an ordinary layer through its
-  decompressed LSMT file (``read_mapped(0, …)``), a TurboOCI layer through its
-  own view (see ``record``);
+* trace records warm the layer they name: an ordinary layer's records are
+  offsets in its decompressed LSMT file, mapped through the ZFile jump table to
+  the compressed blocks, which are fetched into the block cache and not
+  decompressed (``block.source.warm``: under TCG, decompressing twice cost the
+  replay as much CPU as the workload's own reads); a TurboOCI layer is read
+  through its own view (see ``record``), which leaves the inflated data in the
+  gzip cache, the part worth keeping;
 * a prefetch list's files are looked up in the ext4 file system of the merged
   disk; each file's extents are read from the merged disk (the "layer 0" of
   upstream's list mode), directories ending in ``/`` recursively.
@@ -25,6 +29,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from ..block.source import warm
 from ..cache.blockcache import background_fetches, yield_to_foreground
 from ..errors import NotFoundError, ObdError
 from ..format.trace import OP_READ, TraceRecord
@@ -41,7 +46,8 @@ WALK_MAX_FILES = 200_000
 
 @dataclass(frozen=True)
 class Piece:
-    read: Callable[[int, int], bytes]
+    """``read(offset, length)`` brings the range into the caches; its result is not used."""
+    read: Callable[[int, int], object]
     offset: int
     length: int
 
@@ -54,11 +60,14 @@ def _split(read, offset: int, length: int, out: list[Piece]) -> None:
         offset += n
 
 
-def layer_reader(layer) -> Callable[[int, int], bytes]:
-    """How a trace record of ``layer`` is read (the offsets ``record.RecordingLayer`` notes)."""
+def layer_reader(layer) -> Callable[[int, int], object]:
+    """How a trace record of ``layer`` is replayed (the offsets ``record.RecordingLayer`` notes)."""
     if getattr(layer, "warp", False):
         return layer.read
-    return lambda off, n: layer.read_mapped(0, off, n)
+    data = getattr(layer, "targets", {}).get(0)
+    if data is None:
+        return lambda off, n: layer.read_mapped(0, off, n)
+    return lambda off, n: warm(data, off, n)
 
 
 def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Piece]:
@@ -180,7 +189,7 @@ class Replayer:
                 if piece is None:
                     return
                 try:
-                    data = piece.read(piece.offset, piece.length)
+                    piece.read(piece.offset, piece.length)
                 except ObdError as e:
                     with self._lock:
                         stats.ranges_failed += 1
@@ -190,4 +199,4 @@ class Replayer:
                     continue
                 with self._lock:
                     stats.ranges_done += 1
-                    stats.bytes_prefetched += len(data)
+                    stats.bytes_prefetched += piece.length
