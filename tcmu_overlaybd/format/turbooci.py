@@ -10,7 +10,11 @@ meta layer ``turboOCIv1.tar.gz`` (§4.1): a gzip tar holding
 * ``gzip.meta``: the gzip index of the original layer when it is gzip (§4.4).
 
 ``open_turbo_layer`` turns a meta blob plus the original layer blob into one
-LSMT layer (a ByteSource of the virtual disk) ready for ``StackedDisk``.
+LSMT layer (a ByteSource of the virtual disk) ready for ``StackedDisk``.  Its
+two reads that may each cost a registry round trip, ``open_meta`` (the meta
+tarball) and ``check_target_kind`` (the head of the original layer), depend on
+nothing but their own blob, so an image opener may run them concurrently and
+join the results with ``turbo_layer``.
 """
 
 from __future__ import annotations
@@ -178,8 +182,10 @@ def open_warp_layer(fs_meta: ByteSource, tar_view: ByteSource) -> lsmt.LsmtFile:
     return warp
 
 
-def _check_target_kind(target: ByteSource, target_is_gzip: bool) -> None:
-    """A mislabelled layer would hand compressed bytes to ext4 as file contents: check up front."""
+def check_target_kind(target: ByteSource, target_is_gzip: bool) -> None:
+    """A mislabelled layer would hand compressed bytes to ext4 as file contents: check up front.
+
+    Reads the first 512 bytes of the original layer (one request to a registry)."""
     head = target.read(0, 512)
     if head[:4] == _ZSTD_MAGIC:
         raise UnsupportedError(f"{target.name}: TurboOCI over a zstd-compressed layer is not supported")
@@ -193,6 +199,38 @@ def _check_target_kind(target: ByteSource, target_is_gzip: bool) -> None:
     if found != said:
         raise CorruptDataError(f"the original layer is {found} but its media type says {said}",
                                blob=target.name, offset=0)
+
+
+def open_meta(meta_blob: ByteSource) -> TurboMeta:
+    """The members of the meta tarball ``meta_blob``, which must describe an ext4 layer."""
+    meta = read_meta_tarball(meta_blob)
+    if meta.fs_type != "ext4":
+        raise UnsupportedError(f"{meta_blob.name}: {meta.fs_type} TurboOCI layers are not supported (only ext4)")
+    return meta
+
+
+def turbo_layer(
+    meta: TurboMeta,
+    meta_name: str,
+    target: ByteSource,
+    *,
+    target_is_gzip: bool,
+    gzip_cache=None,
+    cache_key: str | None = None,
+) -> lsmt.LsmtFile:
+    """The layer of ``meta`` (from ``open_meta`` of the blob ``meta_name``) over ``target``,
+    whose kind ``check_target_kind`` accepted; reads nothing from ``target``."""
+    if target_is_gzip:
+        if meta.gzip_index is None:
+            raise CorruptDataError(
+                f"the original layer is gzip but the meta layer has no {GZIP_META}", blob=meta_name, offset=0
+            )
+        index = GzipIndex.from_bytes(meta.gzip_index, name=f"{meta_name}:{GZIP_META}")
+        tar_view: ByteSource = GzipIndexedSource(target, index, cache=gzip_cache, cache_key=cache_key)
+    else:
+        tar_view = target
+    fs_meta = BytesSource(meta.fs_meta, f"{meta_name}:{EXT4_META}")
+    return open_warp_layer(fs_meta, _TarView(tar_view, target.name))
 
 
 def open_turbo_layer(
@@ -211,18 +249,7 @@ def open_turbo_layer(
     cache keyed by ``cache_key`` (default: the digest in ``target.name``; a target
     known only by path is not cached).
     """
-    meta = read_meta_tarball(meta_blob)
-    if meta.fs_type != "ext4":
-        raise UnsupportedError(f"{meta_blob.name}: {meta.fs_type} TurboOCI layers are not supported (only ext4)")
-    _check_target_kind(target, target_is_gzip)
-    if target_is_gzip:
-        if meta.gzip_index is None:
-            raise CorruptDataError(
-                f"the original layer is gzip but the meta layer has no {GZIP_META}", blob=meta_blob.name, offset=0
-            )
-        index = GzipIndex.from_bytes(meta.gzip_index, name=f"{meta_blob.name}:{GZIP_META}")
-        tar_view: ByteSource = GzipIndexedSource(target, index, cache=gzip_cache, cache_key=cache_key)
-    else:
-        tar_view = target
-    fs_meta = BytesSource(meta.fs_meta, f"{meta_blob.name}:{EXT4_META}")
-    return open_warp_layer(fs_meta, _TarView(tar_view, target.name))
+    meta = open_meta(meta_blob)
+    check_target_kind(target, target_is_gzip)
+    return turbo_layer(meta, meta_blob.name, target, target_is_gzip=target_is_gzip,
+                       gzip_cache=gzip_cache, cache_key=cache_key)

@@ -1,8 +1,10 @@
 """The virtual disk of an accelerated image: its layers opened and stacked bottom first.
 
 Native layers go through ``format.layer.open_layer_blob`` (tar wrapper → ZFile
-→ LSMT), TurboOCI layers through ``format.turbooci.open_turbo_layer`` over the
-meta blob and the original layer.  The acceleration (trace) layer holds no
+→ LSMT), TurboOCI layers through ``format.turbooci`` (meta tarball, original
+layer's head, warp LSMT over both); the blobs of all layers open concurrently,
+so a registry's round trips overlap.  A local layout's blob files are hashed
+once across processes (``oci_layout.VerifiedFiles`` in the block cache directory).  The acceleration (trace) layer holds no
 disk data and is left out of the stack; ``ImageDisk`` keeps it (and the blobs
 and unwrapped layers) for prefetch, and wraps every layer in a
 ``prefetch.record.RecordingLayer`` when ``opts.record_trace`` is set.
@@ -11,10 +13,12 @@ and unwrapped layers) for prefetch, and wraps every layer in a
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from ..block.stack import StackedDisk
 from ..errors import UnsupportedError, UsageError
-from .manifest import UNKNOWN_SIZE, Image, Layer
+from .manifest import UNKNOWN_SIZE, Image
+from .oci_layout import OciLayoutStore, VerifiedFiles
 from .options import OpenOptions
 
 
@@ -28,19 +32,30 @@ def _gzip_cache(opts: OpenOptions):
     return GzipCache.try_open(os.path.expanduser(opts.gzip_cache_dir), **cap)
 
 
-def _open_turbo(image: Image, layer: Layer, gzip_cache, opened: list):
-    try:
-        from ..format.turbooci import open_turbo_layer
-    except ImportError:
-        raise UnsupportedError("TurboOCI (FastOCI) images are not supported by this build") from None
-    meta = image.store.open_blob(layer.descriptor.digest, layer.descriptor.size)
-    opened.append(meta)
-    target = layer.target
-    size = None if target.size == UNKNOWN_SIZE else target.size
-    original = image.store.open_blob(target.digest, size)
-    opened.append(original)
-    return open_turbo_layer(meta, original, target_is_gzip=layer.target_is_gzip, gzip_cache=gzip_cache,
-                            cache_key=target.digest)
+#: blob opens in flight while an image opens: each layer's open is a few dependent reads
+#: (round trips to a registry), so the layers open together, in about the time of the slowest
+OPEN_CONCURRENCY = 8
+
+
+def _run_all(calls: list):
+    """The results of ``calls``, run concurrently (up to ``OPEN_CONCURRENCY``), in order.
+
+    Every call has finished when this returns or raises; the error raised is the one of
+    the first failing call in list order, so the same broken image always reports the
+    same layer."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(min(OPEN_CONCURRENCY, len(calls)), thread_name_prefix="obd-open") as pool:
+        futures = [pool.submit(call) for call in calls]
+        wait(futures)
+    return [f.result() for f in futures]
+
+
+def _use_verified_record(store, opts: OpenOptions) -> None:
+    """Let a local layout skip hashing blob files verified by earlier processes
+    (the record lives in the block cache directory, ``cache.dir``)."""
+    if isinstance(store, OciLayoutStore) and store.verified is None and opts.cache_dir:
+        store.verified = VerifiedFiles.in_dir(os.path.expanduser(opts.cache_dir))
 
 
 #: ``open_layers(gzip_cache=...)`` default: open the pool ``opts`` describes
@@ -50,29 +65,70 @@ _FROM_OPTIONS = object()
 def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None, *, gzip_cache=_FROM_OPTIONS) -> list:
     """Each data layer of ``image`` as a layer byte source, bottom first.
 
+    The layers' blobs are opened concurrently (``_run_all``): a native layer is
+    one task (blob, tar wrapper, ZFile, LSMT index), a TurboOCI layer two (the
+    meta tarball; the original layer's size and head), joined here.
     ``blobs`` receives every blob source opened (layer, meta and original blobs);
     ``gzip_cache``: the pool TurboOCI layers read through (None: none; default: per ``opts``)."""
     if image.mode == "oci":
         raise UsageError(f"{image.reference}: image is not accelerated (run obd convert)")
+    data_layers = [la for la in image.layers if la.kind != "acceleration"]
+    for layer in data_layers:
+        if layer.kind not in ("overlaybd", "fastoci"):
+            raise UnsupportedError(f"{image.reference}: layer {layer.descriptor.digest} ({layer.kind}) "
+                                   f"cannot be part of an accelerated disk")
     from ..format.layer import open_layer_blob
 
+    turbo = None
+    if any(la.kind == "fastoci" for la in data_layers):
+        try:
+            from ..format import turbooci as turbo
+        except ImportError:
+            raise UnsupportedError("TurboOCI (FastOCI) images are not supported by this build") from None
     if gzip_cache is _FROM_OPTIONS:
         gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
-    layers: list = []
-    opened: list = []
+    store = image.store
+    _use_verified_record(store, opts)
+    opened: list = []  # appended to by the open threads (list.append is atomic)
+
+    def blob(digest: str, size: int | None):
+        src = store.open_blob(digest, size)
+        opened.append(src)
+        return src
+
+    def native(desc):
+        return lambda: open_layer_blob(blob(desc.digest, desc.size))
+
+    def meta_of(desc):
+        def run():
+            src = blob(desc.digest, desc.size)
+            return src.name, turbo.open_meta(src)
+        return run
+
+    def target_of(layer):
+        def run():
+            size = None if layer.target.size == UNKNOWN_SIZE else layer.target.size
+            src = blob(layer.target.digest, size)
+            turbo.check_target_kind(src, layer.target_is_gzip)
+            return src
+        return run
+
+    calls: list = []
+    for layer in data_layers:
+        if layer.kind == "overlaybd":
+            calls.append(native(layer.descriptor))
+        else:
+            calls += [meta_of(layer.descriptor), target_of(layer)]
     try:
-        for layer in image.layers:
-            if layer.kind == "acceleration":
-                continue
+        done = iter(_run_all(calls))
+        layers: list = []
+        for layer in data_layers:
             if layer.kind == "overlaybd":
-                blob = image.store.open_blob(layer.descriptor.digest, layer.descriptor.size)
-                opened.append(blob)
-                layers.append(open_layer_blob(blob))
-            elif layer.kind == "fastoci":
-                layers.append(_open_turbo(image, layer, gzip_cache, opened))
-            else:
-                raise UnsupportedError(f"{image.reference}: layer {layer.descriptor.digest} ({layer.kind}) "
-                                       f"cannot be part of an accelerated disk")
+                layers.append(next(done))
+                continue
+            (meta_name, meta), target = next(done), next(done)
+            layers.append(turbo.turbo_layer(meta, meta_name, target, target_is_gzip=layer.target_is_gzip,
+                                            gzip_cache=gzip_cache, cache_key=layer.target.digest))
     except BaseException:
         for src in opened:
             src.close()
