@@ -8,7 +8,7 @@ import random
 import stat
 
 from tcmu_overlaybd.block.source import BytesSource, CountingSource, FileSource
-from tcmu_overlaybd.cache.gzipcache import PAGE, PAGE_ENTRY, SIDECAR_SUFFIX, GzipCache
+from tcmu_overlaybd.cache.gzipcache import PAGE, PAGE_ENTRY, SIDECAR_SUFFIX, GzipCache, entry_offset
 from tcmu_overlaybd.format.gzindex import GzipIndex, GzipIndexedSource
 
 LAYER0 = "571e1a65fc028b27eef187aacb31f98c45aaec82a8f24b0e9bce1f658d7d94c1"
@@ -69,7 +69,7 @@ def test_a_damaged_or_unwritten_page_is_never_served(tmp_path):
     # 1) torn/garbled data page (entry says present, bytes differ)
     _damage(path, 3 * PAGE + 17, b"\xff\xfe")
     # 2) a crash after the data write but before the entry: entry missing
-    _damage(path + SIDECAR_SUFFIX, 300 * PAGE_ENTRY.size, bytes(PAGE_ENTRY.size))
+    _damage(path + SIDECAR_SUFFIX, entry_offset(300), bytes(PAGE_ENTRY.size))
     # 3) an entry that outlived its data (data file truncated under it)
     os.truncate(path, MiB + 5 * PAGE)
     src = CountingSource(BytesSource(data, DIGEST_A))

@@ -11,14 +11,28 @@ per read, so TurboOCI layers keep the *decompressed* tar in a cache directory:
   frees its blocks even if another handler still has it open);
 * directory 0700 and files 0600: the cache holds image contents.
 
-Crash safety: beside each data file, ``<name>.pages`` holds one 8-byte entry per
-page, ``PAGE_ENTRY`` = (``PAGE_PRESENT``, ``crc32c_raw`` of the page's bytes),
-written *after* the data.  A page is served only if its entry is present and the
-CRC of the bytes read back matches, so a torn write, a lost data write after a
-crash, a truncated file or a corrupted disk block all read as a miss and are
-fetched again -- never served.  The CRC is checked on every read: a page this process
-checked before may since have been evicted by another handler (truncated) and be
-refilled while we read it, so an entry alone never vouches for the bytes.
+Crash safety: beside each data file, ``<name>.pages`` (the sidecar) starts with
+``SIDECAR_HEADER`` (magic, a random *generation*) followed by one ``PAGE_ENTRY`` per page
+= (``PAGE_PRESENT``, ``crc32c_raw`` of the page's bytes), written *after* the data.  A
+page is served only if its entry is present and the CRC of the bytes read back
+matches, so a torn write, a lost data write after a crash, a truncated file or a
+corrupted disk block all read as a miss and are fetched again -- never served.
+
+Each process checks a page's CRC once: the first time it reads the page, or never
+when it wrote the page itself (the CRC was computed from the bytes in memory).  From
+then on the page is *verified* for that view and read with one ``pread`` and no CRC,
+as long as the sidecar's generation is the one the view remembers.  This is sound
+because obd never rewrites a page in place with other bytes (a key names one content,
+and concurrent refills of a page write identical bytes); the only way a verified page
+changes is eviction or ``clear``, which truncate the sidecar *before* the data file.
+The header is then gone, and the next writer draws a new random generation: a view
+that reads its data and *then* the header sees the old generation only if no
+truncation touched the bytes it read.  On a mismatch the view forgets every page it
+had verified and checks CRCs again.  Policy for anything else that changes a cache
+file under a running handler (a user editing it, a media error surfacing after the
+page left the page cache): the handler that verified the page keeps serving what it
+reads; the next process (every ``obd mount``) verifies the page again and re-fetches
+it.
 """
 
 from __future__ import annotations
@@ -40,9 +54,12 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 DEFAULT_REFILL = 1 << 20
-#: per-page sidecar entry: marker, crc32c_raw(page bytes)
+#: the sidecar's first bytes: magic, generation (random, drawn when the file starts over)
+SIDECAR_HEADER = struct.Struct("<8sQ")
+SIDECAR_MAGIC = b"obdgzc2\0"
+#: per-page sidecar entry after the header: marker, crc32c_raw(page bytes)
 PAGE_ENTRY = struct.Struct("<II")
-PAGE_PRESENT = 0x50444247  # "GBDP"
+PAGE_PRESENT = 0x32504447  # "GDP2" (version 1 sidecars, without a header, used "GBDP": they read as misses)
 _PRESENT_BYTES = struct.pack("<I", PAGE_PRESENT)
 SIDECAR_SUFFIX = ".pages"
 #: after an eviction the pool is brought down to this fraction of the cap (hysteresis)
@@ -55,6 +72,11 @@ TOUCH_INTERVAL = 30.0
 
 #: a blob named ``registry/repo@<digest>`` or ``.../blobs/<algo>/<hex>`` (OCI layout) is that digest
 _NAMED_DIGEST = re.compile(r"(?:@|^)([a-z0-9]+:[a-f0-9]{32,128})$|/blobs/([a-z0-9]+)/([a-f0-9]{32,128})$")
+
+
+def entry_offset(page: int) -> int:
+    """Where page ``page``'s ``PAGE_ENTRY`` sits in the sidecar."""
+    return SIDECAR_HEADER.size + page * PAGE_ENTRY.size
 
 
 def digest_in(name: str) -> str | None:
@@ -205,7 +227,7 @@ class GzipCache:
                 break
             if used == 0:
                 continue
-            for path in (os.path.join(self.dir, name), os.path.join(self.dir, name + SIDECAR_SUFFIX)):
+            for path in _sidecar_first(self.dir, name):
                 try:
                     os.truncate(path, 0)
                 except FileNotFoundError:
@@ -229,7 +251,7 @@ class GzipCache:
             for name, used, _ in self.files():
                 if digest is not None and name != self.file_name(digest):
                     continue
-                for path in (os.path.join(self.dir, name), os.path.join(self.dir, name + SIDECAR_SUFFIX)):
+                for path in _sidecar_first(self.dir, name):
                     try:
                         os.truncate(path, 0)
                         os.unlink(path)
@@ -238,6 +260,14 @@ class GzipCache:
                 freed += used
             self._estimate = None
         return freed
+
+
+def _sidecar_first(directory: str, name: str) -> tuple[str, str]:
+    """A cached layer's files in the order eviction truncates them: the sidecar (and so
+    its generation) goes first, so a view that finds its generation after reading data
+    knows no truncation reached that data (module doc)."""
+    path = os.path.join(directory, name)
+    return path + SIDECAR_SUFFIX, path
 
 
 def _prepare_dir(path: str) -> None:
@@ -269,7 +299,10 @@ class _Refill:
 
 
 class CachedView:
-    """One layer's decompressed view through the pool (a ByteSource)."""
+    """One layer's decompressed view through the pool (a ByteSource).
+
+    Pages this view checked or wrote are marked in ``_verified`` and then read without
+    a CRC while the sidecar's header is ``_header`` (module doc: crash safety)."""
 
     def __init__(self, pool: GzipCache, file_name: str, source: ByteSource):
         self.pool = pool
@@ -286,6 +319,11 @@ class CachedView:
         self._touched = 0.0
         self._lock = threading.Lock()
         self._inflight: dict[int, _Refill] = {}
+        #: one byte per page: 1 once this view checked the page's CRC (or wrote it) while
+        #: the sidecar header was ``_header``; reset whenever the header changes
+        self._verified = bytearray(-(-self.size // PAGE))
+        #: the sidecar header (magic + generation) the marks in ``_verified`` belong to
+        self._header = self._read_header()
         #: reads answered from cached pages alone / reads that needed a refill (or went
         #: uncached after a full disk); bytes of reads answered from cached pages; bytes
         #: fetched from ``source``; refill units fetched
@@ -305,35 +343,62 @@ class CachedView:
             self._count(misses=1)
             return self._fetch(offset, n)
         first, last = offset // PAGE, (offset + n - 1) // PAGE
+        header = self._header
+        if header is not None and self._verified.find(0, first, last + 1) < 0:
+            # every page verified: the bytes, then the header (a truncation of the data
+            # follows the sidecar's, so an unchanged header vouches for what was read)
+            data = os.pread(self._data, n, offset)
+            if len(data) == n and os.pread(self._side, SIDECAR_HEADER.size, 0) == header:
+                self._count(hits=1, from_cache=n)
+                self._touch()
+                return data
+            self._forget(header)
+            header = self._header
+        return self._read_checked(offset, n, first, last, header)
+
+    def _read_checked(self, offset: int, n: int, first: int, last: int, header: bytes | None) -> bytes:
+        """A read with a CRC check of each page (marking those that pass) and refills of the
+        units of pages that fail; ``header``: the sidecar header when the read started."""
         lo = first * PAGE
         hi = min((last + 1) * PAGE, self.size)
-        entries = os.pread(self._side, (last - first + 1) * PAGE_ENTRY.size, first * PAGE_ENTRY.size)
+        entries = os.pread(self._side, (last - first + 1) * PAGE_ENTRY.size, entry_offset(first))
+        data = None
         if _PRESENT_BYTES not in entries:  # a cold range: no page to check, nothing to read back
             missing = list(range(first, last + 1))
-            buf = bytearray(hi - lo)
         else:
             data = os.pread(self._data, hi - lo, lo)
             if len(data) < hi - lo:
                 data += bytes(hi - lo - len(data))
             missing = self._missing_pages(data, entries, first, last - first + 1)
             if not missing:
+                self._mark(first, last + 1, header)
                 self._count(hits=1, from_cache=n)
                 self._touch()
                 return data if offset == lo and n == len(data) else data[offset - lo : offset - lo + n]
-            buf = bytearray(data)
+            gone = set(missing)
+            for page in range(first, last + 1):
+                if page not in gone:
+                    self._mark(page, page + 1, header)
         refill = self.pool.refill_size
-        for u_lo, fresh in self._refill(sorted({p * PAGE // refill for p in missing})):
-            a, b = max(u_lo, lo), min(u_lo + len(fresh), hi)
-            buf[a - lo : b - lo] = fresh[a - u_lo : b - u_lo]
-        missed = sum(min((p + 1) * PAGE, offset + n) - max(p * PAGE, offset) for p in missing)
+        fresh = sorted(self._refill(sorted({p * PAGE // refill for p in missing})), key=lambda unit: unit[0])
+        end = offset + n
+        missed = sum(min((p + 1) * PAGE, end) - max(p * PAGE, offset) for p in missing)
         self._count(misses=1, from_cache=n - missed)
-        return bytes(buf[offset - lo : offset - lo + n])
+        if data is None:  # the refilled units cover the whole read: no page buffer to patch
+            pieces = [unit[max(offset - u_lo, 0) : end - u_lo] for u_lo, unit in fresh
+                      if u_lo < end and u_lo + len(unit) > offset]
+            return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        buf = bytearray(data)
+        for u_lo, unit in fresh:
+            a, b = max(u_lo, lo), min(u_lo + len(unit), hi)
+            buf[a - lo : b - lo] = unit[a - u_lo : b - u_lo]
+        return bytes(memoryview(buf)[offset - lo : end - lo])
 
     @staticmethod
     def _missing_pages(data: bytes, entries: bytes, first: int, npages: int) -> list[int]:
         """Numbers of the pages (``first`` is ``data[0:PAGE]``) whose sidecar entry is absent,
         not ``PAGE_PRESENT`` or has a CRC other than their bytes' (a short last page is
-        checked as it is).  One unpack for all entries: this runs on every cached read."""
+        checked as it is).  One unpack for all entries."""
         have = min(npages, len(entries) // PAGE_ENTRY.size)
         fields = struct.unpack_from(f"<{2 * have}I", entries)
         view = memoryview(data)
@@ -341,6 +406,39 @@ class CachedView:
                    if fields[2 * i] != PAGE_PRESENT or fields[2 * i + 1] != crc32c_raw(view[i * PAGE : (i + 1) * PAGE])]
         missing.extend(range(first + have, first + npages))
         return missing
+
+    def _read_header(self) -> bytes | None:
+        """The sidecar's header if it is one (a fresh, truncated or version 1 sidecar has none)."""
+        head = os.pread(self._side, SIDECAR_HEADER.size, 0)
+        if len(head) == SIDECAR_HEADER.size and head.startswith(SIDECAR_MAGIC):
+            return head
+        return None
+
+    def _mark(self, start: int, stop: int, header: bytes | None) -> None:
+        """Pages ``[start, stop)`` were checked (or written) while the header was ``header``."""
+        with self._lock:
+            if header is not None and header == self._header:
+                self._verified[start:stop] = b"\x01" * (stop - start)
+
+    def _forget(self, header: bytes | None) -> None:
+        """The header is no longer ``header`` (or the data was short): every mark is void."""
+        with self._lock:
+            if self._header == header:
+                self._verified = bytearray(len(self._verified))
+                self._header = self._read_header()
+
+    def _claim_header(self) -> bytes:
+        """The sidecar header to write pages under, drawing a new generation for a sidecar
+        that has none (new, evicted, or version 1); adopting it forgets the old marks."""
+        header = self._read_header()
+        if header is None:
+            header = SIDECAR_HEADER.pack(SIDECAR_MAGIC, int.from_bytes(os.urandom(8), "little") | 1)
+            os.pwrite(self._side, header, 0)
+        with self._lock:
+            if header != self._header:
+                self._verified = bytearray(len(self._verified))
+                self._header = header
+        return header
 
     def _count(self, hits: int = 0, misses: int = 0, from_cache: int = 0) -> None:
         with self._lock:
@@ -399,7 +497,9 @@ class CachedView:
         counts.update(getattr(self.source, "inflate_stats", dict)())
         return counts
 
-    def _fetch(self, offset: int, n: int) -> bytes:
+    def _fetch(self, offset: int, n: int):
+        """``n`` bytes of the source at ``offset`` (any bytes-like object: the inflater hands
+        over the buffer it inflated into, uncopied)."""
         data = self.source.read(offset, n)
         if len(data) != n:
             raise CorruptDataError(
@@ -410,18 +510,21 @@ class CachedView:
         return data
 
     def _store(self, offset: int, data: memoryview) -> None:
-        """Data first, then the page entries: an entry never describes bytes not yet written."""
+        """Data first, then the page entries: an entry never describes bytes not yet written.
+        The pages written count as verified (their CRCs come from these very bytes)."""
         fields = [PAGE_PRESENT, 0] * (-(-len(data) // PAGE))
         fields[1::2] = [crc32c_raw(data[i : i + PAGE]) for i in range(0, len(data), PAGE)]
         entries = struct.pack(f"<{len(fields)}I", *fields)  # PAGE_ENTRY per page, in one pack
         try:
+            header = self._claim_header()
             os.pwrite(self._data, data, offset)
-            os.pwrite(self._side, entries, offset // PAGE * PAGE_ENTRY.size)
+            os.pwrite(self._side, entries, entry_offset(offset // PAGE))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
                 raise
             self._caching = False  # keep serving from the source
             return
+        self._mark(offset // PAGE, (offset + len(data) + PAGE - 1) // PAGE, header)
         self._touched = time.monotonic()
         self.pool.note_written(len(data) + len(entries))
 

@@ -542,16 +542,21 @@ class GzipIndexedSource:
 
     def read_uncached(self, offset: int, length: int) -> bytes:
         """Inflate ``[offset, offset+length)`` (clamped to the stream) without the cache."""
+        return bytes(self.inflate_range(offset, length))
+
+    def inflate_range(self, offset: int, length: int) -> bytearray:
+        """``read_uncached`` into a new bytearray, which it returns (the gzip cache stores and
+        serves the buffer the inflater wrote, never a copy of it)."""
         length = clamp_read(self.size, offset, length)
         if length == 0:
-            return b""
+            return bytearray()
         end = offset + length
         inf, fresh = self._take_inflater(offset)
         reads, read_bytes, pos = inf.reads, inf.read_bytes, inf.pos
+        out = bytearray(length)
         try:
             inf.skip_to(offset, end)
-            out = ctypes.create_string_buffer(length)
-            got = inf.inflate_into(out, 0, length, end) if inf.pos == offset else 0
+            got = inf.inflate_into((ctypes.c_char * length).from_buffer(out), 0, length, end) if inf.pos == offset else 0
             if got != length:
                 raise CorruptDataError(
                     f"gzip stream ends at uncompressed offset {inf.pos}, its index says {self.size}",
@@ -568,7 +573,7 @@ class GzipIndexedSource:
                 c["compressed_reads"] += inf.reads - reads
                 c["compressed_bytes"] += inf.read_bytes - read_bytes
         self._park(inf)
-        return out.raw
+        return out
 
     def inflate_stats(self) -> dict[str, int]:
         """Counters of the inflating path: ``spans_inflated`` (reads that started an inflater at
@@ -611,12 +616,13 @@ class GzipIndexedSource:
 
 
 class _UncachedView:
-    """The inflating path of a GzipIndexedSource, as the cache's backing source."""
+    """The inflating path of a GzipIndexedSource, as the cache's backing source (its reads
+    return the inflater's bytearray: the cache only stores and slices it)."""
 
     def __init__(self, src: GzipIndexedSource):
         self.name = src.name
         self.size = src.size
-        self.read = src.read_uncached
+        self.read = src.inflate_range
         self.inflate_stats = src.inflate_stats
 
     def close(self) -> None:
