@@ -7,11 +7,17 @@ images from a local docker-registry (``supervisor.open_source``, the handler's o
 path), cold cache: the open by tag that a mount does once now (twice before: the
 CLI probed the size, then the handler re-opened it) and the pinned open (manifest
 digest, no tag lookup) that a restarted handler does, with the registry requests each made.
+Layer opens (issue 6): ``open_disk`` of the same images through a proxy that delays
+every request by ``LATENCY_S`` (a WAN round trip), cold cache, with the layers
+opened one after the other (``OPEN_CONCURRENCY = 1``, as before) and concurrently
+(now); and the open of python-large from its local layout in a first process (hashes
+every layer blob) and in the next one (finds them in the verified-files record).
 
 VM part (needs TCMU: on a host without it, re-run with ``--vm`` to run it inside
-the VM harness): ``obd -vv mount`` of python-small from a local OCI layout and of
-python-small/large from a registry in the guest, each phase of the mount as
-``obd mount`` logs it (``mount phase <name> <seconds>``).
+the VM harness): ``obd -vv mount`` of python-small/large from a local OCI layout
+(twice with the same cache directory: the second mount finds the layer blobs in
+the verified-files record) and of python-small from a registry in the guest, each
+phase of the mount as ``obd mount`` logs it (``mount phase <name> <seconds>``).
 
 The images are the startup benchmark's converted layouts under
 /var/cache/obd-bench/<chain>/converted (``benchmarks/startup/run`` builds them).
@@ -38,6 +44,10 @@ OBD = os.path.join(ROOT, ".venv", "bin", "obd")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CONVERTED = "/var/cache/obd-bench/*/converted"
 IMPORT_ROUNDS = 5
+#: injected delay of every registry request in the layer-open figures (a 20 ms round trip)
+LATENCY_S = 0.020
+#: layer opens are timed this many times (fresh caches each), the best kept
+OPEN_ROUNDS = 3
 CLI_MODULES = ("userspace", "cache_cmd", "kernel", "convert_cmd", "stats_cmd", "trace_cmd")
 
 
@@ -98,10 +108,65 @@ def open_once(ref: str, pin: str | None, cache_dir: str) -> tuple[float, int]:
     return tuple(json.loads(r.stdout.splitlines()[-1]))
 
 
+def layer_open_seconds(ref: str, work: str, concurrency: int) -> tuple[float, int]:
+    """Best of ``OPEN_ROUNDS`` ``open_disk`` of ``ref`` (cold caches; the image resolved
+    beforehand, untimed) with ``OPEN_CONCURRENCY = concurrency``, and its number of layers."""
+    from benchmarks.startup.registry import registry_options
+    from tcmu_overlaybd.image import disk
+    from tcmu_overlaybd.image.resolve import open_image
+
+    saved, disk.OPEN_CONCURRENCY = disk.OPEN_CONCURRENCY, concurrency
+    best = float("inf")
+    try:
+        for _ in range(OPEN_ROUNDS):
+            opts = registry_options()
+            opts.cache_dir = tempfile.mkdtemp(prefix="cache-", dir=work)
+            opts.gzip_cache_dir = os.path.join(opts.cache_dir, "gz")
+            image = open_image(ref, opts)
+            t0 = time.perf_counter()
+            opened = disk.open_disk(image, opts)
+            best = min(best, time.perf_counter() - t0)
+            layers = len(opened.data_layers)
+            opened.close()
+    finally:
+        disk.OPEN_CONCURRENCY = saved
+    return best, layers
+
+
+def measure_layer_opens(reg, refs: dict[str, str], work: str) -> dict:
+    """Serial vs concurrent layer opens of each ref through a proxy adding ``LATENCY_S`` per request."""
+    from tests.helpers.registry import Proxy
+
+    proxy = Proxy(reg.host)
+    proxy.add_fault(f"delay:{LATENCY_S}", "", times=1 << 30)
+    out = {}
+    try:
+        for fmt, ref in refs.items():
+            ref = ref.replace(reg.host, proxy.host, 1)
+            serial, layers = layer_open_seconds(ref, work, 1)
+            from tcmu_overlaybd.image.disk import OPEN_CONCURRENCY
+
+            concurrent, _ = layer_open_seconds(ref, work, OPEN_CONCURRENCY)
+            out[fmt] = {"layers": layers, "latency_s": LATENCY_S, "serial_s": serial, "concurrent_s": concurrent}
+    finally:
+        proxy.stop()
+    return out
+
+
+def measure_layout_opens(work: str) -> dict:
+    """``open_source`` of python-large (overlaybd) from its local layout: first process, next process."""
+    layout, tag = layout_of("overlaybd", "python-large")
+    cache = os.path.join(work, "cache-layout")
+    first = open_once(f"oci:{layout}:{tag}", None, cache)[0]
+    again = open_once(f"oci:{layout}:{tag}", None, cache)[0]
+    return {"layout": layout, "first_process_s": first, "next_process_s": again}
+
+
 def measure_opens() -> dict:
     from benchmarks.startup.registry import BenchRegistry
 
     out = {}
+    refs = {}
     work = tempfile.mkdtemp(prefix="bench-mount-")
     reg = BenchRegistry(os.path.join(work, "registry"))
     try:
@@ -109,7 +174,7 @@ def measure_opens() -> dict:
             layout, tag = layout_of(fmt, "python-large")
             push_source(reg, fmt, "python-large")
             pushed = reg.push_layout(f"oci:{layout}:{tag}", f"bench/{fmt}", tag)
-            ref = f"{reg.host}/bench/{fmt}:{tag}"
+            ref = refs[fmt] = f"{reg.host}/bench/{fmt}:{tag}"
             row = {}
             # the second open of a mount (before: the handler after the CLI's probe) found the cache warm
             for what, pin, cache in (("by_tag", None, "cold"), ("again_warm", None, "cold"),
@@ -121,15 +186,18 @@ def measure_opens() -> dict:
                              "bytes": reg.served_since(mark).bytes}
                 row["size"], row["manifest"] = size, digest
             out[fmt] = row
+        layer_opens = measure_layer_opens(reg, refs, work)
+        layout_opens = measure_layout_opens(work)
     finally:
         reg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return out
+    return {"registry": out, "layer_opens": layer_opens, "layout_opens": layout_opens}
 
 
 def host_report() -> dict:
     imports = measure_imports()
-    opens = measure_opens()
+    measured = measure_opens()
+    opens = measured["registry"]
     print("obd mount import path (median of %d fresh processes)" % IMPORT_ROUNDS)
     print(f"  python alone                 {imports['python_s']:.3f} s")
     print(f"  obd mount, before (eager)    {imports['obd_mount_eager_s']:.3f} s")
@@ -143,13 +211,24 @@ def host_report() -> dict:
         print(f"  {fmt:10} {r['size'] / 2**30:7.1f}Gi {tag['seconds']:7.3f}s {tag['requests']:3d} req"
               f" {pin['seconds']:7.3f}s {pin['requests']:3d} req {warm['seconds']:7.3f}s {warm['requests']:3d} req"
               f" {tag['seconds'] + warm['seconds']:15.3f}s {tag['seconds']:13.3f}s")
-    return {"imports": imports, "opens": opens}
+    print(f"layer opens of python-large, every request delayed {LATENCY_S * 1e3:.0f} ms, cold cache "
+          f"(best of {OPEN_ROUNDS})")
+    print(f"  {'format':10} {'layers':>6} {'before: serial':>15} {'now: concurrent':>16}")
+    for fmt, r in measured["layer_opens"].items():
+        print(f"  {fmt:10} {r['layers']:6d} {r['serial_s']:14.3f}s {r['concurrent_s']:15.3f}s")
+    lo = measured["layout_opens"]
+    print("open of overlaybd python-large from its local layout (fresh process each)")
+    print(f"  first process (hashes every layer blob)      {lo['first_process_s']:7.3f} s")
+    print(f"  next process (verified-files record)         {lo['next_process_s']:7.3f} s")
+    return {"imports": imports, "opens": opens, "layer_opens": measured["layer_opens"], "layout_opens": lo}
 
 
-def obd_mount_phases(ref: str, extra: list[str]) -> dict:
-    """``obd -vv mount`` of ``ref`` on a fresh mountpoint: its phases, wall time, then umount."""
+def obd_mount_phases(ref: str, extra: list[str], cache: str | None = None) -> dict:
+    """``obd -vv mount`` of ``ref`` on a fresh mountpoint: its phases, wall time, then umount.
+
+    ``cache``: the block cache directory (default: a fresh one)."""
     mnt = tempfile.mkdtemp(prefix="bench-mnt-")
-    cache = tempfile.mkdtemp(prefix="bench-cache-")
+    cache = cache or tempfile.mkdtemp(prefix="bench-cache-")
     t0 = time.perf_counter()
     r = subprocess.run([OBD, "-vv", "mount", "--cache-dir", cache, *extra, ref, mnt], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -177,7 +256,11 @@ def vm_report() -> dict:
     # does not fit in the VM's memory
     for image in ("python-small", "python-large"):
         layout, tag = layout_of("overlaybd", image)
-        runs[f"overlaybd {image}, local layout"] = show(obd_mount_phases(f"oci:{layout}:{tag}", []))
+        cache = tempfile.mkdtemp(prefix="bench-cache-")
+        runs[f"overlaybd {image}, local layout"] = show(obd_mount_phases(f"oci:{layout}:{tag}", [], cache))
+        # the same cache dir: the layer blobs are in its verified-files record, not hashed again
+        runs[f"overlaybd {image}, local layout, mounted again"] = show(
+            obd_mount_phases(f"oci:{layout}:{tag}", [], cache))
     reg = BenchRegistry(tempfile.mkdtemp(prefix="bench-registry-"))
     try:
         for fmt in ("overlaybd", "fastoci"):

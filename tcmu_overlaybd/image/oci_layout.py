@@ -128,8 +128,11 @@ class VerifiedFiles:
             return {}  # none yet, or unreadable: every file is hashed
         try:
             st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                log.warning("%s: ignored (not owned by uid %d or writable by others)", self.path, os.geteuid())
+            if st.st_uid != os.geteuid():
+                log.debug("%s: ignored (owned by uid %d, not by us)", self.path, st.st_uid)
+                return {}
+            if st.st_mode & 0o022:
+                log.warning("%s: ignored (writable by group or others)", self.path)
                 return {}
             with os.fdopen(fd, "rb", closefd=False) as f:
                 doc = json.loads(f.read())
