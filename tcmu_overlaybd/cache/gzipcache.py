@@ -24,8 +24,10 @@ then on the page is *verified* for that view and read with one ``pread`` and no 
 as long as the sidecar's generation is the one the view remembers.  This is sound
 because obd never rewrites a page in place with other bytes (a key names one content,
 and concurrent refills of a page write identical bytes); the only way a verified page
-changes is eviction or ``clear``, which truncate the sidecar *before* the data file.
-The header is then gone, and the next writer draws a new random generation: a view
+changes is eviction or ``clear``, which truncate the sidecar *before* the data file,
+holding the sidecar's exclusive ``flock`` (refills write under its shared lock, so no
+refill re-creates a header between the two truncations).  The header is then gone,
+and the next writer draws a new random generation: a view
 that reads its data and *then* the header sees the old generation only if no
 truncation touched the bytes it read.  On a mismatch the view forgets every page it
 had verified and checks CRCs again.  Policy for anything else that changes a cache
@@ -38,6 +40,7 @@ it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -227,11 +230,7 @@ class GzipCache:
                 break
             if used == 0:
                 continue
-            for path in _sidecar_first(self.dir, name):
-                try:
-                    os.truncate(path, 0)
-                except FileNotFoundError:
-                    pass
+            _drop_layer(self.dir, name)
             total -= used
         return total
 
@@ -251,23 +250,38 @@ class GzipCache:
             for name, used, _ in self.files():
                 if digest is not None and name != self.file_name(digest):
                     continue
-                for path in _sidecar_first(self.dir, name):
-                    try:
-                        os.truncate(path, 0)
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
+                _drop_layer(self.dir, name, unlink=True)
                 freed += used
             self._estimate = None
         return freed
 
 
-def _sidecar_first(directory: str, name: str) -> tuple[str, str]:
-    """A cached layer's files in the order eviction truncates them: the sidecar (and so
-    its generation) goes first, so a view that finds its generation after reading data
-    knows no truncation reached that data (module doc)."""
+def _drop_layer(directory: str, name: str, unlink: bool = False) -> None:
+    """Truncate (and with ``unlink``, delete) a cached layer: the sidecar first, then the
+    data, under the sidecar's exclusive ``flock``.  Refills write under its shared lock,
+    so none lands between the two truncations: once the data is gone, the generation
+    header is too, and any later one is new (module doc: crash safety)."""
     path = os.path.join(directory, name)
-    return path + SIDECAR_SUFFIX, path
+    side = path + SIDECAR_SUFFIX
+    try:
+        fd = os.open(side, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            if unlink:
+                os.unlink(side)
+        try:
+            os.truncate(path, 0)
+            if unlink:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
 
 
 def _prepare_dir(path: str) -> None:
@@ -516,9 +530,13 @@ class CachedView:
         fields[1::2] = [crc32c_raw(data[i : i + PAGE]) for i in range(0, len(data), PAGE)]
         entries = struct.pack(f"<{len(fields)}I", *fields)  # PAGE_ENTRY per page, in one pack
         try:
-            header = self._claim_header()
-            os.pwrite(self._data, data, offset)
-            os.pwrite(self._side, entries, entry_offset(offset // PAGE))
+            fcntl.flock(self._side, fcntl.LOCK_SH)  # no eviction between claim and writes
+            try:
+                header = self._claim_header()
+                os.pwrite(self._data, data, offset)
+                os.pwrite(self._side, entries, entry_offset(offset // PAGE))
+            finally:
+                fcntl.flock(self._side, fcntl.LOCK_UN)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
                 raise
