@@ -10,11 +10,12 @@ its meta tarball.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
-from tcmu_overlaybd.errors import CorruptDataError
+from tcmu_overlaybd.errors import CorruptDataError, NotFoundError
 from tcmu_overlaybd.image import disk as disk_mod
 from tcmu_overlaybd.image.disk import open_disk
 from tcmu_overlaybd.image.manifest import REF_NAME
@@ -96,3 +97,20 @@ def test_first_broken_layer_is_reported_whatever_the_timing(vectors, tmp_path):
         with pytest.raises(CorruptDataError) as err:
             open_disk(image, OpenOptions())
         assert str(err.value).startswith(f"{lower}: oci:{layout}: blob content does not match its digest")
+
+
+def test_fastoci_missing_originals_report_the_lowest_and_close_what_was_opened(vectors, tmp_path):
+    """TurboOCI, local layout, both original layers gone: the lower one is named (one line), and
+    the meta blobs opened meanwhile are closed again."""
+    metas = [vectors / SMALL / "turbooci" / f"layer{i}" / "turboOCIv1.tar.gz" for i in (0, 1)]
+    layout = turbo_layout(tmp_path / "turbo", vectors / SMALL / "original", metas, "small", "turbo")
+    image = open_image(f"oci:{layout}:turbo", OpenOptions())
+    lower, upper = (la.target.digest for la in image.layers)
+    for digest in (lower, upper):
+        (layout / "blobs" / "sha256" / digest[7:]).unlink()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(NotFoundError) as err:
+        open_disk(image, OpenOptions())
+    assert str(err.value) == (f"oci:{layout}: blob {lower} is missing "
+                              f"({layout / 'blobs' / 'sha256' / lower[7:]})")
+    assert len(os.listdir("/proc/self/fd")) == fds
