@@ -23,11 +23,13 @@ This benchmark measures that path on the host, with real components only:
    process, fetch threads included), device reads per second of wall time, and
    the read bytes' SHA-256, checked against the local layout's.
 
+``--baseline REV`` replays with obd as of git revision REV too, interleaved with the
+working tree's (each in its own cache and processes), and prints the CPU ratio.
 ``--profile`` adds one cProfile'd cold and warm pass each and prints their own
 time split by layer of the stack (stack, LSMT, ZFile, LZ4, CRC32C, slice, block
 cache, system calls, registry/HTTP, ...).  Writes ``benchmarks/results/readpath.json``.
 
-Usage: .venv/bin/python benchmarks/bench_readpath.py [--subtree PATH] [--profile] [--rounds N]
+Usage: .venv/bin/python benchmarks/bench_readpath.py [--subtree PATH] [--baseline REV] [--profile] [--rounds N]
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+#: a replay child of ``--baseline`` imports obd from the older revision extracted here
+CODE_ENV = "BENCH_READPATH_CODE"
+sys.path[:0] = [p for p in (os.environ.get(CODE_ENV), str(ROOT)) if p]
 
 from tcmu_overlaybd.ext4.fs import Ext4  # noqa: E402
 from tcmu_overlaybd.image.disk import open_disk  # noqa: E402
@@ -168,6 +172,16 @@ def record(layout: pathlib.Path, subtree: str) -> tuple[list[tuple[int, int]], i
     return reads, files, digest.hexdigest()
 
 
+def extract(rev: str, dest: str) -> str:
+    """obd's package as of git revision ``rev``, extracted under ``dest`` (a ``--baseline``)."""
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tcmu_overlaybd"], capture_output=True)
+    if archive.returncode:
+        sys.exit(f"bench_readpath: git archive {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+    return dest
+
+
 def _layer_split(profile) -> list[tuple[str, float]]:
     """Own time (tottime) of the profiled functions, summed per ``_LAYERS`` row."""
     import pstats
@@ -213,9 +227,11 @@ def replay_child(ref: str, reads_path: str, cache_dir: str, profile: bool) -> di
     return out
 
 
-def run_phase(ref: str, reads_path: str, cache_dir: str, profile: bool = False) -> dict:
+def run_phase(ref: str, reads_path: str, cache_dir: str, profile: bool = False, code: str | None = None) -> dict:
+    """One phase in a fresh process, with the working tree's obd or the one extracted in ``code``."""
+    env = dict(os.environ, **{CODE_ENV: code}) if code else None
     r = subprocess.run([str(PY), __file__, "--child", ref, reads_path, cache_dir] + (["--profile"] if profile else []),
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode:
         sys.exit(f"bench_readpath: replay of {ref} failed: {r.stderr.strip()[-800:]}")
     return json.loads(r.stdout.splitlines()[-1])
@@ -232,7 +248,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--subtree", default=DEFAULT_SUBTREE, help="directory of the image whose files are read")
     ap.add_argument("--profile", action="store_true", help="add a cProfile'd cold and warm pass: time by layer")
-    ap.add_argument("--rounds", type=int, default=3, help="cold+warm rounds; the best of each is kept")
+    ap.add_argument("--rounds", type=int, default=5, help="cold+warm rounds; the best of each is kept")
+    ap.add_argument("--baseline", metavar="REV", help="also replay with obd as of git revision REV (interleaved)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the cached input and converted images")
     ap.add_argument("--child", nargs=3, metavar=("REF", "READS", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -255,23 +272,30 @@ def main() -> int:
         reads_path = os.path.join(work, "reads.json")
         with open(reads_path, "w") as f:
             json.dump(reads, f)
-        phases: dict[str, list[dict]] = {"cold": [], "warm": []}
-        for k in range(args.rounds):
-            cache = os.path.join(work, f"cache-{k}")
-            for name in ("cold", "warm"):
-                got = run_phase(ref, reads_path, cache)
-                if got["sha256"] != expect:
-                    sys.exit(f"bench_readpath: {name} replay read different bytes than the local layout")
-                phases[name].append(summarize(got))
-        best = {name: min(rows, key=lambda r: r["cpu_s"]) for name, rows in phases.items()}
+        codes = {"current": None}
+        if args.baseline:
+            codes = {f"baseline {args.baseline}": extract(args.baseline, os.path.join(work, "baseline")),
+                     "current": None}
+        rows: dict[tuple[str, str], list[dict]] = {}
+        for k in range(args.rounds):  # interleaved, so a busy host slows every variant alike
+            for v, (label, code) in enumerate(codes.items()):
+                cache = os.path.join(work, f"cache-{k}-{v}")
+                for name in ("cold", "warm"):
+                    got = run_phase(ref, reads_path, cache, code=code)
+                    if got["sha256"] != expect:
+                        sys.exit(f"bench_readpath: {name} replay ({label}) read different bytes than the local layout")
+                    rows.setdefault((name, label), []).append(summarize(got))
+        best = {key: min(runs, key=lambda r: r["cpu_s"]) for key, runs in sorted(rows.items())}
         result = {"host": {"python": platform.python_version(), "cpus": os.cpu_count()},
                   "workload": {"subtree": args.subtree, "files": files, "reads": len(reads), "bytes": total},
-                  "phases": best}
-        print(f"{'phase':6} {'CPU s/MB':>9} {'CPU ms/read':>12} {'reads/s':>9} {'MB/s':>7} {'wall s':>7}"
+                  "phases": {f"{name} ({label})": r for (name, label), r in best.items()}}
+        print(f"{'phase':6} {'code':22} {'CPU s/MB':>9} {'CPU ms/read':>12} {'reads/s':>9} {'MB/s':>7} {'wall s':>7}"
               f"   (best CPU of {args.rounds} fresh processes each)")
-        for name, r in best.items():
-            print(f"{name:6} {r['cpu_s_per_mb']:9.4f} {r['cpu_ms_per_read']:12.3f} {r['reads_per_s']:9.0f} "
-                  f"{r['mb_per_s']:7.1f} {r['wall_s']:7.2f}")
+        for (name, label), r in best.items():
+            base = best.get((name, next(iter(codes))))
+            ratio = f"  x{r['cpu_s'] / base['cpu_s']:.2f} CPU" if len(codes) > 1 and r is not base else ""
+            print(f"{name:6} {label:22} {r['cpu_s_per_mb']:9.4f} {r['cpu_ms_per_read']:12.3f} {r['reads_per_s']:9.0f} "
+                  f"{r['mb_per_s']:7.1f} {r['wall_s']:7.2f}{ratio}")
         if args.profile:
             cache = os.path.join(work, "cache-profile")
             result["profile"] = {}

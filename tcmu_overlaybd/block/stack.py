@@ -13,10 +13,11 @@ entered with ``moffset = offset`` and read through the layer's own ``read``.
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_right
 from typing import Callable, Iterator, Sequence
 
-from ..errors import UsageError
-from ..format.lsmt import MAX_RW_INDEX_SIZE, SECTOR, SegmentIndex
+from ..errors import CorruptDataError, UsageError
+from ..format.lsmt import MAX_RW_INDEX_SIZE, SECTOR, LsmtFile, SegmentIndex
 from .source import clamp_read
 
 MAX_LAYERS = 256
@@ -89,6 +90,21 @@ def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identit
     return SegmentIndex(oo, ol, om, oz, ot)
 
 
+def _data_reader(layer) -> Callable[[int, int], bytes]:
+    """``read(pos, n)`` of the file a level's merged segments point into.
+
+    A warp layer is read through its own index (its segments have ``moffset ==
+    offset``); a sealed layer's data file is its ``targets[0]`` (the ZFile or
+    raw LSMT bytes), called directly; anything else (a writable layer, a
+    recording wrapper) through ``read_mapped(0, ...)``.
+    """
+    if getattr(layer, "warp", False):
+        return layer.read
+    if type(layer) is LsmtFile:
+        return layer.targets[0].read
+    return lambda pos, n: layer.read_mapped(0, pos, n)
+
+
 class StackedDisk:
     """A stack of layers (bottom first) as one byte source; reads are thread-safe.
 
@@ -106,12 +122,7 @@ class StackedDisk:
         self.name = top if len(self.layers) == 1 else f"{top} (+{len(self.layers) - 1} lower layers)"
         self.vsize = next((layer.vsize for layer in reversed(self.layers) if layer.vsize), 0)
         self.size = self.vsize
-        self._readers: list[Callable[[int, int], bytes]] = []
-        for layer in self.layers:
-            if getattr(layer, "warp", False):
-                self._readers.append(layer.read)
-            else:
-                self._readers.append(lambda off, n, _l=layer: _l.read_mapped(0, off, n))
+        self._readers: list[Callable[[int, int], bytes]] = [_data_reader(layer) for layer in self.layers]
         merged = None
         for level in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[level]
@@ -129,10 +140,24 @@ class StackedDisk:
         return self._readers[level](pos, n)
 
     def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the virtual disk; a read inside one data segment (most device reads: a
+        segment is up to 8 MiB) is one bisect and one call of its level's reader."""
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
-        return self.index.read(offset, n, self._fetch, self.name)
+        idx = self.index
+        i = bisect_right(idx.offsets, offset >> 9) - 1
+        if i >= 0 and not idx.zeroed[i]:
+            start = idx.offsets[i] << 9
+            if offset + n <= start + (idx.lengths[i] << 9):
+                pos = (idx.moffsets[i] << 9) + (offset - start)
+                data = self._readers[idx.tags[i]](pos, n)
+                if len(data) != n:
+                    raise CorruptDataError(
+                        f"segment at virtual byte {offset} maps past the end of its data file "
+                        f"(wanted {n} bytes at {pos}, got {len(data)})", blob=self.name, offset=pos)
+                return data
+        return idx.read(offset, n, self._fetch, self.name)
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool, int]]:
         """Merged (offset_bytes, length_bytes, zeroed, level) runs in ``[start, end)``, in order.

@@ -396,38 +396,62 @@ class BlockCache:
 
     # ---- writes and eviction ---------------------------------------------------------
     def put(self, key: str, index: int, data: bytes | memoryview) -> None:
-        """Store one complete block (write to tmp, then rename under the lock).
+        """Store one complete block (see ``put_many``)."""
+        self.put_many(key, [(index, data)])
 
+    def put_many(self, key: str, blocks: list[tuple[int, bytes | memoryview]]) -> None:
+        """Store complete blocks of blob ``key``: each is written to ``tmp/``, then, under one
+        lock, they are charged to ``.usage`` together and renamed into place.
+
+        One lock, one usage update and no directory check per block keep a fetched
+        run cheap (the blob's directory is made only when a rename finds it missing).
         A cache that cannot be written (full disk, read-only, permissions) only
         costs speed: the failure is logged once and the read goes on uncached.
         """
-        n = len(data)
-        if n > self.block_size:
-            raise ValueError(f"block of {n} bytes > block size {self.block_size}")
-        path = self.block_path(key, index)
-        tmp = self._tmp_name()
+        for _index, data in blocks:
+            if len(data) > self.block_size:
+                raise ValueError(f"block of {len(data)} bytes > block size {self.block_size}")
+        if len(blocks) > 1 and sum(len(d) for _i, d in blocks) > self.capacity:
+            for block in blocks:  # a run larger than the cap: evict block by block
+                self.put_many(key, [block])
+            return
+        written: list[tuple[str, str, int]] = []  # (tmp, path, size)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            for index, data in blocks:
+                tmp = self._tmp_name()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                written.append((tmp, self.block_path(key, index), len(data)))
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
             with self._exclusive():
-                if os.path.exists(path):
-                    os.unlink(tmp)
+                fresh = []
+                for tmp, path, n in written:
+                    if os.path.exists(path):
+                        os.unlink(tmp)
+                    else:
+                        fresh.append((tmp, path, n))
+                if not fresh:
                     return
+                need = sum(n for _t, _p, n in fresh)
                 usage = self._read_usage()
-                if usage + n > self.capacity:
-                    usage = self._evict_locked(self.capacity - n)
-                # charge first: a crash before the rename over-counts, which only evicts early
-                self._write_usage(usage + n)
-                _makedirs_private(os.path.dirname(path))
-                os.rename(tmp, path)
+                if usage + need > self.capacity:
+                    usage = self._evict_locked(self.capacity - need)
+                # charge first: a crash before the renames over-counts, which only evicts early
+                self._write_usage(usage + need)
+                for tmp, path, _n in fresh:
+                    try:
+                        os.rename(tmp, path)
+                    except FileNotFoundError:  # the blob's first block here (or its dir was evicted)
+                        _makedirs_private(os.path.dirname(path))
+                        os.rename(tmp, path)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            for tmp, _path, _n in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             if not self._write_failed:
                 self._write_failed = True
                 log.warning("block cache %s: cannot store blocks (%s); reading uncached", self.dir, e.strerror)
@@ -766,17 +790,18 @@ class CachedSource:
             stats.bytes_fetched += want
             stats.fetch_requests += 1
         view = memoryview(data)
-        for idx in run:
-            rel = idx * bs - start
-            block = view[rel : rel + self._block_len(idx)]
-            self.cache.put(self.key, idx, block)
+        blocks = [(idx, view[idx * bs - start : idx * bs - start + self._block_len(idx)]) for idx in run]
+        self.cache.put_many(self.key, blocks)
+        served = 0
+        for idx, block in blocks:
             if idx - first >= len(parts):  # readahead: stored only
                 continue
             lo = max(offset, idx * bs) - idx * bs
             hi = min(end, (idx + 1) * bs) - idx * bs
             parts[idx - first] = bytes(block[lo:hi])
-            with self.cache._lock:
-                stats.bytes_served += hi - lo
+            served += hi - lo
+        with self.cache._lock:
+            stats.bytes_served += served
 
     def invalidate(self, offset: int, length: int) -> None:
         """Drop the cached blocks under ``[offset, offset+length)``.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import BinaryIO
 
+import crc32c as _crc32c_package
 import lz4.block
 import zstandard
 
@@ -127,7 +128,13 @@ def is_zfile(source: ByteSource) -> bool:
 
 # --- reader (spec §2.4) ---------------------------------------------------------------------
 
-_lz4_decompress = lz4.block.decompress
+#: the raw CRC-32C of a block (spec §0.1, see ``crc32c.crc32c_raw``) computed with the ``crc32c``
+#: package's standard variant: ``raw(data, init) == std(data, init ^ ~0) ^ ~0``, so a block is good
+#: when ``std(payload, _BLOCK_CRC_SEED) == stored ^ ~0`` (one C call per block, no wrapper)
+_MASK32 = 0xFFFFFFFF
+_BLOCK_CRC_SEED = ZFILE_BLOCK_CRC_INIT ^ _MASK32
+_crc32c = _crc32c_package.crc32c
+_u32_at = struct.Struct("<I").unpack_from
 
 
 class ZFileReader:
@@ -201,76 +208,111 @@ class ZFileReader:
         self.block_size = bs
         self.size = info.original_file_size
         self.algorithm = "lz4" if info.algo == ALGO_LZ4 else "zstd"
-        self._is_lz4 = info.algo == ALGO_LZ4
+        self._decode_block = lz4.block.decompress if info.algo == ALGO_LZ4 else self._zstd_block
         self._last_block = nblocks - 1
+        self._tail_size = self.size - (nblocks - 1) * bs
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_max = cache_blocks
         self._lock = threading.Lock()
         self._local = threading.local()
 
     def _decompress(self, n: int, stored: memoryview | bytes) -> bytes:
-        crc = self._crc
-        payload = stored[: len(stored) - crc] if crc else stored
-        if crc and self.verify and crc32c_raw(payload, ZFILE_BLOCK_CRC_INIT) != int.from_bytes(
-                stored[-crc:], "little"):
-            raise CorruptDataError(f"ZFile block {n} CRC mismatch", blob=self.name, offset=self._starts[n])
-        bs = self.block_size
+        """Block ``n`` from its stored bytes: CRC checked (if verifying), decompressed, length checked.
+
+        Called once per block on every decode, so it keeps to local work: no keyword
+        arguments to the decompressor, the CRC compared in its stored (inverted) form."""
+        end = len(stored)
+        if self._crc:
+            payload = stored[: end - CRC_SIZE]
+            if self.verify and _crc32c(payload, _BLOCK_CRC_SEED) != _u32_at(stored, end - CRC_SIZE)[0] ^ _MASK32:
+                raise CorruptDataError(f"ZFile block {n} CRC mismatch", blob=self.name, offset=self._starts[n])
+        else:
+            payload = stored
         try:
-            if self._is_lz4:
-                out = _lz4_decompress(payload, uncompressed_size=bs)
-            else:
-                dec = getattr(self._local, "zstd", None)
-                if dec is None:
-                    dec = self._local.zstd = zstandard.ZstdDecompressor()
-                out = dec.decompress(payload, max_output_size=bs)
+            out = self._decode_block(payload, self.block_size)
         except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
             raise CorruptDataError(f"ZFile block {n} does not decompress: {e}", blob=self.name,
                                    offset=self._starts[n]) from None
-        expect = bs if n != self._last_block else self.size - n * bs
+        expect = self.block_size if n != self._last_block else self._tail_size
         if len(out) != expect:
             raise CorruptDataError(f"ZFile block {n} decompresses to {len(out)} bytes, expected {expect}",
                                    blob=self.name, offset=self._starts[n])
         return out
 
+    def _zstd_block(self, payload, bs: int) -> bytes:
+        dec = getattr(self._local, "zstd", None)
+        if dec is None:
+            dec = self._local.zstd = zstandard.ZstdDecompressor()
+        return dec.decompress(payload, max_output_size=bs)
+
     def read(self, offset: int, length: int) -> bytes:
+        """Decompressed bytes ``[offset, offset+length)``.
+
+        Only the first and last block of a request are looked up in the LRU (they
+        are the ones a neighbouring read decoded); the blocks from the first to
+        the last one missing are fetched in one source read and decoded in one
+        loop, and the result is assembled with one join (the edge blocks trimmed)."""
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
         bs = self.block_size
         first, last = offset // bs, (offset + n - 1) // bs
+        cache = self._cache
         with self._lock:
-            blocks = [self._cache.get(b) for b in range(first, last + 1)]
-            for b, data in zip(range(first, last + 1), blocks):
-                if data is not None:
-                    self._cache.move_to_end(b)
-        missing = [first + i for i, d in enumerate(blocks) if d is None]
-        if missing:
-            try:
-                fresh = self._load(missing)
-            except CorruptDataError:
-                # A cached copy of the compressed bytes may be what is bad (overlaybd evicts
-                # and re-reads too): drop it and fetch once more; a second failure is real.
-                invalidate = getattr(self.source, "invalidate", None)
-                if invalidate is None:
-                    raise
-                lo, hi = missing[0], missing[-1]
-                invalidate(self._starts[lo], self._starts[hi + 1] - self._starts[lo])
-                fresh = self._load(missing)
-            for b in missing:
-                blocks[b - first] = fresh[b]
-            with self._lock:
-                # keep the edges of large reads: those are the ones re-read by neighbours
-                for b in (missing if len(missing) <= 4 else (missing[0], missing[-1])):
-                    self._cache[b] = fresh[b]
-                    self._cache.move_to_end(b)
-                while len(self._cache) > self._cache_max:
-                    self._cache.popitem(last=False)
+            head = cache.get(first)
+            if head is not None:
+                cache.move_to_end(first)
+            tail = None
+            if last != first:
+                tail = cache.get(last)
+                if tail is not None:
+                    cache.move_to_end(last)
         skip = offset - first * bs
-        if len(blocks) == 1:
-            data = blocks[0]
-            return data if skip == 0 and n == len(data) else data[skip : skip + n]
-        joined = b"".join(blocks)
-        return joined if skip == 0 and len(joined) == n else joined[skip : skip + n]
+        if last == first:
+            if head is None:
+                head = self._decoded(first, first)[0]
+            return head if skip == 0 and n == len(head) else head[skip : skip + n]
+        lo = first if head is None else first + 1
+        hi = last if tail is None else last - 1
+        parts = self._decoded(lo, hi) if lo <= hi else []
+        if head is not None:
+            parts.insert(0, head)
+        if tail is not None:
+            parts.append(tail)
+        if skip:
+            parts[0] = parts[0][skip:]
+        keep = offset + n - last * bs
+        if keep != len(parts[-1]):
+            parts[-1] = parts[-1][:keep]
+        return b"".join(parts)
+
+    def _decoded(self, lo: int, hi: int) -> list[bytes]:
+        """Blocks ``lo..hi`` decoded (one source read), remembered in the LRU (all of a short
+        run, only the edges of a long one: those are what neighbouring reads share)."""
+        try:
+            blocks = self._load(lo, hi)
+        except CorruptDataError:
+            # A cached copy of the compressed bytes may be what is bad (overlaybd evicts
+            # and re-reads too): drop it and fetch once more; a second failure is real.
+            invalidate = getattr(self.source, "invalidate", None)
+            if invalidate is None:
+                raise
+            invalidate(self._starts[lo], self._starts[hi + 1] - self._starts[lo])
+            blocks = self._load(lo, hi)
+        cache = self._cache
+        with self._lock:
+            if hi - lo < 4:
+                for b, data in zip(range(lo, hi + 1), blocks):
+                    cache[b] = data
+                    cache.move_to_end(b)
+            else:
+                cache[lo] = blocks[0]
+                cache.move_to_end(lo)
+                cache[hi] = blocks[-1]
+                cache.move_to_end(hi)
+            while len(cache) > self._cache_max:
+                cache.popitem(last=False)
+        return blocks
 
     def fetch_range(self, offset: int, length: int) -> None:
         """Warm the compressed blocks under ``[offset, offset+length)`` in the source, without
@@ -281,17 +323,22 @@ class ZFileReader:
             lo, hi = self._starts[offset // bs], self._starts[(offset + n - 1) // bs + 1]
             warm(self.source, lo, hi - lo)
 
-    def _load(self, missing: list[int]) -> dict[int, bytes]:
-        """Fetch the compressed bytes of the blocks ``missing`` (ascending) in one read; decompress."""
-        lo, hi = missing[0], missing[-1]
-        base = self._starts[lo]
-        raw = self.source.read(base, self._starts[hi + 1] - base)
-        if len(raw) != self._starts[hi + 1] - base:
+    def _load(self, lo: int, hi: int) -> list[bytes]:
+        """Fetch the compressed bytes of blocks ``lo..hi`` in one read; decompress each."""
+        starts = self._starts
+        base = starts[lo]
+        want = starts[hi + 1] - base
+        raw = self.source.read(base, want)
+        if len(raw) != want:
             raise CorruptDataError("ZFile truncated inside its compressed blocks", blob=self.name,
                                    offset=base + len(raw))
         view = memoryview(raw)
-        return {b: self._decompress(b, view[self._starts[b] - base : self._starts[b + 1] - base])
-                for b in missing}
+        decompress = self._decompress
+        if lo == hi:
+            return [decompress(lo, view)]
+        bounds = starts[lo : hi + 2]
+        return [decompress(b, view[s - base : e - base])
+                for b, s, e in zip(range(lo, hi + 1), bounds, bounds[1:])]
 
     def close(self) -> None:
         self.source.close()
