@@ -1,6 +1,6 @@
-"""Gzip cache: a page's CRC is checked once per process, and what voids that check.
+"""Gzip cache: a page's checksum is checked once per process, and what voids that check.
 
-Policy (``cache/gzipcache.py`` module doc): a view checks each page's CRC the first
+Policy (``cache/gzipcache.py`` module doc): a view checks each page's checksum the first
 time it reads it and trusts the pages it wrote; eviction (which truncates the sidecar,
 and with it the generation header, first) makes it check again.  Other damage to a
 page this process already checked is caught by the next process, not this one.
@@ -36,36 +36,36 @@ def _damage(path, offset: int, new: bytes) -> None:
 
 
 @pytest.fixture
-def crc_pages(monkeypatch) -> list[int]:
-    """Lengths of the page CRCs the cache computes, in order."""
+def checked_pages(monkeypatch) -> list[int]:
+    """Lengths of the page checksums the cache computes, in order."""
     calls: list[int] = []
-    real = gzipcache.crc32c_raw
+    real = gzipcache.page_checksum
 
-    def counting(data, init=0):
+    def counting(data):
         calls.append(len(data))
-        return real(data, init)
+        return real(data)
 
-    monkeypatch.setattr(gzipcache, "crc32c_raw", counting)
+    monkeypatch.setattr(gzipcache, "page_checksum", counting)
     return calls
 
 
-def test_each_page_is_checked_once_per_process(tmp_path, crc_pages):
+def test_each_page_is_checked_once_per_process(tmp_path, checked_pages):
     data = _data(3 * MiB)
     view = GzipCache(tmp_path).open(DIGEST, BytesSource(data, DIGEST))
     assert view.read(5000, 300_000) == data[5000:305_000]
-    assert len(crc_pages) == MiB // PAGE  # the refilled unit's entries; its pages are trusted as written
+    assert len(checked_pages) == MiB // PAGE  # the refilled unit's entries; its pages are trusted as written
     for off in range(0, MiB - 200_000, 70_001):
         assert view.read(off, 200_000) == data[off : off + 200_000]
-    assert len(crc_pages) == MiB // PAGE
+    assert len(checked_pages) == MiB // PAGE
     view.close()
 
-    crc_pages.clear()  # the next process checks what it reads, once
+    checked_pages.clear()  # the next process checks what it reads, once
     src = CountingSource(BytesSource(data, DIGEST))
     again = GzipCache(tmp_path).open(DIGEST, src)
-    assert again.read(0, MiB) == data[:MiB] and len(crc_pages) == MiB // PAGE
+    assert again.read(0, MiB) == data[:MiB] and len(checked_pages) == MiB // PAGE
     for off in (100, 4096 * 9 + 512, MiB - 4096):
         assert again.read(off, 4096) == data[off : off + 4096]
-    assert len(crc_pages) == MiB // PAGE and src.bytes_read == 0 and again.hits == 4
+    assert len(checked_pages) == MiB // PAGE and src.bytes_read == 0 and again.hits == 4
 
 
 def test_a_page_damaged_after_this_process_checked_it_is_caught_by_the_next_process(tmp_path):
@@ -122,7 +122,7 @@ def test_a_truncation_just_before_a_verified_read_is_caught(tmp_path, monkeypatc
 
 
 def test_a_version_1_sidecar_is_refilled_not_trusted(tmp_path):
-    """Version 1 wrote entries from offset 0 with another marker and no header: under the
+    """Version 1 wrote entries (marker, CRC-32C) from offset 0, without a header: under the
     current layout they would describe the wrong pages, so none of them counts."""
     data = _data(MiB + 100, 5)
     stale = bytes(len(data))  # what a v1 entry would vouch for if misread: zeros
