@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 from ..block.stack import StackedDisk
 from ..errors import UnsupportedError, UsageError
@@ -89,36 +90,23 @@ def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None, *, g
         gzip_cache = _gzip_cache(opts) if image.mode == "fastoci" else None
     store = image.store
     _use_verified_record(store, opts)
-    opened: list = []  # appended to by the open threads (list.append is atomic)
+    # one task per blob: (what to do with it, layer); the blob each task opened, by task, so
+    # that ``blobs`` keeps the bottom-first order whatever order the tasks finish in
+    tasks = [(step, la) for la in data_layers
+             for step in (("native",) if la.kind == "overlaybd" else ("meta", "target"))]
+    opened: list = [None] * len(tasks)
 
-    def blob(digest: str, size: int | None):
-        src = store.open_blob(digest, size)
-        opened.append(src)
-        return src
-
-    def native(desc):
-        return lambda: open_layer_blob(blob(desc.digest, desc.size))
-
-    def meta_of(desc):
-        def run():
-            src = blob(desc.digest, desc.size)
-            return src.name, turbo.open_meta(src)
-        return run
-
-    def target_of(layer):
-        def run():
+    def run(slot: int):
+        step, layer = tasks[slot]
+        if step == "target":
             size = None if layer.target.size == UNKNOWN_SIZE else layer.target.size
-            src = blob(layer.target.digest, size)
+            src = opened[slot] = store.open_blob(layer.target.digest, size)
             turbo.check_target_kind(src, layer.target_is_gzip)
             return src
-        return run
+        src = opened[slot] = store.open_blob(layer.descriptor.digest, layer.descriptor.size)
+        return open_layer_blob(src) if step == "native" else (src.name, turbo.open_meta(src))
 
-    calls: list = []
-    for layer in data_layers:
-        if layer.kind == "overlaybd":
-            calls.append(native(layer.descriptor))
-        else:
-            calls += [meta_of(layer.descriptor), target_of(layer)]
+    calls = [partial(run, slot) for slot in range(len(tasks))]
     try:
         done = iter(_run_all(calls))
         layers: list = []
@@ -131,7 +119,8 @@ def open_layers(image: Image, opts: OpenOptions, blobs: list | None = None, *, g
                                             gzip_cache=gzip_cache, cache_key=layer.target.digest))
     except BaseException:
         for src in opened:
-            src.close()
+            if src is not None:
+                src.close()
         raise
     if blobs is not None:
         blobs.extend(opened)
