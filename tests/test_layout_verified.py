@@ -28,7 +28,7 @@ from .helpers.layouts import add_blob, native_layout
 
 BLOB_SIZE = 4 << 20
 #: blobs of the aged layout, one per test that changes or records one
-BLOB_NAMES = ("process", "rewrite", "utime", "memo", "record-trust", "garbage", "readonly")
+BLOB_NAMES = ("process", "rewrite", "utime", "memo", "record-trust", "garbage", "readonly", "symlink")
 
 
 def _rchar() -> int:
@@ -186,3 +186,19 @@ def test_image_open_records_its_layers(aged, tmp_path):
     assert _rchar() - before < layer_bytes / 4
     assert disk.read(0, 1 << 20) == data
     disk.close()
+
+
+def test_symlinked_record_is_neither_read_nor_written_through(aged, tmp_path):
+    """A record path planted as a symlink (a cache dir others can write): the link is not
+    followed, its target keeps its bytes and the record becomes a file of our own."""
+    layout, blobs = aged
+    digest, size = blobs["symlink"]
+    _open(layout, tmp_path / "elsewhere", digest, size)
+    planted = tmp_path / "elsewhere" / VERIFIED_RECORD  # a genuine record that names the blob
+    before = planted.read_bytes()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / VERIFIED_RECORD).symlink_to(planted)
+    assert _open(layout, tmp_path / "cache", digest, size) >= BLOB_SIZE
+    assert planted.read_bytes() == before
+    assert not (tmp_path / "cache" / VERIFIED_RECORD).is_symlink()
+    assert _open(layout, tmp_path / "cache", digest, size) < 64 << 10

@@ -150,9 +150,14 @@ class VerifiedFiles:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            os.fchmod(fd, 0o600)
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:  # left by a dead process with our pid, or planted: never reused
+            os.unlink(tmp)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
             with os.fdopen(fd, "wb", closefd=False) as f:
                 f.write(json.dumps({"version": VERIFIED_RECORD_VERSION, "files": files},
                                    separators=(",", ":")).encode())
