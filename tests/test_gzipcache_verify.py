@@ -165,3 +165,23 @@ def test_no_refill_lands_between_the_two_truncations_of_an_eviction(tmp_path, mo
     assert got["racing"] == data[100:5100]
     evictor.open(DIGEST, BytesSource(data, DIGEST)).read(MiB + 1, 10)  # unit 1 back: the file is 2 MiB
     assert view.read(200, 8000) == data[200:8200]  # unit 0, refilled after the truncation: not zeros
+
+
+def test_without_flock_every_read_checks_its_pages(tmp_path, monkeypatch, checked_pages):
+    """A file system without locks (e.g. NFS without lockd) cannot keep refills out of an
+    eviction: the cache still works, checking each page on every read as version 1 did."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    data = _data(2 * MiB, 7)
+    src = CountingSource(BytesSource(data, DIGEST))
+    pool = GzipCache(tmp_path)
+    view = pool.open(DIGEST, src)
+    assert view.read(0, 2 * MiB) == data and len(checked_pages) == 2 * MiB // PAGE
+    assert view.read(5000, 10_000) == data[5000:15_000] and len(checked_pages) == 2 * MiB // PAGE + 3
+    assert pool.prune(0) > 0  # eviction still works, unlocked
+    assert view.read(5000, 10_000) == data[5000:15_000] and src.bytes_read == 3 * MiB

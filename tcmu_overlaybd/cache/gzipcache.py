@@ -274,7 +274,7 @@ def _drop_layer(directory: str, name: str, unlink: bool = False) -> None:
         fd = -1
     try:
         if fd >= 0:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             if unlink:
                 os.unlink(side)
@@ -287,6 +287,17 @@ def _drop_layer(directory: str, name: str, unlink: bool = False) -> None:
     finally:
         if fd >= 0:
             os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, op: int) -> bool:
+    """``flock(fd, op)``; False on a file system that has no such locks."""
+    try:
+        fcntl.flock(fd, op)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        return False
+    return True
 
 
 def _prepare_dir(path: str) -> None:
@@ -343,6 +354,9 @@ class CachedView:
         self._verified = bytearray(-(-self.size // PAGE))
         #: the sidecar header (magic + generation) the marks in ``_verified`` belong to
         self._header = self._read_header()
+        #: False on a file system without ``flock``: eviction could then race a refill, so
+        #: every read checks its pages (no marks are made)
+        self._trusting = True
         #: reads answered from cached pages alone / reads that needed a refill (or went
         #: uncached after a full disk); bytes of reads answered from cached pages; bytes
         #: fetched from ``source``; refill units fetched
@@ -436,7 +450,7 @@ class CachedView:
     def _mark(self, start: int, stop: int, header: bytes | None) -> None:
         """Pages ``[start, stop)`` were checked (or written) while the header was ``header``."""
         with self._lock:
-            if header is not None and header == self._header:
+            if header is not None and header == self._header and self._trusting:
                 self._verified[start:stop] = b"\x01" * (stop - start)
 
     def _forget(self, header: bytes | None) -> None:
@@ -535,13 +549,14 @@ class CachedView:
         fields[1::2] = [page_checksum(data[i : i + PAGE]) for i in range(0, len(data), PAGE)]
         entries = struct.pack(f"<{len(fields)}I", *fields)  # PAGE_ENTRY per page, in one pack
         try:
-            fcntl.flock(self._side, fcntl.LOCK_SH)  # no eviction between claim and writes
+            if not _flock(self._side, fcntl.LOCK_SH):  # no eviction between claim and writes
+                self._trusting = False
             try:
                 header = self._claim_header()
                 os.pwrite(self._data, data, offset)
                 os.pwrite(self._side, entries, entry_offset(offset // PAGE))
             finally:
-                fcntl.flock(self._side, fcntl.LOCK_UN)
+                _flock(self._side, fcntl.LOCK_UN)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
                 raise
