@@ -19,22 +19,24 @@ matches, so a torn write, a lost data write after a crash, a truncated file or a
 corrupted disk block all read as a miss and are fetched again -- never served.
 
 Each process checks a page's checksum once: the first time it reads the page, or
-never when it wrote the page itself (the checksum came from the bytes in memory).  From
-then on the page is *verified* for that view and read with one ``pread`` and no check,
-as long as the sidecar's generation is the one the view remembers.  This is sound
-because obd never rewrites a page in place with other bytes (a key names one content,
-and concurrent refills of a page write identical bytes); the only way a verified page
-changes is eviction or ``clear``, which truncate the sidecar *before* the data file,
-holding the sidecar's exclusive ``flock`` (refills write under its shared lock, so no
-refill re-creates a header between the two truncations).  The header is then gone,
-and the next writer draws a new random generation: a view
-that reads its data and *then* the header sees the old generation only if no
-truncation touched the bytes it read.  On a mismatch the view forgets every page it
-had verified and checks checksums again.  Policy for anything else that changes a cache
-file under a running handler (a user editing it, a media error surfacing after the
-page left the page cache): the handler that verified the page keeps serving what it
-reads; the next process (every ``obd mount``) verifies the page again and re-fetches
-it.
+never when it wrote the page itself (the checksum came from the bytes in memory).
+From then on the page is *verified* for that view and read with one ``pread`` of the
+asked range and no check, as long as the sidecar's generation is the one the view
+remembers.  This is sound because obd never rewrites a page in place with other bytes
+(a key names one content, and concurrent refills of a page write identical bytes), so
+a verified page changes only through eviction or ``clear``.  Those truncate the
+sidecar, then the data file, holding the sidecar's exclusive ``flock``; refills claim
+the generation and write under its shared lock, so none re-creates a header between
+the two truncations.  Once data is truncated the header is gone, and the next writer
+draws a new random generation: a view that reads its data and *then* the header finds
+the generation it remembers only if no truncation reached the bytes it read.  On a
+mismatch (or a short read) the view forgets every page it verified and checks again.
+On a file system without ``flock`` nothing is marked: every read checks its pages.
+
+Policy for anything else that changes a cache file under a running handler (a user
+editing it, a media error surfacing after the page left the page cache): the handler
+that verified the page keeps serving what it reads; the next process (every ``obd
+mount`` starts one) checks the page again and re-fetches it.
 """
 
 from __future__ import annotations
