@@ -529,16 +529,14 @@ class GzipIndexedSource:
         key = cache_key or digest_in(gz_source.name)
         if cache is not None and key:
             # like upstream, only a layer known by digest is cached: a path may later hold
-            # other bytes, and cached pages are checked against their CRC, not the source
+            # other bytes, and cached pages are checked against their checksum, not the source
             try:
                 self.cached_view = cache.open(key, _UncachedView(self))
             except StateError as e:
                 log.warning("reading %s without the gzip cache: %s", self.name, e)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if self.cached_view is not None:
-            return self.cached_view.read(offset, length)
-        return self.read_uncached(offset, length)
+        #: ``read(offset, length)`` of the ByteSource interface: the cache view's, else
+        #: ``read_uncached`` (bound here, it costs the handler no extra call per read)
+        self.read = self.cached_view.read if self.cached_view is not None else self.read_uncached
 
     def read_uncached(self, offset: int, length: int) -> bytes:
         """Inflate ``[offset, offset+length)`` (clamped to the stream) without the cache."""
