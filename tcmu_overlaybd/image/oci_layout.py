@@ -43,8 +43,9 @@ VERIFIED_RECORD_VERSION = 1
 #: files kept in the record, least recently verified dropped first
 VERIFIED_RECORD_MAX = 4096
 #: a file whose ctime is less than this before its hash began is not recorded: file
-#: timestamps advance by clock ticks, so a write in the same tick could go unseen
-SETTLE_NS = 1_000_000_000
+#: timestamps advance in steps (a clock tick; 2 s on FAT), so a write in the same step
+#: could go unseen
+SETTLE_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
