@@ -551,3 +551,50 @@ def test_parallel_pieces_from_many_threads_through_one_registry_client(tmp_path)
         assert client.requests_sent - sent == src.cache.counters.fetch_requests
     finally:
         reg.stop()
+
+
+# ---- non-blocking reads (the handler's ring thread) and stored runs -------------------------
+
+def test_read_cached_serves_cached_blocks_only_and_never_fetches(tmp_path):
+    data = blob(3 * BS + 100, 11)
+    cache, base, src = cached(tmp_path, data)
+    assert src.read_cached(100, 4096) is None  # cold: nothing fetched for it
+    assert base.calls == 0
+    assert src.read(0, BS + 10) == data[: BS + 10]  # blocks 0 and 1 now cached
+    calls = base.calls
+    assert src.read_cached(100, 4096) == data[100:4196]
+    assert src.read_cached(BS - 10, 30) == data[BS - 10 : BS + 20]  # across two cached blocks
+    assert src.read_cached(2 * BS - 10, 30) is None  # block 2 is not cached
+    assert src.read_cached(len(data), 10) == b""
+    assert base.calls == calls
+    assert cache.stats()["misses"] == 2
+
+
+def test_a_fetched_run_is_stored_whole_and_charged_once(tmp_path):
+    data = blob(6 * BS, 12)
+    cache, base, src = cached(tmp_path, data)
+    assert src.read(0, 6 * BS) == data  # one request of six blocks
+    assert base.calls == 1 and cache.usage() == 6 * BS
+    assert all(os.path.getsize(cache.block_path(DIGEST_A, i)) == BS for i in range(6))
+    assert not os.listdir(tmp_path / "cache" / "tmp")
+
+
+def test_a_run_larger_than_the_cap_keeps_usage_under_it(tmp_path):
+    data = blob(8 * BS, 13)
+    cache, base, src = cached(tmp_path, data, cap=3 * BS)
+    assert src.read(0, 8 * BS) == data
+    assert base.calls == 1 and cache.usage() <= 3 * BS
+    assert sum(e.size for e in cache.scan()) == cache.usage()
+    assert os.path.exists(cache.block_path(DIGEST_A, 7))  # the newest block is kept
+
+
+def test_a_blob_evicted_to_its_directory_is_stored_again(tmp_path):
+    data_a, data_b = blob(2 * BS, 14), blob(2 * BS, 15)
+    cache, base_a, src_a = cached(tmp_path, data_a, cap=2 * BS)
+    src_b = CachedSource(BytesSource(data_b, name=DIGEST_B), cache, DIGEST_B)
+    assert src_a.read(0, 2 * BS) == data_a
+    assert src_b.read(0, 2 * BS) == data_b  # evicts every block of A, and A's directory
+    assert not os.path.exists(os.path.dirname(cache.block_path(DIGEST_A, 0)))
+    assert src_a.read(0, BS) == data_a[:BS]
+    assert os.path.getsize(cache.block_path(DIGEST_A, 0)) == BS
+    assert cache.usage() <= 2 * BS

@@ -230,3 +230,70 @@ def test_writable_layer_on_top_of_a_sealed_one(tmp_path):
     assert got == bytes([9]) * 4096 + b"u" * 1024 + bytes([9]) * (3 * 1024) + bytes(4096) + \
         bytes([9]) * (64 * S - 12288)
     rw.close()
+
+
+HELLO_BLOB = "aci-hello-world/sha256_022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
+HELLO_AT, HELLO_SIZE = 6356992, 13256  # the ``hello`` file's bytes on the layer's disk
+
+
+def test_read_cached_serves_a_warm_block_cache_and_never_fetches(vectors, tmp_path):
+    from tcmu_overlaybd.block.source import CountingSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+
+    key = "sha256:" + HELLO_BLOB.rsplit("_", 1)[1]
+    origin = CountingSource(FileSource(vectors / HELLO_BLOB, name=key))
+    cache = BlockCache(tmp_path / "cache", 64 << 20, 4096)  # opening fetches a few blocks only
+    disk = StackedDisk([open_layer_blob(CachedSource(origin, cache, key))])
+    fetched = origin.calls
+    assert disk.read_cached(HELLO_AT, HELLO_SIZE) is None  # cold: the caller must read()
+    assert origin.calls == fetched
+    hello = disk.read(HELLO_AT, HELLO_SIZE)
+    assert hello[:4] == b"\x7fELF"
+    again = StackedDisk([open_layer_blob(CachedSource(origin, cache, key))])  # a new process, say
+    fetched = origin.calls
+    assert again.read_cached(HELLO_AT, HELLO_SIZE) == hello
+    assert again.read_cached(HELLO_AT + 4096, 512) == hello[4096:4608]
+    hole = max(o + n for o, n, _z, _lvl in again.extents())  # past the last mapped byte
+    assert again.read_cached(hole, 4096) is None  # zeros are read()'s job
+    assert again.read(hole, 4096) == bytes(4096)
+    assert origin.calls == fetched
+
+
+def test_read_cached_is_none_for_levels_that_cannot_read_without_waiting(tmp_path):
+    base = lsmt.LsmtFile.open(BytesSource(_build(1 << 20, [("d", 0, 64, 9)])))  # no cache below
+    rw = lsmt.create_rw(tmp_path / "data", tmp_path / "index", 1 << 20)
+    rw.pwrite(b"u" * 1024, 4096)
+    disk = StackedDisk([base, rw])
+    assert disk.read_cached(0, 4096) is None and disk.read_cached(4096, 1024) is None
+    assert disk.read(0, 4096) == bytes([9]) * 4096 and disk.read(4096, 1024) == b"u" * 1024
+    rw.close()
+
+
+class _ShortLayer:
+    """A layer whose data file ends before its one segment does (e.g. a blob cut short)."""
+
+    warp = False
+    name = "short.layer"
+    vsize = 1 << 20
+
+    def __init__(self):
+        self.index = lsmt.SegmentIndex.empty()
+        for col, v in zip((self.index.offsets, self.index.lengths, self.index.moffsets, self.index.zeroed,
+                           self.index.tags), (0, 64, 8, 0, 0)):
+            col.append(v)
+
+    def read_mapped(self, tag: int, pos: int, n: int) -> bytes:
+        return bytes(min(n, 1000))
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_segment_past_the_end_of_its_data_file_is_one_line_error():
+    from tcmu_overlaybd.errors import CorruptDataError
+
+    disk = StackedDisk([_ShortLayer()])
+    with pytest.raises(CorruptDataError) as e:
+        disk.read(512, 4096)
+    assert str(e.value) == ("short.layer at offset 4608: segment at virtual byte 512 maps past the end of "
+                            "its data file (wanted 4096 bytes at 4608, got 1000)")

@@ -236,3 +236,68 @@ def test_block_that_decompresses_to_the_wrong_size():
         reader.read(15000, 100)
     assert str(e.value) == (f"s.zfile at offset {reader._starts[3]}: ZFile block 3 decompresses "
                             f"to 4096 bytes, expected 3712")
+
+
+def test_reads_join_lru_edge_blocks_with_decoded_middle_blocks():
+    data = os.urandom(4096) * 2 + bytes(range(256)) * 16 * 6  # 8 blocks, two incompressible
+    out = io.BytesIO()
+    zfile.compress_source(BytesSource(data), out)
+    reader = zfile.ZFileReader(BytesSource(out.getvalue()), cache_blocks=16)
+    assert reader.read(100, 10) == data[100:110]  # block 0 decoded, kept
+    assert reader.read(7 * 4096 + 5, 10) == data[7 * 4096 + 5 : 7 * 4096 + 15]  # block 7 kept
+    for off, n in ((100, 7 * 4096), (0, 8 * 4096), (4095, 4096 * 6 + 2), (4096, 4096)):
+        assert reader.read(off, n) == data[off : off + n]
+
+
+def _cached_hello(vectors, tmp_path):
+    """The hello-world layer blob (tar -> ZFile) read through a block cache; (reader, origin)."""
+    from tcmu_overlaybd.block.source import CountingSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+
+    key = "sha256:" + HELLO.rsplit("_", 1)[1]
+    origin = CountingSource(BytesSource((vectors / HELLO).read_bytes(), name=key))
+    cache = BlockCache(tmp_path / "cache", 64 << 20, 64 * 1024)
+    blob = CachedSource(origin, cache, key)
+    return zfile.ZFileReader(SliceSource(blob, *HELLO_PAYLOAD)), origin, blob
+
+
+def test_read_cached_decodes_from_the_block_cache_through_the_tar_slice(vectors, tmp_path):
+    reader, origin, blob = _cached_hello(vectors, tmp_path)
+    fetched = origin.calls
+    assert reader.read_cached(6356992 - 4096, 100_000) is None  # not fetched yet: no waiting
+    assert origin.calls == fetched
+    want = reader.read(6356992 - 4096, 100_000)
+    assert len(want) == 100_000
+    fresh = zfile.ZFileReader(SliceSource(blob, *HELLO_PAYLOAD))  # empty LRU, warm block cache
+    fetched = origin.calls
+    assert fresh.read_cached(6356992 - 4096, 100_000) == want
+    assert fresh.read_cached(6356992, 4096) == want[4096:8192]
+    assert origin.calls == fetched
+
+
+def test_read_cached_gives_none_for_a_bad_cached_block_and_read_refetches_it(vectors, tmp_path):
+    reader, origin, blob = _cached_hello(vectors, tmp_path)
+    want = reader.read(6356992, 13256)
+    n = 6356992 // 4096 + 1  # the second ZFile block of the range: flip a byte of it in the cache
+    pos = HELLO_PAYLOAD[0] + (reader._starts[n] + reader._starts[n + 1]) // 2
+    bs = blob.cache.block_size
+    with open(blob.cache.block_path(blob.key, pos // bs), "r+b") as f:
+        f.seek(pos % bs)
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))  # same length: only the block CRC can tell
+    fresh = zfile.ZFileReader(SliceSource(blob, *HELLO_PAYLOAD))
+    assert fresh.read_cached(6356992, 13256) is None
+    fetched = origin.bytes_read
+    assert fresh.read(6356992, 13256) == want
+    assert origin.bytes_read > fetched  # the bad cache block was dropped and fetched again
+    assert fresh.read_cached(6356992, 13256) == want
+
+
+def test_read_cached_without_a_caching_source_serves_only_decoded_blocks():
+    data = bytes(range(256)) * 64
+    out = io.BytesIO()
+    zfile.compress_source(BytesSource(data), out)
+    reader = zfile.ZFileReader(BytesSource(out.getvalue()))
+    assert reader.read_cached(0, 100) is None
+    assert reader.read(0, 4096) == data[:4096]
+    assert reader.read_cached(10, 100) == data[10:110]
+    assert reader.read_cached(4000, 200) is None  # block 1 was never decoded

@@ -105,6 +105,13 @@ def _data_reader(layer) -> Callable[[int, int], bytes]:
     return lambda pos, n: layer.read_mapped(0, pos, n)
 
 
+def _cached_data_reader(layer) -> Callable[[int, int], bytes | None] | None:
+    """The non-blocking ``read_cached`` of a sealed layer's data file, or None."""
+    if type(layer) is LsmtFile and not layer.warp:
+        return getattr(layer.targets[0], "read_cached", None)
+    return None
+
+
 class StackedDisk:
     """A stack of layers (bottom first) as one byte source; reads are thread-safe.
 
@@ -123,6 +130,7 @@ class StackedDisk:
         self.vsize = next((layer.vsize for layer in reversed(self.layers) if layer.vsize), 0)
         self.size = self.vsize
         self._readers: list[Callable[[int, int], bytes]] = [_data_reader(layer) for layer in self.layers]
+        self._cached_readers = [_cached_data_reader(layer) for layer in self.layers]
         merged = None
         for level in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[level]
@@ -158,6 +166,30 @@ class StackedDisk:
                         f"(wanted {n} bytes at {pos}, got {len(data)})", blob=self.name, offset=pos)
                 return data
         return idx.read(offset, n, self._fetch, self.name)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """What ``read`` returns if it needs no waiting, else None (never blocks on a fetch).
+
+        Served: a read inside one data segment whose level can read without waiting
+        (its data file has ``read_cached``: a ZFile over the block cache) and finds
+        every block there.  Anything else (holes, zeroed or several segments, a
+        miss, a short data file) is None: ``read`` serves it, or raises.
+        """
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return b""
+        idx = self.index
+        i = bisect_right(idx.offsets, offset >> 9) - 1
+        if i < 0 or idx.zeroed[i]:
+            return None
+        start = idx.offsets[i] << 9
+        if offset + n > start + (idx.lengths[i] << 9):
+            return None
+        reader = self._cached_readers[idx.tags[i]]
+        if reader is None:
+            return None
+        data = reader((idx.moffsets[i] << 9) + (offset - start), n)
+        return data if data is not None and len(data) == n else None
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool, int]]:
         """Merged (offset_bytes, length_bytes, zeroed, level) runs in ``[start, end)``, in order.

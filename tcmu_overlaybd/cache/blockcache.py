@@ -679,6 +679,32 @@ class CachedSource:
             self._fill(missing, offset, end, first, parts, self._readahead(sequential, missing[-1] == last, last))
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes ``read`` would return if every block they lie in is cached, else None.
+
+        Never fetches, reads ahead or waits for another thread's fetch (the TCMU
+        handler serves such reads on its ring thread and hands only the others to
+        its workers); it may open a block file, a local system call.
+        """
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return b""
+        end = offset + n
+        bs = self.cache.block_size
+        first, last = offset // bs, (end - 1) // bs
+        get, key = self.cache.get, self.key
+        if first == last:
+            return get(key, first, self._block_len(first), offset - first * bs, n)
+        parts = []
+        for idx in range(first, last + 1):
+            lo = max(offset, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            data = get(key, idx, self._block_len(idx), lo, hi - lo)
+            if data is None:
+                return None
+            parts.append(data)
+        return b"".join(parts)
+
     def _readahead(self, sequential: bool, tail_missing: bool, last: int) -> list[int]:
         """Blocks after ``last`` to fetch along with a sequential miss (uncached ones only)."""
         if not (sequential and tail_missing):

@@ -28,7 +28,7 @@ import crc32c as _crc32c_package
 import lz4.block
 import zstandard
 
-from ..block.source import ByteSource, clamp_read, read_exact, warm
+from ..block.source import ByteSource, SliceSource, clamp_read, read_exact, warm
 from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw
 from ..errors import CorruptDataError, UnsupportedError
 
@@ -137,6 +137,18 @@ _crc32c = _crc32c_package.crc32c
 _u32_at = struct.Struct("<I").unpack_from
 
 
+def _cached_reader(source: ByteSource):
+    """The non-blocking ``read_cached(offset, length)`` of ``source`` (looking through a tar
+    slice to the blob's cache), or None if it has none."""
+    fn = getattr(source, "read_cached", None)
+    if fn is None and isinstance(source, SliceSource):
+        inner = _cached_reader(source.base)
+        if inner is not None:
+            start = source.start
+            return lambda offset, length: inner(start + offset, length)
+    return fn
+
+
 class ZFileReader:
     """The decompressed bytes of a ZFile, as a thread-safe byte source."""
 
@@ -215,6 +227,7 @@ class ZFileReader:
         self._cache_max = cache_blocks
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._cached_fetch = _cached_reader(source)
 
     def _decompress(self, n: int, stored: memoryview | bytes) -> bytes:
         """Block ``n`` from its stored bytes: CRC checked (if verifying), decompressed, length checked.
@@ -252,6 +265,15 @@ class ZFileReader:
         are the ones a neighbouring read decoded); the blocks from the first to
         the last one missing are fetched in one source read and decoded in one
         loop, and the result is assembled with one join (the edge blocks trimmed)."""
+        return self._read(offset, length, self._decoded)
+
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """What ``read`` returns if it needs no waiting: every block either decoded in the LRU
+        or compressed in the source's cache (``read_cached`` of the source, through a tar
+        slice too); else None.  Bad bytes also give None: ``read`` then refetches or fails."""
+        return self._read(offset, length, self._decoded_cached)
+
+    def _read(self, offset: int, length: int, decoded) -> bytes | None:
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
@@ -270,11 +292,18 @@ class ZFileReader:
         skip = offset - first * bs
         if last == first:
             if head is None:
-                head = self._decoded(first, first)[0]
+                blocks = decoded(first, first)
+                if blocks is None:
+                    return None
+                head = blocks[0]
             return head if skip == 0 and n == len(head) else head[skip : skip + n]
         lo = first if head is None else first + 1
         hi = last if tail is None else last - 1
-        parts = self._decoded(lo, hi) if lo <= hi else []
+        parts = []
+        if lo <= hi:
+            parts = decoded(lo, hi)
+            if parts is None:
+                return None
         if head is not None:
             parts.insert(0, head)
         if tail is not None:
@@ -287,10 +316,9 @@ class ZFileReader:
         return b"".join(parts)
 
     def _decoded(self, lo: int, hi: int) -> list[bytes]:
-        """Blocks ``lo..hi`` decoded (one source read), remembered in the LRU (all of a short
-        run, only the edges of a long one: those are what neighbouring reads share)."""
+        """Blocks ``lo..hi`` decoded from one source read, remembered in the LRU."""
         try:
-            blocks = self._load(lo, hi)
+            blocks = self._load(lo, hi, self.source.read)
         except CorruptDataError:
             # A cached copy of the compressed bytes may be what is bad (overlaybd evicts
             # and re-reads too): drop it and fetch once more; a second failure is real.
@@ -298,10 +326,29 @@ class ZFileReader:
             if invalidate is None:
                 raise
             invalidate(self._starts[lo], self._starts[hi + 1] - self._starts[lo])
-            blocks = self._load(lo, hi)
+            blocks = self._load(lo, hi, self.source.read)
+        self._remember(lo, blocks)
+        return blocks
+
+    def _decoded_cached(self, lo: int, hi: int) -> list[bytes] | None:
+        """``_decoded`` from cached compressed bytes only; None if any is missing or bad."""
+        if self._cached_fetch is None:
+            return None
+        try:
+            blocks = self._load(lo, hi, self._cached_fetch)
+        except CorruptDataError:
+            return None
+        if blocks is not None:
+            self._remember(lo, blocks)
+        return blocks
+
+    def _remember(self, lo: int, blocks: list[bytes]) -> None:
+        """Keep decoded blocks from ``lo`` on in the LRU: all of a short run, only the edges of
+        a long one (those are what neighbouring reads share)."""
         cache = self._cache
+        hi = lo + len(blocks) - 1
         with self._lock:
-            if hi - lo < 4:
+            if len(blocks) <= 4:
                 for b, data in zip(range(lo, hi + 1), blocks):
                     cache[b] = data
                     cache.move_to_end(b)
@@ -312,7 +359,6 @@ class ZFileReader:
                 cache.move_to_end(hi)
             while len(cache) > self._cache_max:
                 cache.popitem(last=False)
-        return blocks
 
     def fetch_range(self, offset: int, length: int) -> None:
         """Warm the compressed blocks under ``[offset, offset+length)`` in the source, without
@@ -323,12 +369,15 @@ class ZFileReader:
             lo, hi = self._starts[offset // bs], self._starts[(offset + n - 1) // bs + 1]
             warm(self.source, lo, hi - lo)
 
-    def _load(self, lo: int, hi: int) -> list[bytes]:
-        """Fetch the compressed bytes of blocks ``lo..hi`` in one read; decompress each."""
+    def _load(self, lo: int, hi: int, fetch) -> list[bytes] | None:
+        """Fetch the compressed bytes of blocks ``lo..hi`` in one ``fetch(offset, length)`` (None
+        when a non-blocking fetch would have to wait: then None); decompress each."""
         starts = self._starts
         base = starts[lo]
         want = starts[hi + 1] - base
-        raw = self.source.read(base, want)
+        raw = fetch(base, want)
+        if raw is None:
+            return None
         if len(raw) != want:
             raise CorruptDataError("ZFile truncated inside its compressed blocks", blob=self.name,
                                    offset=base + len(raw))
