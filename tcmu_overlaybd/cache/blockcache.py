@@ -286,13 +286,15 @@ class BlockCache:
         and is removed.  Reads of different threads run in parallel: the lock only
         guards the table of open block files, never a ``pread``.
         """
-        path = self.block_path(key, index)
+        d = self._blob_dirs.get(key)
+        path = d + str(index) if d is not None else self.block_path(key, index)
         if length is None:
             length = expected_len - offset
-        with self._lock:
-            handle = self._fds.get(path)
+        lock, fds = self._lock, self._fds
+        with lock:
+            handle = fds.get(path)
             if handle is not None:
-                self._fds.move_to_end(path)
+                fds.move_to_end(path)
                 handle.users += 1
         if handle is None:
             handle = self._open_block(path, expected_len)
@@ -301,14 +303,17 @@ class BlockCache:
         try:
             data = os.pread(handle.fd, length, offset)
         except BaseException:
-            with self._lock:
+            with lock:
                 self._unuse(handle)
             raise
         now = time.monotonic()
-        with self._lock:
-            self._unuse(handle)
-            self.counters.hits += 1
-            self.counters.bytes_served += len(data)
+        with lock:
+            handle.users -= 1  # _unuse, inline: this is every hit's path
+            if handle.retired and handle.users == 0:
+                os.close(handle.fd)
+            counters = self.counters
+            counters.hits += 1
+            counters.bytes_served += len(data)
             touch = now - handle.touched >= TOUCH_INTERVAL
             if touch:
                 handle.touched = now
@@ -663,7 +668,7 @@ class CachedSource:
         self._next_offset = end
         if first == last:  # the common case: inside one block
             lo = offset - first * bs
-            data = self.cache.get(self.key, first, self._block_len(first), lo, end - offset)
+            data = self.cache.get(self.key, first, min(bs, self.size - first * bs), lo, n)
             if data is not None:
                 return data
         parts: list[bytes | None] = []
