@@ -60,6 +60,9 @@ def _timed_open(ref, proxy, cache_dir):
     seconds = time.perf_counter() - t0
     requests = sorted((m, p, r) for m, p, r, _ in proxy.log.requests)
     proxy.faults.clear()
+    # the blobs stay bottom first, each layer's meta before its original, whatever finished first
+    expected = [d.digest for la in image.layers for d in (la.descriptor, la.target) if d is not None]
+    assert [b.name.rpartition("@")[2] for b in disk.blobs] == expected
     try:
         return seconds, disk.read(0, 1 << 20), requests
     finally:
