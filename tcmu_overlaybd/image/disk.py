@@ -4,8 +4,9 @@ Native layers go through ``format.layer.open_layer_blob`` (tar wrapper → ZFile
 → LSMT), TurboOCI layers through ``format.turbooci`` (meta tarball, original
 layer's head, warp LSMT over both); the blobs of all layers open concurrently,
 so a registry's round trips overlap.  A local layout's blob files are hashed
-once across processes (``oci_layout.VerifiedFiles`` in the block cache directory).  The acceleration (trace) layer holds no
-disk data and is left out of the stack; ``ImageDisk`` keeps it (and the blobs
+once across processes (``oci_layout.VerifiedFiles`` in the block cache
+directory).  The acceleration (trace) layer holds no disk data and is left out
+of the stack; ``ImageDisk`` keeps it (and the blobs
 and unwrapped layers) for prefetch, and wraps every layer in a
 ``prefetch.record.RecordingLayer`` when ``opts.record_trace`` is set.
 """
