@@ -384,8 +384,11 @@ class CachedView:
             # follows the sidecar's, so an unchanged header vouches for what was read)
             data = os.pread(self._data, n, offset)
             if len(data) == n and os.pread(self._side, SIDECAR_HEADER.size, 0) == header:
-                self._count(hits=1, from_cache=n)
-                self._touch()
+                with self._lock:  # _count and _touch inlined: this is every warm read
+                    self.hits += 1
+                    self.bytes_from_cache += n
+                if time.monotonic() - self._touched >= TOUCH_INTERVAL:
+                    self._touch()
                 return data
             self._forget(header)
             header = self._header
