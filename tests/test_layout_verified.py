@@ -24,7 +24,7 @@ from tcmu_overlaybd.image.oci_layout import VERIFIED_RECORD, OciLayoutStore, Ver
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 
-from .helpers.layouts import add_blob, native_layout
+from .helpers.layouts import add_blob, native_layout, turbo_layout
 
 BLOB_SIZE = 4 << 20
 #: blobs of the aged layout, one per test that changes or records one
@@ -38,10 +38,12 @@ def _rchar() -> int:
 
 @pytest.fixture(scope="module")
 def aged(vectors, tmp_path_factory):
-    """(layout, {name: (digest, size)}): files older than SETTLE_NS."""
+    """(layout, {name: (digest, size)}): files older than SETTLE_NS; a TurboOCI layout beside it."""
     layout = tmp_path_factory.mktemp("aged") / "layout"
     commits = [vectors / "upstream-small" / "overlaybd" / f"layer{i}.commit" for i in (0, 1)]
     native_layout(layout, commits, "obd")
+    metas = [vectors / "upstream-small" / "turbooci" / f"layer{i}" / "turboOCIv1.tar.gz" for i in (0, 1)]
+    turbo_layout(layout.parent / "turbo", vectors / "upstream-small" / "original", metas, "small", "turbo")
     blobs = {name: add_blob(layout, os.urandom(BLOB_SIZE)) for name in BLOB_NAMES}
     time.sleep(oci_layout.SETTLE_NS / 1e9 + 0.05)
     return layout, blobs
@@ -202,3 +204,18 @@ def test_symlinked_record_is_neither_read_nor_written_through(aged, tmp_path):
     assert planted.read_bytes() == before
     assert not (tmp_path / "cache" / VERIFIED_RECORD).is_symlink()
     assert _open(layout, tmp_path / "cache", digest, size) < 64 << 10
+
+
+def test_fastoci_image_records_meta_and_original_layers(aged, tmp_path):
+    layout, _ = aged
+    turbo = layout.parent / "turbo"
+    opts = OpenOptions(cache_dir=str(tmp_path), gzip_cache_enable=False)
+    image = open_image(f"oci:{turbo}:turbo", opts)
+    open_disk(image, opts).close()
+    recorded = {e[3] for e in json.loads((tmp_path / VERIFIED_RECORD).read_text())["files"].values()}
+    assert recorded == {d.digest for la in image.layers for d in (la.descriptor, la.target)}
+    originals = sum(os.path.getsize(turbo / "blobs" / "sha256" / la.target.digest[7:]) for la in image.layers)
+    before = _rchar()
+    open_disk(open_image(f"oci:{turbo}:turbo", opts), opts).close()
+    # the meta tarballs are read whole to be unpacked, the originals only at their heads
+    assert _rchar() - before < originals / 4
