@@ -409,9 +409,9 @@ class CachedView:
                 data += bytes(hi - lo - len(data))
             missing = self._missing_pages(data, entries, first, last - first + 1)
             if not missing:
-                self._mark(first, last + 1, header)
-                self._count(hits=1, from_cache=n)
-                self._touch()
+                self._mark(first, last + 1, header, hit=n)
+                if time.monotonic() - self._touched >= TOUCH_INTERVAL:
+                    self._touch()
                 return data if offset == lo and n == len(data) else data[offset - lo : offset - lo + n]
             gone = set(missing)
             for page in range(first, last + 1):
@@ -452,11 +452,15 @@ class CachedView:
             return head
         return None
 
-    def _mark(self, start: int, stop: int, header: bytes | None) -> None:
-        """Pages ``[start, stop)`` were checked (or written) while the header was ``header``."""
+    def _mark(self, start: int, stop: int, header: bytes | None, hit: int = 0) -> None:
+        """Pages ``[start, stop)`` were checked (or written) while the header was ``header``;
+        with ``hit``, also count a read of that many bytes answered from them (one lock)."""
         with self._lock:
             if header is not None and header == self._header and self._trusting:
                 self._verified[start:stop] = b"\x01" * (stop - start)
+            if hit:
+                self.hits += 1
+                self.bytes_from_cache += hit
 
     def _forget(self, header: bytes | None) -> None:
         """The header is no longer ``header`` (or the data was short): every mark is void."""
