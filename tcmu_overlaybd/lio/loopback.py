@@ -7,8 +7,6 @@ import hashlib
 import os
 import time
 
-import rtslib_fb as rtslib
-
 from ..errors import KernelError
 from . import backstore
 
@@ -25,6 +23,8 @@ def export(name: str, wwn: str, timeout: float = 30.0) -> str:
 
     The SCSI scan runs inside the LUN symlink call: the handler must already serve.
     """
+    import rtslib_fb as rtslib  # imported where used: see backstore
+
     so = backstore.find(name)
     try:
         target = rtslib.Target(rtslib.FabricModule("loopback"), wwn, mode="create")
@@ -104,6 +104,8 @@ def unexport(wwn: str, name: str | None = None) -> None:
     if foreign:
         raise KernelError(f"refusing to remove loopback target {wwn}: it serves {', '.join(foreign)}, "
                           f"not obd backstore {name}")
+    import rtslib_fb as rtslib
+
     try:
         rtslib.Target(rtslib.FabricModule("loopback"), wwn, mode="lookup").delete()
     except (rtslib.RTSLibError, OSError) as e:

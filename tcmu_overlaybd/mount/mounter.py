@@ -205,6 +205,7 @@ def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep
         phases.mark("backstore")
 
     sd.save(st)
+    backstore.preload_rtslib()
     try:
         _spawn_supervisor(sd, st, recover=False, secrets=secrets, on_size=create_backstore, phases=phases)
         phases.mark("handler start")
