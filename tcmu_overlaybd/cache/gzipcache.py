@@ -440,8 +440,8 @@ class CachedView:
         have = min(npages, len(entries) // PAGE_ENTRY.size)
         fields = struct.unpack_from(f"<{2 * have}I", entries)
         view = memoryview(data)
-        missing = [first + i for i in range(have)
-                   if fields[2 * i] != PAGE_PRESENT or fields[2 * i + 1] != page_checksum(view[i * PAGE : (i + 1) * PAGE])]
+        missing = [first + i for i in range(have) if fields[2 * i] != PAGE_PRESENT
+                   or fields[2 * i + 1] != page_checksum(view[i * PAGE : (i + 1) * PAGE])]
         missing.extend(range(first + have, first + npages))
         return missing
 

@@ -554,7 +554,9 @@ class GzipIndexedSource:
         out = bytearray(length)
         try:
             inf.skip_to(offset, end)
-            got = inf.inflate_into((ctypes.c_char * length).from_buffer(out), 0, length, end) if inf.pos == offset else 0
+            got = 0
+            if inf.pos == offset:
+                got = inf.inflate_into((ctypes.c_char * length).from_buffer(out), 0, length, end)
             if got != length:
                 raise CorruptDataError(
                     f"gzip stream ends at uncompressed offset {inf.pos}, its index says {self.size}",
