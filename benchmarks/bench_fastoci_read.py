@@ -241,6 +241,8 @@ def main() -> None:
           f"ZFile {lay['zfile_size'] / 1e6:.0f} MB")
     for phase, r in results.items():
         ratio = f" ({r['cpu_x_zfile']}x ZFile)" if "cpu_x_zfile" in r else ""
+        if r.get("inflated_MB"):
+            ratio += f", {r['inflated_MB']} MB inflated"
         print(f"{phase:17s} {r['reads']} reads, {r['bytes'] / 1e6:.1f} MB: {r['cpu_s_per_MB'] * 1000:.2f} ms CPU/MB"
               f"{ratio} ({r['system_s'] / r['cpu_s']:.0%} in the kernel), {r['reads_per_s']} reads/s")
         if args.profile:
