@@ -219,3 +219,20 @@ def test_the_handler_reads_through_the_counting_device_in_place(disk_file):
         raw.close()
     snap = dev.snapshot()
     assert (snap.reads, snap.bytes_read, snap.errors, snap.inflight) == (100, 100 * 4096, 0, 0)
+
+
+class HalfCached(BytesSource):
+    """A remote source whose first half is in the cache: ``read_cached`` serves it, else None."""
+
+    def read_cached(self, offset, length):
+        return self.read(offset, length) if offset + length <= self.size // 2 else None
+
+
+def test_ring_thread_hits_are_counted_once_and_misses_left_to_the_read_that_follows():
+    dev = CountingDevice(HalfCached(bytes(range(256)) * 4096), slow_ms=1000)
+    assert dev.read_cached(0, 4096) == (bytes(range(256)) * 16)
+    assert dev.read_cached(dev.size - 4096, 4096) is None  # a miss: the handler's worker reads it
+    dev.read(dev.size - 4096, 4096)
+    snap = dev.snapshot()
+    assert (snap.reads, snap.bytes_read, snap.errors) == (2, 8192, 0)
+    assert not hasattr(CountingDevice(BytesSource(b"x" * 512), slow_ms=1000), "read_cached")

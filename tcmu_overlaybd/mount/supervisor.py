@@ -97,6 +97,8 @@ class _ImageDisk:
         self.name, self.size, self.local = disk.name, disk.size, local
         self.manifest_digest = manifest_digest
         self.read = disk.read  # bound method: no extra call per read
+        if hasattr(disk, "read_cached"):  # block-cache hits served on the handler's ring thread
+            self.read_cached = disk.read_cached
         self.disk, self._store = disk, store
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The counting wrapper around a mount's virtual disk and the slow-read watchdog.
 
 ``CountingDevice`` is what the TCMU handler reads from: it forwards ``read`` (and
-``readinto`` and ``local`` when the wrapped source has them, see tcmu/handler.py)
+``readinto``, ``read_cached`` and ``local`` when the wrapped source has them, see
+tcmu/handler.py)
 and records, per reading thread and without locks or allocation per read, the
 number of reads, bytes, errors, slow reads and a latency histogram (latency.py).
 Each thread owns one ``ReadSlot``; a snapshot sums the slots.  A slot also shows
@@ -78,6 +79,9 @@ class CountingDevice:
         self._readinto = getattr(source, "readinto", None)
         if self._readinto is not None:
             self.readinto = self._timed_readinto  # only offered when the source has it
+        self._read_cached = getattr(source, "read_cached", None)
+        if self._read_cached is not None:
+            self.read_cached = self._timed_read_cached  # likewise
         self._tls = threading.local()
         self._slots: list[ReadSlot] = []
         self._slots_lock = threading.Lock()
@@ -123,6 +127,21 @@ class CountingDevice:
             raise
         self._finish(slot, t0, n)
         return n
+
+    def _timed_read_cached(self, offset: int, length: int) -> bytes | None:
+        """The source's non-blocking read; only the reads it serves are counted (a None is
+        followed by the handler's ``read`` of the same range, which counts)."""
+        t0 = _now_ns()
+        data = self._read_cached(offset, length)
+        if data is not None:
+            try:
+                slot = self._tls.slot
+            except AttributeError:
+                slot = self._new_slot()
+            slot.offset = offset
+            slot.length = length
+            self._finish(slot, t0, len(data))
+        return data
 
     def _finish(self, slot: ReadSlot, t0: int, n: int) -> None:
         dt = _now_ns() - t0
