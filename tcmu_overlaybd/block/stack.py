@@ -45,8 +45,10 @@ def _relabel(idx: SegmentIndex, level: int, identity: bool) -> SegmentIndex:
 def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identity: bool) -> SegmentIndex:
     """Merge ``lower`` (one layer) under ``upper`` (already merged): fill only upper's gaps.
 
-    One pass over both sorted indexes; lower segments are trimmed to the gaps
-    (a trimmed data segment advances its moffset, a zeroed one keeps it).
+    One pass over the lower index; lower segments are trimmed to upper's gaps (a
+    trimmed data segment advances its moffset, a zeroed one keeps it), and the
+    upper segments between two pieces are copied as array slices (an image's
+    merged index can hold 10^5 segments: opening it must not cost a Python step each).
     """
     if not len(upper):
         return _relabel(lower, lower_level, identity)
@@ -54,37 +56,40 @@ def _overlay(upper: SegmentIndex, lower: SegmentIndex, lower_level: int, identit
     lo_, ll, lm, lz = lower.offsets, lower.lengths, lower.moffsets, lower.zeroed
     oo, ol, om, oz, ot = array("Q"), array("I"), array("Q"), array("B"), array("H")
     o_app, l_app, m_app, z_app, t_app = oo.append, ol.append, om.append, oz.append, ot.append
-    n_low, n_up = len(lo_), len(uo)
-    j = 0
-    cursor = 0
-    for i in range(n_up + 1):
-        start = uo[i] if i < n_up else 1 << 62
-        if start > cursor and j < n_low:
-            # fill the gap [cursor, start) from the lower layer
-            while j < n_low and lo_[j] + ll[j] <= cursor:
-                j += 1
-            while j < n_low and lo_[j] < start:
-                s, e = lo_[j], lo_[j] + ll[j]
-                a = s if s > cursor else cursor
-                b = e if e < start else start
-                z = lz[j]
-                o_app(a)
-                l_app(b - a)
-                m_app(a if identity else (lm[j] if z else lm[j] + (a - s)))
-                z_app(z)
-                t_app(lower_level)
-                if e > start:
-                    break
-                j += 1
-        if i == n_up:
-            break
-        ln = ul[i]
-        o_app(start)
-        l_app(ln)
-        m_app(um[i])
-        z_app(uz[i])
-        t_app(ut[i])
-        cursor = start + ln
+    n_up = len(uo)
+    i = 0  # upper segments [0, i) are copied
+    k = 0  # upper segments [0, k) start at or before p (p only grows: k moves forward)
+    for j in range(len(lo_)):
+        s = lo_[j]
+        e = s + ll[j]
+        p = s
+        while p < e:
+            if k < n_up and uo[k] <= p:
+                k = bisect_right(uo, p, k)
+            if k and uo[k - 1] + ul[k - 1] > p:  # p lies under upper segment k-1
+                p = uo[k - 1] + ul[k - 1]
+                continue
+            b = uo[k] if k < n_up and uo[k] < e else e  # the gap [p, b) is lower's
+            if k > i:
+                oo.extend(uo[i:k])
+                ol.extend(ul[i:k])
+                om.extend(um[i:k])
+                oz.extend(uz[i:k])
+                ot.extend(ut[i:k])
+                i = k
+            z = lz[j]
+            o_app(p)
+            l_app(b - p)
+            m_app(p if identity else (lm[j] if z else lm[j] + (p - s)))
+            z_app(z)
+            t_app(lower_level)
+            p = b
+    if i < n_up:
+        oo.extend(uo[i:])
+        ol.extend(ul[i:])
+        om.extend(um[i:])
+        oz.extend(uz[i:])
+        ot.extend(ut[i:])
     if len(oo) > MAX_RW_INDEX_SIZE:
         raise UsageError(f"merged index has {len(oo)} segments, more than {MAX_RW_INDEX_SIZE}")
     return SegmentIndex(oo, ol, om, oz, ot)
