@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import struct
+import threading
 
 from tcmu_overlaybd.tcmu import ring as R
 
@@ -140,3 +141,28 @@ class SimKernel:
     def close(self) -> None:
         self.fd.close()
         os.close(self.handler_fd.detach())
+
+
+class Served:
+    """Handlers over simulated rings, stopped (and their threads checked) by ``stop_all``."""
+
+    def __init__(self):
+        self.started = []
+
+    def handler(self, source, thread_name: str | None = None, **simkw):
+        """A ``Handler`` serving ``source`` over a new ``SimKernel``: (sim, handler, thread not started)."""
+        from tcmu_overlaybd.tcmu.handler import Handler
+        from tcmu_overlaybd.tcmu.scsi import DiskInfo, Target
+
+        sim = SimKernel(**simkw)
+        h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(source.size, "0123abcd")), source)
+        t = threading.Thread(target=h.serve, name=thread_name, daemon=True)
+        self.started.append((sim, h, t))
+        return sim, h, t
+
+    def stop_all(self) -> None:
+        for sim, h, t in self.started:
+            h.stop()
+            t.join(5)
+            assert not t.is_alive(), "handler did not stop"
+            sim.close()

@@ -17,10 +17,9 @@ from tcmu_overlaybd.block.source import CountingSource, FileSource
 from tcmu_overlaybd.block.stack import StackedDisk
 from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
 from tcmu_overlaybd.format.layer import open_layer_blob
-from tcmu_overlaybd.tcmu.handler import Handler
-from tcmu_overlaybd.tcmu.scsi import GOOD, DiskInfo, Target
+from tcmu_overlaybd.tcmu.scsi import GOOD
 
-from .tcmu_sim import SimKernel
+from .tcmu_sim import Served
 
 HELLO_BLOB = "aci-hello-world/sha256_022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"
 HELLO_LBA, HELLO_SECTORS = 6356992 // 512, 26  # the ``hello`` file (13,256 bytes) on the disk
@@ -57,23 +56,16 @@ def hello_served(vectors, tmp_path):
     key = "sha256:" + HELLO_BLOB.rsplit("_", 1)[1]
     origin = CountingSource(FileSource(vectors / HELLO_BLOB, name=key))
     cache = BlockCache(tmp_path / "cache", 64 << 20, 4096)
-    started = []
+    served = Served()
 
     def start():
         src = ThreadLog(StackedDisk([open_layer_blob(CachedSource(origin, cache, key))]))
-        sim = SimKernel()
-        h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "0123abcd")), src)
-        t = threading.Thread(target=h.serve, name="ring", daemon=True)
+        sim, h, t = served.handler(src, thread_name="ring")
         t.start()
-        started.append((sim, h, t))
         return sim, h, src, origin
 
     yield start
-    for sim, h, t in started:
-        h.stop()
-        t.join(5)
-        assert not t.is_alive(), "handler did not stop"
-        sim.close()
+    served.stop_all()
 
 
 def test_cold_read_goes_to_a_worker_the_same_read_again_is_served_on_the_ring_thread(hello_served):

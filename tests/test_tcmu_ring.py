@@ -13,7 +13,7 @@ from tcmu_overlaybd.tcmu import ring as R
 from tcmu_overlaybd.tcmu.handler import Handler
 from tcmu_overlaybd.tcmu.scsi import DiskInfo, Target
 
-from .tcmu_sim import SimKernel
+from .tcmu_sim import Served, SimKernel
 
 
 def test_layout_matches_the_uapi_offsets():
@@ -63,22 +63,13 @@ def mode(request):
 @pytest.fixture
 def served(mode):
     """A handler serving a simulated ring over ``DISK``; yields (sim, handler, source)."""
-    started = []
+    served = Served()
 
     def start(source=None, **simkw):
-        sim = SimKernel(**simkw)
-        src = source or (LocalBytes if mode == "local" else BytesSource)(DISK, "disk")
-        h = Handler(sim.handler_fd.fileno(), sim.buf, Target(DiskInfo.for_size(src.size, "0123abcd")), src)
-        t = threading.Thread(target=h.serve, daemon=True)
-        started.append((sim, h, t))
-        return sim, h, t
+        return served.handler(source or (LocalBytes if mode == "local" else BytesSource)(DISK, "disk"), **simkw)
 
     yield start
-    for sim, h, t in started:
-        h.stop()
-        t.join(5)
-        assert not t.is_alive(), "handler did not stop"
-        sim.close()
+    served.stop_all()
 
 
 def test_reads_return_disk_bytes_through_multiple_iovs(served):
