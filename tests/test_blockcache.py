@@ -241,8 +241,10 @@ def test_obd_cache_ls_prune_clear(tmp_path, capsys):
     assert rc == 0
     assert all(e.digest != DIGEST_A for e in cache.scan())
 
+    record = cache_dir / "layout-verified.json"  # local-layout blobs already hashed (image/oci_layout.py)
+    record.write_text("{}")
     rc, out, _ = _obd(capsys, "cache", "clear", "--cache-dir", str(cache_dir))
-    assert rc == 0 and cache.scan() == []
+    assert rc == 0 and cache.scan() == [] and not record.exists()
 
 
 def test_obd_cache_rejects_bad_arguments(tmp_path, capsys):

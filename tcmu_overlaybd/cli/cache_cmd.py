@@ -125,11 +125,21 @@ def cache_prune(cache_dir: str | None, gzip_cache_dir: str | None, max_size: str
 @_gzip_dir_option
 @click.argument("digest", required=False)
 def cache_clear(cache_dir: str | None, gzip_cache_dir: str | None, digest: str | None) -> None:
-    """Remove every cached block and gzip layer, or only those of DIGEST."""
+    """Remove every cached block and gzip layer, or only those of DIGEST.
+
+    Without DIGEST the record of local-layout blob files already verified goes too
+    (their next open hashes them again)."""
     if digest:
         validate_digest(digest)
     cache, gz = _open_caches(cache_dir, gzip_cache_dir)
     freed = cache.clear(digest)
+    if not digest:
+        from ..image.oci_layout import VERIFIED_RECORD
+
+        try:
+            os.unlink(os.path.join(cache.dir, VERIFIED_RECORD))
+        except FileNotFoundError:
+            pass
     click.echo(f"freed {_human(freed)} from {cache.dir}")
     if gz is not None:
         freed = gz.clear(digest)
