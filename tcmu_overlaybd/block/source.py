@@ -109,6 +109,9 @@ class SliceSource:
         self.start = start
         self.size = size
         self.name = name or base.name
+        inner = getattr(base, "read_cached", None)
+        if inner is not None:  # only offered when the base can read without waiting
+            self.read_cached = lambda offset, length: inner(start + offset, clamp_read(size, offset, length))
 
     def read(self, offset: int, length: int) -> bytes:
         n = clamp_read(self.size, offset, length)

@@ -158,19 +158,28 @@ class StackedDisk:
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
+        inside = self._one_segment(offset, n)
+        if inside is None:
+            return self.index.read(offset, n, self._fetch, self.name)
+        level, pos = inside
+        data = self._readers[level](pos, n)
+        if len(data) != n:
+            raise CorruptDataError(
+                f"segment at virtual byte {offset} maps past the end of its data file "
+                f"(wanted {n} bytes at {pos}, got {len(data)})", blob=self.name, offset=pos)
+        return data
+
+    def _one_segment(self, offset: int, n: int) -> tuple[int, int] | None:
+        """(level, byte position in its data file) when ``[offset, offset+n)`` lies inside one
+        data segment; None for anything else (holes, zeroed, several segments)."""
         idx = self.index
         i = bisect_right(idx.offsets, offset >> 9) - 1
-        if i >= 0 and not idx.zeroed[i]:
-            start = idx.offsets[i] << 9
-            if offset + n <= start + (idx.lengths[i] << 9):
-                pos = (idx.moffsets[i] << 9) + (offset - start)
-                data = self._readers[idx.tags[i]](pos, n)
-                if len(data) != n:
-                    raise CorruptDataError(
-                        f"segment at virtual byte {offset} maps past the end of its data file "
-                        f"(wanted {n} bytes at {pos}, got {len(data)})", blob=self.name, offset=pos)
-                return data
-        return idx.read(offset, n, self._fetch, self.name)
+        if i < 0 or idx.zeroed[i]:
+            return None
+        start = idx.offsets[i] << 9
+        if offset + n > start + (idx.lengths[i] << 9):
+            return None
+        return idx.tags[i], (idx.moffsets[i] << 9) + (offset - start)
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """What ``read`` returns if it needs no waiting, else None (never blocks on a fetch).
@@ -183,17 +192,14 @@ class StackedDisk:
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return b""
-        idx = self.index
-        i = bisect_right(idx.offsets, offset >> 9) - 1
-        if i < 0 or idx.zeroed[i]:
+        inside = self._one_segment(offset, n)
+        if inside is None:
             return None
-        start = idx.offsets[i] << 9
-        if offset + n > start + (idx.lengths[i] << 9):
-            return None
-        reader = self._cached_readers[idx.tags[i]]
+        level, pos = inside
+        reader = self._cached_readers[level]
         if reader is None:
             return None
-        data = reader((idx.moffsets[i] << 9) + (offset - start), n)
+        data = reader(pos, n)
         return data if data is not None and len(data) == n else None
 
     def extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, bool, int]]:

@@ -51,6 +51,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 from .. import config
 from ..block.source import ByteSource, clamp_read
@@ -671,15 +672,8 @@ class CachedSource:
             data = self.cache.get(self.key, first, min(bs, self.size - first * bs), lo, n)
             if data is not None:
                 return data
-        parts: list[bytes | None] = []
-        missing: list[int] = []
-        for idx in range(first, last + 1):
-            lo = max(offset, idx * bs) - idx * bs
-            hi = min(end, (idx + 1) * bs) - idx * bs
-            data = self.cache.get(self.key, idx, self._block_len(idx), lo, hi - lo)
-            parts.append(data)
-            if data is None:
-                missing.append(idx)
+        parts: list[bytes | None] = list(self._cached_parts(offset, end, first, last))
+        missing = [first + i for i, data in enumerate(parts) if data is None]
         if missing:
             self._fill(missing, offset, end, first, parts, self._readahead(sequential, missing[-1] == last, last))
         return b"".join(parts) if len(parts) > 1 else parts[0]
@@ -697,18 +691,24 @@ class CachedSource:
         end = offset + n
         bs = self.cache.block_size
         first, last = offset // bs, (end - 1) // bs
-        get, key = self.cache.get, self.key
         if first == last:
-            return get(key, first, self._block_len(first), offset - first * bs, n)
+            return self.cache.get(self.key, first, self._block_len(first), offset - first * bs, n)
         parts = []
-        for idx in range(first, last + 1):
-            lo = max(offset, idx * bs) - idx * bs
-            hi = min(end, (idx + 1) * bs) - idx * bs
-            data = get(key, idx, self._block_len(idx), lo, hi - lo)
+        for data in self._cached_parts(offset, end, first, last):
             if data is None:
                 return None
             parts.append(data)
         return b"".join(parts)
+
+    def _cached_parts(self, offset: int, end: int, first: int, last: int) -> Iterator[bytes | None]:
+        """For each block ``first..last``, its part of ``[offset, end)`` from the cache, or None
+        where the block is not cached (lazily: a caller may stop at the first None)."""
+        bs = self.cache.block_size
+        get, key = self.cache.get, self.key
+        for idx in range(first, last + 1):
+            lo = max(offset, idx * bs) - idx * bs
+            hi = min(end, (idx + 1) * bs) - idx * bs
+            yield get(key, idx, self._block_len(idx), lo, hi - lo)
 
     def _readahead(self, sequential: bool, tail_missing: bool, last: int) -> list[int]:
         """Blocks after ``last`` to fetch along with a sequential miss (uncached ones only)."""

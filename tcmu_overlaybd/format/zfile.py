@@ -28,7 +28,7 @@ import crc32c as _crc32c_package
 import lz4.block
 import zstandard
 
-from ..block.source import ByteSource, SliceSource, clamp_read, read_exact, warm
+from ..block.source import ByteSource, clamp_read, read_exact, warm
 from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw
 from ..errors import CorruptDataError, UnsupportedError
 
@@ -137,18 +137,6 @@ _crc32c = _crc32c_package.crc32c
 _u32_at = struct.Struct("<I").unpack_from
 
 
-def _cached_reader(source: ByteSource):
-    """The non-blocking ``read_cached(offset, length)`` of ``source`` (looking through a tar
-    slice to the blob's cache), or None if it has none."""
-    fn = getattr(source, "read_cached", None)
-    if fn is None and isinstance(source, SliceSource):
-        inner = _cached_reader(source.base)
-        if inner is not None:
-            start = source.start
-            return lambda offset, length: inner(start + offset, length)
-    return fn
-
-
 class ZFileReader:
     """The decompressed bytes of a ZFile, as a thread-safe byte source."""
 
@@ -227,7 +215,8 @@ class ZFileReader:
         self._cache_max = cache_blocks
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._cached_fetch = _cached_reader(source)
+        #: the non-blocking read of the compressed bytes (a tar slice of a cached blob has one)
+        self._cached_fetch = getattr(source, "read_cached", None)
 
     def _decompress(self, n: int, stored: memoryview | bytes) -> bytes:
         """Block ``n`` from its stored bytes: CRC checked (if verifying), decompressed, length checked.
