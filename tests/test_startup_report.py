@@ -215,3 +215,18 @@ def test_breakdown_shows_device_reads_their_wait_and_fetch_sizes_from_obd_stats(
     assert [c.strip() for c in lines[2].split(" | ")] == [
         "python-large", "unshaped", "fastoci", "4770", "385.6", "645.6", "643", "285.0 kB", "0.80"]
     assert breakdown([("unshaped", lazy("python-small", "overlaybd", 1, 2, 3, 4, 5))]) == ""
+
+
+def test_cpu_phases_count_each_process_from_its_own_start_and_name_the_handler():
+    from benchmarks.startup import cpu
+    hz = os.sysconf("SC_CLK_TCK")
+    kinds0 = dict.fromkeys(cpu.KINDS, 0)
+    a = cpu.Snapshot(kinds0, {10: ("python3", 5, 100), 11: ("docker-registry", 6, 50), 12: ("sh", 7, 40)})
+    b = cpu.Snapshot(dict(kinds0, user=3 * hz, idle=hz),
+                     {10: ("python3", 5, 100 + 2 * hz), 11: ("docker-registry", 6, 50 + hz),
+                      12: ("python3", 99, hz // 2),  # pid 12 reused by a new process: counts from zero
+                      13: ("python3", 100, hz // 2)})
+    d = cpu.between(a, b, {10: "obd handler"})
+    assert d["user"] == 3.0 and d["idle"] == 1.0
+    assert d["proc:obd handler"] == 2.0 and d["proc:docker-registry"] == 1.0 and d["proc:python3"] == 1.0
+    assert "busy 3.0 s" in cpu.summary({"app": d})

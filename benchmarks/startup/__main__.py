@@ -31,6 +31,7 @@ from tcmu_overlaybd.errors import CorruptDataError, ObdError, UsageError
 from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 
+from . import cpu
 from . import goals as goals_mod
 from . import lazy
 from . import modes as modes_mod
@@ -228,6 +229,8 @@ def _run_line(link: str, r: ColdStart) -> str:
             f"{r.bytes_fetched / 1e6:.1f} MB fetched")
     if r.bytes_read is not None:
         line += f", {r.bytes_read / 1e6:.1f} MB read, handler RSS {r.handler_rss / 1e6:.0f} MB"
+    if r.details.get("cpu_s"):
+        line += f"\n  CPU {cpu.summary(r.details['cpu_s'])}"
     return line
 
 
@@ -273,6 +276,11 @@ def report(doc: dict, host_doc: dict | None) -> list[goals_mod.Goal]:
     if where:
         print("\nwhere the lazy time went (the handler's obd stats; read wait sums overlapping reads):")
         print(where)
+    used = [(link, r) for link, r in results if r.details.get("cpu_s")]
+    if used:
+        print("\nwhere the CPU went (seconds of the machine's CPU by kind, and of the busiest processes):")
+        for link, r in used:
+            print(f"{r.image} {link} {r.mode}: {cpu.summary(r.details['cpu_s'])}")
     for name, m in doc["modes"].items():
         if not m["available"]:
             print(f"mode {name}: not yet available: needs {m['missing']}")

@@ -28,6 +28,7 @@ import time
 
 from tcmu_overlaybd.errors import KernelError, NotFoundError, ObdError
 
+from . import cpu
 from .result import ColdStart
 from .service import AppConfig, RunningApp, wait_http
 
@@ -117,16 +118,20 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
         args += ["--record-trace", record_trace]
     if prefetch:
         args += ["--prefetch", prefetch]
+    c0 = cpu.Snapshot.take()
     t0 = time.monotonic()
     _obd(args + [ref, mnt], env, f"obd mount {ref}")
     t_pull = time.monotonic()
+    c_pull = cpu.Snapshot.take()
     try:
         running = RunningApp(mnt, app.with_port(port))
         try:
             t_up = wait_http(running, port, timeout)
+            c_up = cpu.Snapshot.take()
         finally:
             running.stop()
         entry = mount_entry(_obd(["list", "--json"], env, "obd list"), mnt)
+        used = cpu.phases(c0, c_pull, c_up, {entry["handler_pid"]: "obd handler"})
         rss = peak_rss(entry["handler_pid"])
         read = device_bytes_read(entry["device"])
         stats = obd_stats(mnt, env)
@@ -142,4 +147,4 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
     umount_s = time.monotonic() - t_umount
     shutil.rmtree(caches, ignore_errors=True)
     return ColdStart(image, mode, t_pull - t0, t_up - t0, 0, registry_size, bytes_read=read, handler_rss=rss,
-                     details={"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats})
+                     details={"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats, "cpu_s": used})

@@ -24,6 +24,7 @@ from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.registry import RegistryClient, RegistryStore, repo_scope
 from tcmu_overlaybd.image.resolve import open_image
 
+from . import cpu
 from .result import ColdStart
 from .service import AppConfig, RunningApp, wait_http
 from .unpack import apply_layer
@@ -103,18 +104,22 @@ def cold_start(image_name: str, ref: str, work: str, opts: OpenOptions, port: in
     """Measure one traditional cold start of ``ref`` with a fresh root under ``work``."""
     rootfs = os.path.join(work, "rootfs")
     remove_rootfs(rootfs)
+    c0 = cpu.Snapshot.take()
     t0 = time.monotonic()
     config, figures = pull(ref, rootfs, os.path.join(work, "blobs"), opts)
     t_pull = time.monotonic()
+    c_pull = cpu.Snapshot.take()
     app = RunningApp(rootfs, AppConfig.from_image_config(config).with_port(port))
     try:
         t_up = wait_http(app, port, timeout)
+        c_up = cpu.Snapshot.take()
     finally:
         app.stop()
     remove_rootfs(rootfs)
     return ColdStart(image_name, "traditional", t_pull - t0, t_up - t0, figures["bytes_fetched"],
                      figures["registry_size"], figures["requests"],
-                     details={"unpacked_entries": figures["unpacked_entries"]})
+                     details={"unpacked_entries": figures["unpacked_entries"],
+                              "cpu_s": cpu.phases(c0, c_pull, c_up, {os.getpid(): "benchmark driver"})})
 
 
 def remove_rootfs(rootfs: str) -> None:
