@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..atomic import write_private_file
 from ..block.source import ByteSource, FileSource
 from ..errors import CorruptDataError, NotFoundError, UsageError
 from .manifest import REF_NAME, index_entries, parse_json
@@ -150,24 +151,8 @@ class VerifiedFiles:
     def _write(self, files: dict[str, list]) -> None:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileExistsError:  # left by a dead process with our pid, or planted: never reused
-            os.unlink(tmp)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(json.dumps({"version": VERIFIED_RECORD_VERSION, "files": files},
-                                   separators=(",", ":")).encode())
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path)
+        write_private_file(self.path, json.dumps({"version": VERIFIED_RECORD_VERSION, "files": files},
+                                                 separators=(",", ":")).encode())
 
 
 class _BlobFile(FileSource):

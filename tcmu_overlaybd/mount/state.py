@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..atomic import write_private_file
 from ..errors import StateError
 
 #: OpenOptions fields that are credentials: never written to a state file
@@ -148,11 +149,7 @@ def _write_private_json(directory: str, path: str, data: dict) -> None:
     """Atomically write ``data`` to ``path`` (0600) inside ``directory`` (made 0700)."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_private_file(path, json.dumps(data, indent=1).encode())
 
 
 @dataclass

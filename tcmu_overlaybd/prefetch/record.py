@@ -18,7 +18,7 @@ the spool and the window starts afresh, so a handler killed and restarted by
 its supervisor loses at most the last second; the next handler appends to the
 same spool.  ``finish`` (at ``obd umount``, on ``obd record-trace stop``, i.e.
 SIGUSR1 to the handler) merges the spool once more, writes ``FILE`` atomically
-(``FILE.partial`` + rename, 0600) and removes the spool: recording is over for
+(a temporary file + rename, 0600) and removes the spool: recording is over for
 good, a restarted handler finds no spool and records nothing.
 """
 
@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 
+from ..atomic import write_private_file
 from ..cache.blockcache import in_background_fetch
 from ..errors import StateError
 from ..format.trace import OP_READ, RECORD, TraceRecord, decode_records, encode_trace
@@ -76,19 +77,9 @@ def merge_records(records, window: int = MERGE_WINDOW) -> list[TraceRecord]:
 
 
 def write_trace_file(path: str, records: list[TraceRecord]) -> None:
-    """``path`` holds exactly this trace, or is unchanged (``.partial`` + fsync + rename, 0600)."""
-    tmp = path + ".partial"
-    data = encode_trace(records)
+    """``path`` holds exactly this trace, or is unchanged (temporary file + fsync + rename, 0600)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private_file(path, encode_trace(records), fsync=True)
     except OSError as e:
         raise StateError(f"{path}: cannot write the trace: {e.strerror}") from None
 

@@ -37,6 +37,7 @@ import logging
 import os
 import time
 
+from ..atomic import write_private_file
 from ..errors import ObdError, StateError
 from ..mount.state import MountState, StateDir
 from .device import CountingDevice, SlowReadWatchdog
@@ -132,12 +133,7 @@ class Telemetry:
                 log.warning("metrics endpoint unavailable: %s", e)
 
     def _write_metrics_address(self, address: str) -> None:
-        path = metrics_address_path(self.state_dir, self.st.id)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(address + "\n")
-        os.replace(tmp, path)
+        write_private_file(metrics_address_path(self.state_dir, self.st.id), (address + "\n").encode())
 
     def stop(self) -> None:
         """Stop the endpoints and the watchdog; remove the files they made."""
