@@ -126,12 +126,13 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
     try:
         running = RunningApp(mnt, app.with_port(port))
         try:
-            t_up = wait_http(running, port, timeout)
+            t_up = wait_http(running, port, timeout, since=t0)
             c_up = cpu.Snapshot.take()
         finally:
             running.stop()
         entry = mount_entry(_obd(["list", "--json"], env, "obd list"), mnt)
-        used = cpu.phases(c0, c_pull, c_up, {entry["handler_pid"]: "obd handler"})
+        used = cpu.phases(c0, c_pull, c_up, {entry["handler_pid"]: "obd handler",
+                                                 os.getpid(): "benchmark driver"})
         rss = peak_rss(entry["handler_pid"])
         read = device_bytes_read(entry["device"])
         stats = obd_stats(mnt, env)

@@ -111,7 +111,7 @@ def cold_start(image_name: str, ref: str, work: str, opts: OpenOptions, port: in
     c_pull = cpu.Snapshot.take()
     app = RunningApp(rootfs, AppConfig.from_image_config(config).with_port(port))
     try:
-        t_up = wait_http(app, port, timeout)
+        t_up = wait_http(app, port, timeout, since=t0)
         c_up = cpu.Snapshot.take()
     finally:
         app.stop()
