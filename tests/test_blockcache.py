@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tcmu_overlaybd.block.source import BytesSource, CountingSource
-from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource, background_fetches
 from tcmu_overlaybd.cli.main import main
 from tcmu_overlaybd.errors import CorruptDataError
 
@@ -167,7 +167,7 @@ def test_threads_share_one_cache(tmp_path):
 WRITER = textwrap.dedent("""
     import random, sys
     from tcmu_overlaybd.block.source import BytesSource
-    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource, background_fetches
     cache_dir, cap, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     data = random.Random(13).randbytes(64 * 65536)
     src = CachedSource(BytesSource(data), BlockCache(cache_dir, cap, 65536), "sha256:" + "c" * 64)
@@ -339,7 +339,7 @@ def test_zfile_crc_mismatch_in_a_cached_block_is_refetched(tmp_path, vectors):
     import hashlib
 
     from tcmu_overlaybd.block.source import BytesSource, CountingSource
-    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource, background_fetches
     from tcmu_overlaybd.format.tarwrap import unwrap
     from tcmu_overlaybd.format.zfile import ZFileReader
 
@@ -600,3 +600,17 @@ def test_a_blob_evicted_to_its_directory_is_stored_again(tmp_path):
     assert src_a.read(0, BS) == data_a[:BS]
     assert os.path.getsize(cache.block_path(DIGEST_A, 0)) == BS
     assert cache.usage() <= 2 * BS
+
+
+def test_background_fetches_send_one_request_per_run_foreground_reads_split_it(tmp_path):
+    """A replay or whole-image download runs many fetches at once already: cutting each run of
+    missing blocks into ``parallel`` requests would only cost the registry more requests."""
+    data = blob(16 * BS, 7)
+    cache, base, back = cached(tmp_path / "a", data, parallel=4)
+    with background_fetches():
+        back.fetch_range(0, 8 * BS)
+        assert back.read(8 * BS, 8 * BS) == data[8 * BS:]
+    assert (base.calls, cache.counters.fetch_requests) == (2, 2)
+    cache, base, fore = cached(tmp_path / "b", data, parallel=4)
+    assert fore.read(0, 8 * BS) == data[: 8 * BS]
+    assert base.calls == 4  # a device read waits: four concurrent requests

@@ -125,11 +125,13 @@ class SliceSource:
         if inv is not None:
             inv(self.start + offset, length)
 
+    def warm_map(self, offset: int, length: int) -> tuple[ByteSource, int, int]:
+        """Where ``warm`` of ``[offset, offset+length)`` goes: the same range of the base."""
+        return self.base, self.start + offset, clamp_read(self.size, offset, length)
+
     def fetch_range(self, offset: int, length: int) -> None:
         """Warm ``[offset, offset+length)`` of the window in the base (see ``warm``)."""
-        n = clamp_read(self.size, offset, length)
-        if n:
-            warm(self.base, self.start + offset, n)
+        warm(*self.warm_map(offset, length))
 
     def close(self) -> None:
         self.base.close()
@@ -169,11 +171,24 @@ def warm(src: ByteSource, offset: int, length: int) -> None:
     below them (``SliceSource``, ``ZFileReader``) have ``fetch_range``: the bytes
     are fetched into the cache and not decoded.  Any other source is read once
     (a local file: into the page cache)."""
+    if length <= 0:
+        return
     fetch = getattr(src, "fetch_range", None)
     if fetch is not None:
         fetch(offset, length)
     else:
         src.read(offset, length)
+
+
+def warm_target(src: ByteSource, offset: int, length: int) -> tuple[ByteSource, int, int]:
+    """The source and range that ``warm(src, offset, length)`` ends up fetching: followed down
+    through the sources that map a range to one below them (``warm_map``: tar slices, ZFile's
+    compressed blocks), so a replay can merge neighbouring ranges into fewer, larger fetches."""
+    while (step := getattr(src, "warm_map", None)) is not None:
+        src, offset, length = step(offset, length)
+        if length <= 0:
+            break
+    return src, offset, length
 
 
 def read_exact(src: ByteSource, offset: int, length: int, what: str) -> bytes:

@@ -609,6 +609,11 @@ class _FileLock:
         self.fd = -1
 
 
+#: an event that is set: a block found cached after all is "fetched by another thread, done"
+_DONE = threading.Event()
+_DONE.set()
+
+
 class CachedSource:
     """A ByteSource reading ``base`` through a BlockCache, fetching only missing blocks.
 
@@ -734,7 +739,8 @@ class CachedSource:
 
         Blocks another thread of this process is already fetching are waited for,
         not fetched twice; the rest go out as runs of adjacent blocks, up to
-        ``self.parallel`` requests at once (see ``split_runs``).
+        ``self.parallel`` requests at once (see ``split_runs``), or, in a background
+        fetch, one request per run.
         """
         foreground = not in_background_fetch()
         if foreground:
@@ -746,9 +752,16 @@ class CachedSource:
                 _foreground_delta(-1)
 
     def _fill_claimed(self, missing: list[int], offset: int, end: int, first: int, parts: list,
-                      ahead: list[int]) -> None:
+                      ahead: list[int], recheck: bool = True) -> None:
         bs = self.cache.block_size
         mine, theirs = self.cache._claim(self.key, list(missing) + list(ahead))
+        # another thread's fetch may have ended between the caller's look and this claim
+        landed = [idx for idx in mine if self.is_cached(idx)] if recheck else []
+        if landed:
+            self.cache._release(self.key, landed)
+            gone = set(landed)
+            mine = [idx for idx in mine if idx not in gone]
+            theirs += [(idx, _DONE) for idx in landed]
         wanted = set(missing)
         theirs = [(idx, done) for idx, done in theirs if idx in wanted]
         try:
@@ -758,7 +771,9 @@ class CachedSource:
                     runs[-1].append(idx)
                 else:
                     runs.append([idx])
-            pieces = split_runs(runs, self.parallel)
+            # a background fetch (replay, whole-image download) runs beside others of its own:
+            # one request per run, not ``parallel`` smaller ones (each costs the registry a request)
+            pieces = runs if in_background_fetch() else split_runs(runs, self.parallel)
             if len(pieces) == 1:
                 self._fetch_run(pieces[0], offset, end, first, parts)
             elif pieces:
@@ -771,7 +786,7 @@ class CachedSource:
             hi = min(end, (idx + 1) * bs) - idx * bs
             data = self.cache.get(self.key, idx, self._block_len(idx), lo, hi - lo)
             if data is None:  # that fetch failed or the block was evicted at once: our turn
-                self._fill_claimed([idx], offset, end, first, parts, [])
+                self._fill_claimed([idx], offset, end, first, parts, [], recheck=False)
             else:
                 parts[idx - first] = data
 

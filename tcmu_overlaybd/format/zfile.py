@@ -349,14 +349,19 @@ class ZFileReader:
             while len(cache) > self._cache_max:
                 cache.popitem(last=False)
 
+    def warm_map(self, offset: int, length: int):
+        """The compressed bytes in the source under ``[offset, offset+length)``: (source, offset, length)."""
+        n = clamp_read(self.size, offset, length)
+        if not n:
+            return self.source, 0, 0
+        bs = self.block_size
+        lo, hi = self._starts[offset // bs], self._starts[(offset + n - 1) // bs + 1]
+        return self.source, lo, hi - lo
+
     def fetch_range(self, offset: int, length: int) -> None:
         """Warm the compressed blocks under ``[offset, offset+length)`` in the source, without
         decompressing them (trace replay: the device read that follows decompresses once)."""
-        n = clamp_read(self.size, offset, length)
-        if n:
-            bs = self.block_size
-            lo, hi = self._starts[offset // bs], self._starts[(offset + n - 1) // bs + 1]
-            warm(self.source, lo, hi - lo)
+        warm(*self.warm_map(offset, length))
 
     def _load(self, lo: int, hi: int, fetch) -> list[bytes] | None:
         """Fetch the compressed bytes of blocks ``lo..hi`` in one ``fetch(offset, length)`` (None

@@ -10,7 +10,11 @@ FastOCI, the inflated data in the gzip cache).
   offsets in its decompressed LSMT file, mapped through the ZFile jump table to
   the compressed blocks, which are fetched into the block cache and not
   decompressed (``block.source.warm``: under TCG, decompressing twice cost the
-  replay as much CPU as the workload's own reads); a TurboOCI layer is read
+  replay as much CPU as the workload's own reads).  Records whose compressed
+  blocks lie in touching or overlapping cache blocks of the same blob are
+  merged (``_WarmMerger``, first-read order kept) into fetches of up to
+  ``WARM_PIECE_MAX``: the same bytes in a fraction of the Range GETs, each of
+  which costs the registry and the handler a request.  A TurboOCI layer is read
   through its own view (see ``record``), which leaves the inflated data in the
   gzip cache, the part worth keeping;
 * a prefetch list's files are looked up in the ext4 file system of the merged
@@ -24,12 +28,13 @@ most ``cache.blockcache.YIELD_MAX_S`` per piece) until the device is idle.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ..block.source import warm
+from ..block.source import warm, warm_target
 from ..cache.blockcache import background_fetches, yield_to_foreground
 from ..errors import NotFoundError, ObdError
 from ..format.trace import OP_READ, TraceRecord
@@ -38,6 +43,10 @@ log = logging.getLogger(__name__)
 
 #: bytes per replay read (upstream replays with 1 MiB buffers)
 PIECE_MAX = 1 << 20
+#: bytes per replay fetch of compressed blocks that are stored, not decoded (one Range GET)
+WARM_PIECE_MAX = 4 << 20
+#: how many of the latest warm ranges a trace record may join (first-read order is kept)
+MERGE_LOOKBACK = 64
 #: share of the workers that keep fetching while device reads wait for the registry
 PRIORITY_SHARE = 0.25
 #: paths of a directory walk, at most (a list of "/" must not walk a whole distro forever)
@@ -52,10 +61,10 @@ class Piece:
     length: int
 
 
-def _split(read, offset: int, length: int, out: list[Piece]) -> None:
+def _split(read, offset: int, length: int, out: list[Piece], most: int = PIECE_MAX) -> None:
     end = offset + length
     while offset < end:
-        n = min(PIECE_MAX, end - offset)
+        n = min(most, end - offset)
         out.append(Piece(read, offset, n))
         offset += n
 
@@ -70,6 +79,38 @@ def layer_reader(layer) -> Callable[[int, int], object]:
     return lambda off, n: warm(data, off, n)
 
 
+def _warm_source(layer):
+    """The source a trace record of ``layer`` warms without decoding (see ``layer_reader``), or None."""
+    if getattr(layer, "warp", False):
+        return None
+    return getattr(layer, "targets", {}).get(0)
+
+
+class _WarmMerger:
+    """Records of warmable layers as ranges of the source they end up fetching (a blob through
+    the block cache), in first-read order; a range whose cache blocks touch or overlap those of
+    one of the ``MERGE_LOOKBACK`` latest ranges of the same source joins it (no byte more is
+    fetched, one request fewer), up to ``WARM_PIECE_MAX`` bytes."""
+
+    def __init__(self):
+        self.ranges: list[list] = []  # [source, start, end, block size]
+
+    def add(self, data, offset: int, count: int) -> list:
+        src, start, n = warm_target(data, offset, count)
+        if n <= 0:
+            return []
+        end = start + n
+        bs = getattr(getattr(src, "cache", None), "block_size", 0) or 1
+        for r in reversed(self.ranges[-MERGE_LOOKBACK:]):
+            if (r[0] is src and start // bs <= -(-r[2] // bs) and r[1] // bs <= -(-end // bs)
+                    and max(end, r[2]) - min(start, r[1]) <= WARM_PIECE_MAX):
+                r[1], r[2] = min(start, r[1]), max(end, r[2])
+                return r
+        r = [src, start, end, bs]
+        self.ranges.append(r)
+        return r
+
+
 def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Piece]:
     """The reads that replay ``records`` against ``layers`` (bottom first), in record order.
 
@@ -77,7 +118,9 @@ def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Pi
     are skipped with one warning.
     """
     readers = [layer_reader(layer) for layer in layers]
-    out: list[Piece] = []
+    warmable = [_warm_source(layer) for layer in layers]
+    merger = _WarmMerger()
+    out: list = []  # Pieces, and the merger's ranges where they come first (made Pieces below)
     skipped = 0
     for r in records:
         if r.op != OP_READ or r.count <= 0:
@@ -85,7 +128,21 @@ def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Pi
         if r.layer_index >= len(readers):
             skipped += 1
             continue
-        _split(readers[r.layer_index], r.offset, r.count, out)
+        data = warmable[r.layer_index]
+        if data is None:
+            _split(readers[r.layer_index], r.offset, r.count, out)
+            continue
+        known = len(merger.ranges)
+        merger.add(data, r.offset, r.count)
+        if len(merger.ranges) > known:
+            out.append(merger.ranges[-1])
+    pieces: list[Piece] = []
+    for p in out:
+        if isinstance(p, Piece):
+            pieces.append(p)
+        else:
+            _split(functools.partial(warm, p[0]), p[1], p[2] - p[1], pieces, WARM_PIECE_MAX)
+    out = pieces
     if skipped:
         log.warning("%s: %d records name a layer this image does not have (%d layers); skipped",
                     name, skipped, len(readers))
