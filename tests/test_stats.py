@@ -236,3 +236,33 @@ def test_ring_thread_hits_are_counted_once_and_misses_left_to_the_read_that_foll
     snap = dev.snapshot()
     assert (snap.reads, snap.bytes_read, snap.errors) == (2, 8192, 0)
     assert not hasattr(CountingDevice(BytesSource(b"x" * 512), slow_ms=1000), "read_cached")
+
+
+def test_stack_sampler_names_the_function_a_busy_thread_spends_its_time_in(tmp_path, monkeypatch):
+    import json as _json
+    import threading as _threading
+
+    from tcmu_overlaybd.stats.sampler import ENV, StackSampler
+
+    stop = _threading.Event()
+
+    def spin_in_the_decoder():
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = _threading.Thread(target=spin_in_the_decoder, name="obd-io-3")
+    worker.start()
+    monkeypatch.setenv(ENV, str(tmp_path / "s.json"))
+    sampler = StackSampler.from_env()
+    sampler.interval = 0.005
+    try:
+        import time as _time
+        _time.sleep(0.5)
+    finally:
+        sampler.stop()
+        stop.set()
+        worker.join()
+    doc = _json.loads((tmp_path / "s.json").read_text())
+    assert doc["samples"] > 10
+    top_key, count = doc["threads"]["obd-io"]["top"][0]
+    assert top_key.startswith("spin_in_the_decoder") and count > doc["samples"] // 2

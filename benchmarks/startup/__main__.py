@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shape", action="store_true", help=f"also measure on the shaped link {SHAPED} "
                    "(tc netem on lo of a private network namespace)")
     p.add_argument("--runs", type=int, default=1, help="cold starts per image, mode and link (default 1)")
+    p.add_argument("--sample-stacks", action="store_true",
+                   help="the handler samples its threads' stacks every 50 ms (OBD_SAMPLE_STACKS); the top frames "
+                        "go into each lazy run's details (diagnosis: it costs a little CPU)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help=f"image build cache (default {DEFAULT_CACHE})")
     p.add_argument("--work", default="/var/tmp/obd-bench", help="scratch space: registry storage, rootfs")
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON result file")
@@ -169,7 +172,8 @@ def measure(args, plan: Plan) -> dict:
             pushed = plan.pushed[name]
             trials[name] = modes_mod.Trial(name, {f: p.ref(registry.host) for f, p in pushed.items()},
                                            {f: p.registry_size for f, p in pushed.items()},
-                                           app_config(plan.built[name]), "", 0, args.timeout)
+                                           app_config(plan.built[name]), "", 0, args.timeout,
+                                           sample_stacks=args.sample_stacks)
         if any(m.lazy for m in runnable):
             extra["obd_cli_start_s"] = lazy.warm_up()
             print(f"obd's code read once; a warm `obd --help` takes {extra['obd_cli_start_s']:.2f} s here",

@@ -27,6 +27,7 @@ import sys
 import time
 
 from tcmu_overlaybd.errors import KernelError, NotFoundError, ObdError
+from tcmu_overlaybd.stats.sampler import ENV as STACKS_ENV
 
 from . import cpu
 from .result import ColdStart
@@ -106,13 +107,18 @@ def device_bytes_read(device: str) -> int:
 
 def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port: int, timeout: float,
                registry_size: int, record_trace: str | None = None,
-               prefetch: str | None = None) -> ColdStart:
+               prefetch: str | None = None, sample_stacks: bool = False) -> ColdStart:
     """Measure one cold start of ``ref`` mounted under ``work`` (fresh caches, removed afterwards)."""
     mnt, caches = os.path.join(work, "mnt"), os.path.join(work, "caches")
     shutil.rmtree(caches, ignore_errors=True)
     os.makedirs(mnt, exist_ok=True)
     env = dict(os.environ, OBD_CACHE_DIR=os.path.join(caches, "blocks"),
                OBD_GZIP_CACHE_DIR=os.path.join(caches, "gzip"))
+    stacks = os.path.join(work, "handler-stacks.json")
+    if sample_stacks:
+        env[STACKS_ENV] = stacks
+        if os.path.exists(stacks):
+            os.unlink(stacks)
     args = ["mount", "--plain-http", "-q"]
     if record_trace:
         args += ["--record-trace", record_trace]
@@ -147,5 +153,12 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
     _obd(["umount", mnt], env, f"obd umount {mnt}")
     umount_s = time.monotonic() - t_umount
     shutil.rmtree(caches, ignore_errors=True)
+    details = {"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats, "cpu_s": used}
+    if sample_stacks:
+        try:
+            with open(stacks) as f:
+                details["handler_stacks"] = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            details["handler_stacks"] = {"error": f"{stacks}: {e}"}
     return ColdStart(image, mode, t_pull - t0, t_up - t0, 0, registry_size, bytes_read=read, handler_rss=rss,
-                     details={"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats, "cpu_s": used})
+                     details=details)

@@ -33,6 +33,7 @@ class Trial:
     port: int
     timeout: float
     traces: dict[str, str] = field(default_factory=dict)  # format -> recorded trace file
+    sample_stacks: bool = False  # the handler samples its threads' stacks (details["handler_stacks"])
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Mode:
         if not self.lazy:
             return traditional.cold_start(t.image, t.refs["oci"], t.work, registry_options(), t.port, t.timeout)
         return lazy.cold_start(t.image, self.name, t.refs[self.fmt], t.work, t.app, t.port, t.timeout,
-                               t.sizes[self.fmt], prefetch=t.traces[self.fmt] if self.prefetch else None)
+                               t.sizes[self.fmt], prefetch=t.traces[self.fmt] if self.prefetch else None,
+                               sample_stacks=t.sample_stacks)
 
 
 _LAZY = ("pull s = `obd mount REF MNT` until the mountpoint is usable, service available s = until the app "
@@ -101,4 +103,4 @@ def select(names: list[str], flags: set[str]) -> tuple[list[Mode], list[tuple[Mo
 def record_trace(t: Trial, fmt: str, path: str) -> ColdStart:
     """The untimed run that records ``path``: the app started once from a ``--record-trace`` mount."""
     return lazy.cold_start(t.image, f"{fmt} recording", t.refs[fmt], t.work, t.app, t.port, t.timeout,
-                           t.sizes[fmt], record_trace=path)
+                           t.sizes[fmt], record_trace=path, sample_stacks=t.sample_stacks)

@@ -34,6 +34,7 @@ from ..tcmu.handler import Handler
 from ..tcmu.scsi import DiskInfo, Target
 from ..tcmu.uio import UioDevice, find_uio
 from ..lio import backstore
+from ..stats.sampler import StackSampler
 from ..stats.telemetry import Telemetry
 from .state import SECRET_OPTIONS, MountState, StateDir
 
@@ -159,11 +160,14 @@ def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None
 
     prefetch = PrefetchSession.start(st.options, getattr(source, "disk", None))
     telemetry.prefetch = prefetch  # obd stats shows its counters
+    sampler = StackSampler.from_env()  # diagnostics only (OBD_SAMPLE_STACKS)
     try:
         handler.serve()
     finally:
         telemetry.stop()
         prefetch.stop()  # before the source closes; finishes a trace being recorded
+        if sampler is not None:
+            sampler.stop()
     dev.close()
     source.close()
     log.info("handler %d done after %d commands", os.getpid(), handler.commands)
