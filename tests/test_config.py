@@ -23,6 +23,7 @@ SAMPLES = {
     "io.timeout": (30, 0),
     "io.threads": (16, 0),
     "io.parallelFetches": (8, 0),
+    "io.readAheadKb": (1024, -1),
     "io.slowMs": (250, -1),
     "prefetch.concurrency": (32, 0),
     "prefetch.background": (True, "sometimes"),

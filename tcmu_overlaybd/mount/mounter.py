@@ -211,6 +211,7 @@ def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep
         phases.mark("handler start")
         st.device = loopback.export(st.backstore, st.wwn)
         sd.save(st)
+        _set_read_ahead(st.device)
         phases.mark("export + wait for disk")
         os.makedirs(st.lower, exist_ok=True)
         _run(["mount", "-t", "ext4", "-o", "ro,noload", st.device, st.lower],
@@ -231,6 +232,19 @@ def _bring_up(st: MountState, sd: StateDir, secrets: dict, on_success=None, keep
     sd.save(st)
     phases.mark("record")
     phases.total()
+
+
+def _set_read_ahead(device: str) -> None:
+    """Apply ``io.readAheadKb`` to ``device`` (before ext4 is mounted on it); 0 leaves the kernel's."""
+    kb = config.load()["io.readAheadKb"]
+    if not kb:
+        return
+    path = f"/sys/block/{os.path.basename(device)}/queue/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kb}\n")
+    except OSError as e:
+        raise KernelError(f"cannot set io.readAheadKb={kb} on {device} ({path}): {e.strerror}") from None
 
 
 def mount(image: str, mountpoint: str, opts: OpenOptions, upper: str | None = None,

@@ -66,10 +66,11 @@ def test_raw_mount_reads_writes_and_leaves_nothing_behind(tree, mkext4, tmp_path
         assert os.listdir(mnt) == []
 
 
-def test_device_is_read_only_with_sd_attributes(tree, mkext4, tmp_path):
+def test_device_is_read_only_with_sd_attributes(tree, mkext4, tmp_path, monkeypatch):
     img = mkext4(str(tree))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    monkeypatch.setenv("OBD_READ_AHEAD_KB", "1024")  # io.readAheadKb
     assert obd("mount", "--raw", img, str(mnt))[0] == 0
     try:
         dev = os.path.basename(obd_json_list()[0]["device"])
@@ -79,6 +80,7 @@ def test_device_is_read_only_with_sd_attributes(tree, mkext4, tmp_path):
         assert open(f"{sysblk}/queue/rotational").read().strip() == "0"  # VPD B1
         assert int(open(f"{sysblk}/queue/max_hw_sectors_kb").read()) >= 1024 or \
             int(open(f"{sysblk}/queue/max_sectors_kb").read()) >= 512
+        assert open(f"{sysblk}/queue/read_ahead_kb").read().strip() == "1024"
         assert open(f"{sysblk}/device/vendor").read().strip() == "OBD"
         assert int(open(f"{sysblk}/device/timeout").read()) > 1000000
         # the unit serial is the mount id: udev/61-obd.rules names the disk /dev/obd/<id>
