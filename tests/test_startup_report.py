@@ -230,3 +230,10 @@ def test_cpu_phases_count_each_process_from_its_own_start_and_name_the_handler()
     assert d["user"] == 3.0 and d["idle"] == 1.0
     assert d["proc:obd handler"] == 2.0 and d["proc:docker-registry"] == 1.0 and d["proc:python3"] == 1.0
     assert "busy 3.0 s" in cpu.summary({"app": d})
+
+
+def test_obd_env_options_reach_obd_only_as_obd_keys():
+    args = parse_args(["--obd-env", "OBD_READ_AHEAD_KB=1024", "--obd-env", "OBD_IO_THREADS=4"])
+    assert args.obd_env_dict == {"OBD_READ_AHEAD_KB": "1024", "OBD_IO_THREADS": "4"}
+    with pytest.raises(UsageError, match="OBD_KEY=VALUE"):
+        parse_args(["--obd-env", "PATH=/tmp"])

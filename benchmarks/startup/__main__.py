@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shape", action="store_true", help=f"also measure on the shaped link {SHAPED} "
                    "(tc netem on lo of a private network namespace)")
     p.add_argument("--runs", type=int, default=1, help="cold starts per image, mode and link (default 1)")
+    p.add_argument("--obd-env", action="append", default=[], metavar="OBD_KEY=VALUE",
+                   help="environment for every obd command of the lazy modes (config overrides such as "
+                        "OBD_READ_AHEAD_KB=1024); repeatable, kept in each run's details")
     p.add_argument("--sample-stacks", action="store_true",
                    help="the handler samples its threads' stacks every 50 ms (OBD_SAMPLE_STACKS); the top frames "
                         "go into each lazy run's details (diagnosis: it costs a little CPU)")
@@ -89,6 +92,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.profiles = parse_profiles(args.links + (f",{SHAPED}" if args.shape and SHAPED not in args.links else ""))
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
+    args.obd_env_dict = {}
+    for item in args.obd_env:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("OBD_"):
+            raise UsageError(f"--obd-env {item!r}: expected OBD_KEY=VALUE")
+        args.obd_env_dict[key] = value
     if bool(args.plan) != bool(args.doc):
         raise UsageError("--plan and --doc go together")
     return args
@@ -173,7 +182,7 @@ def measure(args, plan: Plan) -> dict:
             trials[name] = modes_mod.Trial(name, {f: p.ref(registry.host) for f, p in pushed.items()},
                                            {f: p.registry_size for f, p in pushed.items()},
                                            app_config(plan.built[name]), "", 0, args.timeout,
-                                           sample_stacks=args.sample_stacks)
+                                           sample_stacks=args.sample_stacks, obd_env=args.obd_env_dict)
         if any(m.lazy for m in runnable):
             extra["obd_cli_start_s"] = lazy.warm_up()
             print(f"obd's code read once; a warm `obd --help` takes {extra['obd_cli_start_s']:.2f} s here",

@@ -107,12 +107,13 @@ def device_bytes_read(device: str) -> int:
 
 def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port: int, timeout: float,
                registry_size: int, record_trace: str | None = None,
-               prefetch: str | None = None, sample_stacks: bool = False) -> ColdStart:
+               prefetch: str | None = None, sample_stacks: bool = False,
+               obd_env: dict[str, str] | None = None) -> ColdStart:
     """Measure one cold start of ``ref`` mounted under ``work`` (fresh caches, removed afterwards)."""
     mnt, caches = os.path.join(work, "mnt"), os.path.join(work, "caches")
     shutil.rmtree(caches, ignore_errors=True)
     os.makedirs(mnt, exist_ok=True)
-    env = dict(os.environ, OBD_CACHE_DIR=os.path.join(caches, "blocks"),
+    env = dict(os.environ, **(obd_env or {}), OBD_CACHE_DIR=os.path.join(caches, "blocks"),
                OBD_GZIP_CACHE_DIR=os.path.join(caches, "gzip"))
     stacks = os.path.join(work, "handler-stacks.json")
     if sample_stacks:
@@ -154,6 +155,8 @@ def cold_start(image: str, mode: str, ref: str, work: str, app: AppConfig, port:
     umount_s = time.monotonic() - t_umount
     shutil.rmtree(caches, ignore_errors=True)
     details = {"ref": ref, "umount_s": round(umount_s, 2), "obd_stats": stats, "cpu_s": used}
+    if obd_env:
+        details["obd_env"] = dict(obd_env)
     if sample_stacks:
         try:
             with open(stacks) as f:

@@ -34,6 +34,7 @@ class Trial:
     timeout: float
     traces: dict[str, str] = field(default_factory=dict)  # format -> recorded trace file
     sample_stacks: bool = False  # the handler samples its threads' stacks (details["handler_stacks"])
+    obd_env: dict[str, str] = field(default_factory=dict)  # extra environment of obd (config overrides)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Mode:
             return traditional.cold_start(t.image, t.refs["oci"], t.work, registry_options(), t.port, t.timeout)
         return lazy.cold_start(t.image, self.name, t.refs[self.fmt], t.work, t.app, t.port, t.timeout,
                                t.sizes[self.fmt], prefetch=t.traces[self.fmt] if self.prefetch else None,
-                               sample_stacks=t.sample_stacks)
+                               sample_stacks=t.sample_stacks, obd_env=t.obd_env)
 
 
 _LAZY = ("pull s = `obd mount REF MNT` until the mountpoint is usable, service available s = until the app "
@@ -103,4 +104,5 @@ def select(names: list[str], flags: set[str]) -> tuple[list[Mode], list[tuple[Mo
 def record_trace(t: Trial, fmt: str, path: str) -> ColdStart:
     """The untimed run that records ``path``: the app started once from a ``--record-trace`` mount."""
     return lazy.cold_start(t.image, f"{fmt} recording", t.refs[fmt], t.work, t.app, t.port, t.timeout,
-                           t.sizes[fmt], record_trace=path, sample_stacks=t.sample_stacks)
+                           t.sizes[fmt], record_trace=path, sample_stacks=t.sample_stacks,
+                           obd_env=t.obd_env)
