@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="environment for every obd command of the lazy modes (config overrides such as "
                         "OBD_READ_AHEAD_KB=1024); repeatable, kept in each run's details")
     p.add_argument("--sample-stacks", action="store_true",
-                   help="the handler samples its threads' stacks every 50 ms (OBD_SAMPLE_STACKS); the top frames "
+                   help="the handler samples its threads' stacks every 100 ms (OBD_SAMPLE_STACKS); the top frames "
                         "go into each lazy run's details (diagnosis: it costs a little CPU)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help=f"image build cache (default {DEFAULT_CACHE})")
     p.add_argument("--work", default="/var/tmp/obd-bench", help="scratch space: registry storage, rootfs")

@@ -1,7 +1,7 @@
 """A diagnostic stack sampler for the handler: where its threads spend their time, at low cost.
 
 ``OBD_SAMPLE_STACKS=FILE`` in the environment of ``obd mount`` makes the handler
-look at every thread's Python stack every ``INTERVAL_S`` (``sys._current_frames``)
+look at every thread's Python stack every ``INTERVAL_S`` (0.1 s) (``sys._current_frames``)
 and, when it stops, write FILE (JSON): per thread group (thread name without its
 number) the number of samples and the most frequent innermost frames, plus the
 most frequent innermost frames of all threads together.  A thread blocked in a
@@ -24,19 +24,23 @@ from collections import Counter
 log = logging.getLogger(__name__)
 
 ENV = "OBD_SAMPLE_STACKS"
-INTERVAL_S = 0.05
+INTERVAL_S = 0.1
 #: innermost frames kept per sample (the call site and its callers)
 DEPTH = 3
 TOP = 25
 
 
-def _frame_key(frame) -> str:
-    parts = []
-    while frame is not None and len(parts) < DEPTH:
-        code = frame.f_code
-        parts.append(f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
+def _frame_key(frame) -> tuple:
+    """The innermost ``DEPTH`` frames as (code, line) pairs: cheap to hash; named only at the end."""
+    key = []
+    while frame is not None and len(key) < DEPTH:
+        key.append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
-    return " < ".join(parts)
+    return tuple(key)
+
+
+def _name(key: tuple) -> str:
+    return " < ".join(f"{code.co_name} ({os.path.basename(code.co_filename)}:{line})" for code, line in key)
 
 
 class StackSampler:
@@ -47,7 +51,6 @@ class StackSampler:
         self.interval = interval
         self.samples = 0
         self.groups: dict[str, Counter] = {}
-        self.overall: Counter = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="obd-sampler", daemon=True)
 
@@ -62,24 +65,29 @@ class StackSampler:
 
     def _run(self) -> None:
         me = threading.get_ident()
+        groups: dict[int, Counter] = {}  # thread ident -> its group's counter
         while not self._stop.wait(self.interval):
-            names = {t.ident: t.name for t in threading.enumerate()}
             self.samples += 1
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
-                group = re.sub(r"[-_]?\d+$", "", names.get(ident, "?"))
-                key = _frame_key(frame)
-                self.groups.setdefault(group, Counter())[key] += 1
-                self.overall[key] += 1
+                counter = groups.get(ident)
+                if counter is None:  # a thread seen for the first time: find its group once
+                    names = {t.ident: t.name for t in threading.enumerate()}
+                    group = re.sub(r"[-_]?\d+$", "", names.get(ident, "?"))
+                    counter = groups[ident] = self.groups.setdefault(group, Counter())
+                counter[_frame_key(frame)] += 1
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        overall: Counter = Counter()
+        for c in self.groups.values():
+            overall.update(c)
         doc = {"interval_s": self.interval, "samples": self.samples,
-               "threads": {g: {"samples": sum(c.values()), "top": c.most_common(TOP)}
+               "threads": {g: {"samples": sum(c.values()), "top": [(_name(k), n) for k, n in c.most_common(TOP)]}
                            for g, c in sorted(self.groups.items(), key=lambda kv: -sum(kv[1].values()))},
-               "overall": self.overall.most_common(TOP)}
+               "overall": [(_name(k), n) for k, n in overall.most_common(TOP)]}
         try:
             with open(self.path, "w") as f:
                 json.dump(doc, f, indent=1)
