@@ -458,3 +458,26 @@ def test_parked_inflaters_keep_only_input_they_have_not_used(small):
         at = LAYER0_CHECKPOINTS[k + 1][0] - 4096
         assert src.read(at, 4096) == tar[at : at + 4096]
     assert src.inflate_stats()["compressed_reads"] == 4 and src.inflate_stats()["continued"] == 4
+
+
+def test_warming_a_range_fetches_the_compressed_input_its_inflation_then_reads(tmp_path):
+    """A FastOCI trace replay fetches a record's compressed input first (merged with its
+    neighbours); the read that inflates it afterwards must then find all of it cached."""
+    from tcmu_overlaybd.block.source import warm, warm_target
+    from tcmu_overlaybd.cache.blockcache import BlockCache, CachedSource
+
+    blob = _blocky_gzip(3_000_000, seed=9, level=6)
+    plain = gzip.decompress(blob)
+    idx = GzipIndex.from_bytes(build_gzip_index(BytesSource(blob, "gen.tar.gz"), span=262144))
+    rnd = random.Random(4)
+    for k in range(12):
+        base = CountingSource(BytesSource(blob, "sha256:" + "d" * 64))
+        cached = CachedSource(base, BlockCache(tmp_path / f"c{k}", 64 << 20, 16384), "sha256:" + "d" * 64)
+        src = GzipIndexedSource(cached, idx)
+        a, n = rnd.randrange(len(plain) - 1), rnd.randrange(1, 400_000)
+        target, lo, length = warm_target(src, a, n)
+        assert target is cached and 0 < length <= 4 << 20
+        warm(target, lo, length)
+        calls = base.calls
+        assert src.read(a, n) == plain[a : a + n]
+        assert base.calls == calls  # nothing left to fetch

@@ -531,6 +531,18 @@ class CachedView:
             out.append((u_lo, fresh))
         return out
 
+    def warm_map(self, offset: int, length: int):
+        """A miss refills whole ``refill_size`` units from the source: warming a range of this view
+        warms those units of the source (pages already cached are not looked at: a replay's
+        compressed prefetch may fetch a little that the cache already has)."""
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return self.source, 0, 0
+        refill = self.pool.refill_size
+        lo = offset // refill * refill
+        hi = min(self.size, -(-(offset + n) // refill) * refill)
+        return self.source, lo, hi - lo
+
     def stats(self) -> dict:
         """This view's counters (``GzipCache.stats`` sums them over the pool's views)."""
         with self._lock:

@@ -575,6 +575,19 @@ class GzipIndexedSource:
         self._park(inf)
         return out
 
+    def warm_map(self, offset: int, length: int):
+        """The compressed bytes an inflater started at the checkpoint before ``offset`` reads first
+        to produce ``[offset, offset+length)`` (see ``_RawInflater._feed``): warming them lets the
+        read that follows inflate without a round trip."""
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return self.gz, 0, 0
+        cp = self.index.checkpoint_for(offset)
+        start = cp.en_pos - 1 if cp.bits else cp.en_pos
+        end = min(max(self.index.input_end(cp.de_pos, offset + n), cp.en_pos + _RawInflater.MIN_INPUT),
+                  start + _RawInflater.MAX_INPUT, self.gz.size)
+        return self.gz, start, max(0, end - start)
+
     def inflate_stats(self) -> dict[str, int]:
         """Counters of the inflating path: ``spans_inflated`` (reads that started an inflater at
         a checkpoint), ``continued`` (reads that continued a parked one), ``bytes_inflated``

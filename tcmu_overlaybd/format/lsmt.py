@@ -247,6 +247,18 @@ class SegmentIndex:
         """
         if n <= 0:
             return b""
+        pieces = self.pieces(offset, n)
+        if len(pieces) == 1 and pieces[0][2] == 0 and pieces[0][3] == n:
+            tag, pos, _, length = pieces[0]
+            return _checked(fetch(tag, pos, length), length, name, offset, pos)
+        out = bytearray(n)
+        for tag, pos, at, length in pieces:
+            out[at : at + length] = _checked(fetch(tag, pos, length), length, name, offset + at, pos)
+        return bytes(out)
+
+    def pieces(self, offset: int, n: int) -> list[list[int]]:
+        """Where bytes ``[offset, offset+n)`` come from: ``[tag, file_pos, out_pos, length]`` per
+        piece, contiguous pieces of one file coalesced; holes and zeroed segments have none."""
         end = offset + n
         offs, lens, moffs, zer, tags = self.offsets, self.lengths, self.moffsets, self.zeroed, self.tags
         count = len(offs)
@@ -270,13 +282,7 @@ class SegmentIndex:
                         continue
                 pieces.append([tag, pos, a - offset, b - a])
             i += 1
-        if len(pieces) == 1 and pieces[0][2] == 0 and pieces[0][3] == n:
-            tag, pos, _, length = pieces[0]
-            return _checked(fetch(tag, pos, length), length, name, offset, pos)
-        out = bytearray(n)
-        for tag, pos, at, length in pieces:
-            out[at : at + length] = _checked(fetch(tag, pos, length), length, name, offset + at, pos)
-        return bytes(out)
+        return pieces
 
 
 def _checked(data: bytes, want: int, name: str, voffset: int, pos: int) -> bytes:
@@ -450,6 +456,19 @@ class LsmtFile:
     def read(self, offset: int, length: int) -> bytes:
         n = clamp_read(self.vsize, offset, length)
         return self.index.read(offset, n, self.read_mapped, self.name)
+
+    def mapped_ranges(self, offset: int, length: int) -> list[tuple[ByteSource, int, int]]:
+        """(file, offset, length) of every file range a read of ``[offset, offset+length)`` reads
+        (a trace replay warms them; see ``block.source.warm_target``)."""
+        n = clamp_read(self.vsize, offset, length)
+        if n == 0:
+            return []
+        out = []
+        for tag, pos, _at, length in self.index.pieces(offset, n):
+            target = self.targets.get(tag)
+            if target is not None:
+                out.append((target, pos, length))
+        return out
 
     def close(self) -> None:
         seen: set[int] = set()

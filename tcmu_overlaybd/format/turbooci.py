@@ -23,7 +23,7 @@ import gzip
 import zlib
 from dataclasses import dataclass
 
-from ..block.source import ByteSource, BytesSource
+from ..block.source import ByteSource, BytesSource, clamp_read
 from ..errors import CorruptDataError, UnsupportedError
 from . import layer, lsmt
 from .gzindex import GzipIndex, GzipIndexedSource
@@ -166,6 +166,10 @@ class _TarView:
                 blob=self._blob, offset=min(offset + len(data), self.size),
             )
         return data
+
+    def warm_map(self, offset: int, length: int):
+        """Warming a range of the tar warms the same range of the source behind it."""
+        return self.base, offset, clamp_read(self.size, offset, length)
 
     def close(self) -> None:
         self.base.close()

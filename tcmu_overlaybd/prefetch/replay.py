@@ -16,7 +16,9 @@ FastOCI, the inflated data in the gzip cache).
   ``WARM_PIECE_MAX``: the same bytes in a fraction of the Range GETs, each of
   which costs the registry and the handler a request.  A TurboOCI layer is read
   through its own view (see ``record``), which leaves the inflated data in the
-  gzip cache, the part worth keeping;
+  gzip cache, the part worth keeping; before each such read, the compressed
+  input it will need (from the gzip checkpoint on, ``GzipIndexedSource.warm_map``)
+  is merged and fetched the same way;
 * a prefetch list's files are looked up in the ext4 file system of the merged
   disk; each file's extents are read from the merged disk (the "layer 0" of
   upstream's list mode), directories ending in ``/`` recursively.
@@ -86,6 +88,10 @@ def _warm_source(layer):
     return getattr(layer, "targets", {}).get(0)
 
 
+def _none(_offset: int, _count: int) -> list:
+    return []
+
+
 class _WarmMerger:
     """Records of warmable layers as ranges of the source they end up fetching (a blob through
     the block cache), in first-read order; a range whose cache blocks touch or overlap those of
@@ -95,9 +101,10 @@ class _WarmMerger:
     def __init__(self):
         self.ranges: list[list] = []  # [source, start, end, block size]
 
-    def add(self, data, offset: int, count: int) -> list:
+    def add(self, data, offset: int, count: int, fetched_only: bool = False) -> list:
+        """Note a record; ``fetched_only``: skip it unless it ends up fetched into a cache."""
         src, start, n = warm_target(data, offset, count)
-        if n <= 0:
+        if n <= 0 or (fetched_only and getattr(src, "fetch_range", None) is None):
             return []
         end = start + n
         bs = getattr(getattr(src, "cache", None), "block_size", 0) or 1
@@ -130,6 +137,12 @@ def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Pi
             continue
         data = warmable[r.layer_index]
         if data is None:
+            # a TurboOCI layer: its compressed input first (merged as above), then the read that
+            # inflates it into the gzip cache (which then waits for those fetches, not the network)
+            known = len(merger.ranges)
+            for target, pos, n in getattr(layers[r.layer_index], "mapped_ranges", _none)(r.offset, r.count):
+                merger.add(target, pos, n, fetched_only=True)
+            out.extend(merger.ranges[known:])
             _split(readers[r.layer_index], r.offset, r.count, out)
             continue
         known = len(merger.ranges)
