@@ -473,3 +473,4 @@ def test_trace_replay_merges_neighbouring_records_into_few_large_fetches_of_no_e
     for r in records:
         assert zf.read(r.offset, r.count) == data[r.offset:r.offset + r.count]
     assert base.calls == calls  # everything the trace names was prefetched
+    cache.close_fds()
