@@ -88,10 +88,6 @@ def _warm_source(layer):
     return getattr(layer, "targets", {}).get(0)
 
 
-def _none(_offset: int, _count: int) -> list:
-    return []
-
-
 class _WarmMerger:
     """Records of warmable layers as ranges of the source they end up fetching (a blob through
     the block cache), in first-read order; a range whose cache blocks touch or overlap those of
@@ -99,23 +95,21 @@ class _WarmMerger:
     fetched, one request fewer), up to ``WARM_PIECE_MAX`` bytes."""
 
     def __init__(self):
-        self.ranges: list[list] = []  # [source, start, end, block size]
+        self.ranges: list[list] = []  # [source, start, end], in order of their first record
 
-    def add(self, data, offset: int, count: int, fetched_only: bool = False) -> list:
+    def add(self, data, offset: int, count: int, fetched_only: bool = False) -> None:
         """Note a record; ``fetched_only``: skip it unless it ends up fetched into a cache."""
         src, start, n = warm_target(data, offset, count)
         if n <= 0 or (fetched_only and getattr(src, "fetch_range", None) is None):
-            return []
+            return
         end = start + n
         bs = getattr(getattr(src, "cache", None), "block_size", 0) or 1
         for r in reversed(self.ranges[-MERGE_LOOKBACK:]):
             if (r[0] is src and start // bs <= -(-r[2] // bs) and r[1] // bs <= -(-end // bs)
                     and max(end, r[2]) - min(start, r[1]) <= WARM_PIECE_MAX):
                 r[1], r[2] = min(start, r[1]), max(end, r[2])
-                return r
-        r = [src, start, end, bs]
-        self.ranges.append(r)
-        return r
+                return
+        self.ranges.append([src, start, end])
 
 
 def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Piece]:
@@ -127,7 +121,7 @@ def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Pi
     readers = [layer_reader(layer) for layer in layers]
     warmable = [_warm_source(layer) for layer in layers]
     merger = _WarmMerger()
-    out: list = []  # Pieces, and the merger's ranges where they come first (made Pieces below)
+    order: list = []  # Pieces, and the merger's ranges where their first record comes
     skipped = 0
     for r in records:
         if r.op != OP_READ or r.count <= 0:
@@ -136,26 +130,24 @@ def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Pi
             skipped += 1
             continue
         data = warmable[r.layer_index]
-        if data is None:
+        known = len(merger.ranges)
+        if data is not None:
+            merger.add(data, r.offset, r.count)
+        else:
             # a TurboOCI layer: its compressed input first (merged as above), then the read that
             # inflates it into the gzip cache (which then waits for those fetches, not the network)
-            known = len(merger.ranges)
-            for target, pos, n in getattr(layers[r.layer_index], "mapped_ranges", _none)(r.offset, r.count):
+            mapped = getattr(layers[r.layer_index], "mapped_ranges", None)
+            for target, pos, n in mapped(r.offset, r.count) if mapped is not None else ():
                 merger.add(target, pos, n, fetched_only=True)
-            out.extend(merger.ranges[known:])
-            _split(readers[r.layer_index], r.offset, r.count, out)
-            continue
-        known = len(merger.ranges)
-        merger.add(data, r.offset, r.count)
-        if len(merger.ranges) > known:
-            out.append(merger.ranges[-1])
-    pieces: list[Piece] = []
-    for p in out:
+        order.extend(merger.ranges[known:])
+        if data is None:
+            _split(readers[r.layer_index], r.offset, r.count, order)
+    out: list[Piece] = []
+    for p in order:
         if isinstance(p, Piece):
-            pieces.append(p)
-        else:
-            _split(functools.partial(warm, p[0]), p[1], p[2] - p[1], pieces, WARM_PIECE_MAX)
-    out = pieces
+            out.append(p)
+        else:  # a merged range, its final extent
+            _split(functools.partial(warm, p[0]), p[1], p[2] - p[1], out, WARM_PIECE_MAX)
     if skipped:
         log.warning("%s: %d records name a layer this image does not have (%d layers); skipped",
                     name, skipped, len(readers))
