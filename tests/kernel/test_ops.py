@@ -378,3 +378,29 @@ def test_umount_of_a_state_file_naming_a_foreign_target_touches_nothing(tmp_path
         assert open(state_of).read().strip() == "running"
     finally:
         os.unlink(forged)
+
+
+def test_every_obd_module_has_current_bytecode_in_the_guest():
+    """The guest sees the checkout read-only, so bytecode it compiles is lost: without the
+    compiled modules scripts/vm-run leaves beside the sources, every obd process in the guest
+    (each mount's CLI, supervisor and handler) compiles them again, seconds under TCG."""
+    import importlib.util
+
+    package = os.path.join(REPO, "tcmu_overlaybd")
+    stale = []
+    for dirpath, _, files in os.walk(package):
+        for name in (n for n in files if n.endswith(".py")):
+            src = os.path.join(dirpath, name)
+            try:
+                with open(importlib.util.cache_from_source(src), "rb") as f:
+                    header = f.read(16)
+            except FileNotFoundError:
+                stale.append(f"{src}: no bytecode")
+                continue
+            st = os.stat(src)
+            flags = int.from_bytes(header[4:8], "little")
+            timestamp_ok = flags & 1 or (int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+                                          and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF)
+            if header[:4] != importlib.util.MAGIC_NUMBER or not timestamp_ok:
+                stale.append(f"{src}: bytecode out of date")
+    assert not stale, "\n".join(stale)
