@@ -11,7 +11,39 @@ so the fast implementation is reused and only the inversions are undone.
 
 from __future__ import annotations
 
-import crc32c as _crc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+
+def _extension():
+    """The ``crc32c`` package's C extension, loaded without the package's ``__init__``.
+
+    That ``__init__`` asks ``importlib.metadata`` for the package's own version, which reads
+    the metadata of every installed distribution: 40 ms on the build host, over a second
+    under QEMU's TCG, in every obd process (the CLI, the supervisor and the handler of each
+    mount).  Falls back to the plain import wherever the extension is not beside it."""
+    name = "crc32c._crc32c"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("crc32c")  # locates the package, does not run it
+    for where in (spec.submodule_search_locations or []) if spec is not None else []:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(where, "_crc32c" + suffix)
+            if os.path.isfile(path):
+                ext = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(ext)
+                ext.loader.exec_module(module)
+                sys.modules[name] = module
+                return module
+    import crc32c
+
+    return crc32c
+
+
+#: ``crc32c(data, value=0)``: the standard CRC-32C (both inversions), in C
+crc32c_standard = _extension().crc32c
 
 _MASK = 0xFFFFFFFF
 
@@ -21,7 +53,7 @@ ZFILE_BLOCK_CRC_INIT = 100007
 
 def crc32c_raw(data: bytes | bytearray | memoryview, init: int = 0) -> int:
     """CRC-32C of ``data`` starting from ``init``, without inversions."""
-    return _crc.crc32c(data, init ^ _MASK) ^ _MASK
+    return crc32c_standard(data, init ^ _MASK) ^ _MASK
 
 
 def crc32c_extend(data: bytes | bytearray | memoryview, crc: int) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import struct
 import threading
 from array import array
@@ -24,12 +25,11 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import BinaryIO
 
-import crc32c as _crc32c_package
 import lz4.block
 import zstandard
 
 from ..block.source import ByteSource, clamp_read, read_exact, warm
-from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw
+from ..crc32c import ZFILE_BLOCK_CRC_INIT, crc32c_raw, crc32c_standard
 from ..errors import CorruptDataError, UnsupportedError
 
 # --- layout (spec §2.1, §2.2) -------------------------------------------------------------
@@ -133,7 +133,7 @@ def is_zfile(source: ByteSource) -> bool:
 #: when ``std(payload, _BLOCK_CRC_SEED) == stored ^ ~0`` (one C call per block, no wrapper)
 _MASK32 = 0xFFFFFFFF
 _BLOCK_CRC_SEED = ZFILE_BLOCK_CRC_INIT ^ _MASK32
-_crc32c = _crc32c_package.crc32c
+_crc32c = crc32c_standard
 _u32_at = struct.Struct("<I").unpack_from
 
 
@@ -393,14 +393,16 @@ class ZFileReader:
 # --- writer (spec §2.3, §2.5) ---------------------------------------------------------------
 
 
-def _load_liblz4():
+@functools.cache
+def _liblz4_compress():
     """The system liblz4, whose ``LZ4_compress_default`` reproduces upstream blocks exactly.
 
     The ``lz4`` wheel's ``lz4.block.compress`` goes through a reused
     ``LZ4_compress_fast_extState`` state and picks different matches for a
     few blocks (26 of the 17,463 in the hello-world vector), so byte-exact
     output needs the plain C entry point.  Without liblz4 the wheel is used:
-    the file is still valid, just not bit-identical.
+    the file is still valid, just not bit-identical.  Looked up when a writer first needs it:
+    ``find_library`` runs ``ldconfig``, which readers (every handler) must not pay for.
     """
     path = ctypes.util.find_library("lz4") or "liblz4.so.1"
     try:
@@ -413,8 +415,6 @@ def _load_liblz4():
     return fn
 
 
-_LZ4_COMPRESS_DEFAULT = _load_liblz4()
-
 
 class _Lz4BlockCompressor:
     """Raw LZ4 block compression (no size prefix), ``LZ4_compress_default``."""
@@ -422,12 +422,13 @@ class _Lz4BlockCompressor:
     def __init__(self, block_size: int):
         self._cap = block_size + block_size // 255 + 16  # LZ4_compressBound
         self._buf = ctypes.create_string_buffer(self._cap)
+        self._compress_default = _liblz4_compress()
 
     def compress(self, block) -> bytes:
-        if _LZ4_COMPRESS_DEFAULT is None:
+        if self._compress_default is None:
             return lz4.block.compress(block, mode="default", store_size=False)
         data = block if isinstance(block, bytes) else bytes(block)
-        n = _LZ4_COMPRESS_DEFAULT(data, self._buf, len(data), self._cap)
+        n = self._compress_default(data, self._buf, len(data), self._cap)
         if n <= 0:
             raise RuntimeError(f"LZ4_compress_default failed for a {len(data)}-byte block")
         return ctypes.string_at(self._buf, n)
