@@ -91,6 +91,8 @@ KEYS: tuple[Key, ...] = (
         "a device read slower than this, ms, counts as slow in obd stats and logs a warning", _positive),
     Key("prefetch.concurrency", int, 16, "OBD_PREFETCH_CONCURRENCY",
         "range requests in flight while a mount replays a trace or prefetch list", _positive),
+    Key("prefetch.mergeGapKb", int, 256, "OBD_PREFETCH_MERGE_GAP_KB",
+        "KiB of a blob a trace replay fetches unasked to join two ranges into one request", _non_negative),
     Key("prefetch.background", bool, False, "OBD_PREFETCH_BACKGROUND",
         "download every block of the image in the background after a mount"),
     Key("prefetch.backgroundDelay", float, 10.0, "OBD_PREFETCH_BACKGROUND_DELAY",

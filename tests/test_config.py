@@ -26,6 +26,7 @@ SAMPLES = {
     "io.readAheadKb": (1024, -1),
     "io.slowMs": (250, -1),
     "prefetch.concurrency": (32, 0),
+    "prefetch.mergeGapKb": (1024, -1),
     "prefetch.background": (True, "sometimes"),
     "prefetch.backgroundDelay": (0, -3),
     "prefetch.backgroundRateMBps": (5, 0),

@@ -11,10 +11,11 @@ FastOCI, the inflated data in the gzip cache).
   the compressed blocks, which are fetched into the block cache and not
   decompressed (``block.source.warm``: under TCG, decompressing twice cost the
   replay as much CPU as the workload's own reads).  Records whose compressed
-  blocks lie in touching or overlapping cache blocks of the same blob are
-  merged (``_WarmMerger``, first-read order kept) into fetches of up to
-  ``WARM_PIECE_MAX``: the same bytes in a fraction of the Range GETs, each of
-  which costs the registry and the handler a request.  A TurboOCI layer is read
+  blocks lie in touching or overlapping cache blocks of the same blob, or no
+  more than ``prefetch.mergeGapKb`` apart, are merged (``_WarmMerger``,
+  first-read order kept) into fetches of up to ``WARM_PIECE_MAX``: the same
+  bytes (plus the gaps) in a fraction of the Range GETs, each of which costs
+  the registry and the handler a request.  A TurboOCI layer is read
   through its own view (see ``record``), which leaves the inflated data in the
   gzip cache, the part worth keeping; before each such read, the compressed
   input it will need (from the gzip checkpoint on, ``GzipIndexedSource.warm_map``)
@@ -90,12 +91,15 @@ def _warm_source(layer):
 
 class _WarmMerger:
     """Records of warmable layers as ranges of the source they end up fetching (a blob through
-    the block cache), in first-read order; a range whose cache blocks touch or overlap those of
-    one of the ``MERGE_LOOKBACK`` latest ranges of the same source joins it (no byte more is
-    fetched, one request fewer), up to ``WARM_PIECE_MAX`` bytes."""
+    the block cache), in first-read order.  A record whose cache blocks touch or overlap those
+    of ranges of the same source among the ``MERGE_LOOKBACK`` latest, or lie at most ``gap``
+    bytes from them, joins them (one request instead of several, for at most ``gap`` bytes more
+    each), up to ``WARM_PIECE_MAX`` bytes: all of them into the earliest if that fits (a record
+    that bridges two ranges makes them one), else the latest one it fits with."""
 
-    def __init__(self):
+    def __init__(self, gap: int = 0):
         self.ranges: list[list] = []  # [source, start, end], in order of their first record
+        self.gap = gap
 
     def add(self, data, offset: int, count: int, fetched_only: bool = False) -> None:
         """Note a record; ``fetched_only``: skip it unless it ends up fetched into a cache."""
@@ -104,23 +108,39 @@ class _WarmMerger:
             return
         end = start + n
         bs = getattr(getattr(src, "cache", None), "block_size", 0) or 1
-        for r in reversed(self.ranges[-MERGE_LOOKBACK:]):
-            if (r[0] is src and start // bs <= -(-r[2] // bs) and r[1] // bs <= -(-end // bs)
-                    and max(end, r[2]) - min(start, r[1]) <= WARM_PIECE_MAX):
+        first, past = start // bs * bs, -(-end // bs) * bs  # the cache blocks the range fetches
+        near = [r for r in self.ranges[-MERGE_LOOKBACK:]
+                if r[0] is src and first - -(-r[2] // bs) * bs <= self.gap and r[1] // bs * bs - past <= self.gap]
+        if not near:
+            self.ranges.append([src, start, end])
+            return
+        lo, hi = min(start, *(r[1] for r in near)), max(end, *(r[2] for r in near))
+        if hi - lo <= WARM_PIECE_MAX:
+            keep = near[0]
+            gone = {id(r) for r in near[1:]}
+            for r in near[1:]:  # absorbed: left empty where the replay order holds it
+                r[2] = r[1]
+            tail = len(self.ranges) - MERGE_LOOKBACK
+            self.ranges[tail:] = [r for r in self.ranges[tail:] if id(r) not in gone]
+            keep[1], keep[2] = lo, hi
+            return
+        for r in reversed(near):
+            if max(end, r[2]) - min(start, r[1]) <= WARM_PIECE_MAX:
                 r[1], r[2] = min(start, r[1]), max(end, r[2])
                 return
         self.ranges.append([src, start, end])
 
 
-def trace_pieces(layers: list, records: list[TraceRecord], name: str) -> list[Piece]:
-    """The reads that replay ``records`` against ``layers`` (bottom first), in record order.
+def trace_pieces(layers: list, records: list[TraceRecord], name: str, merge_gap: int = 0) -> list[Piece]:
+    """The reads that replay ``records`` against ``layers`` (bottom first), in record order;
+    ``merge_gap``: bytes of a blob fetched unasked to join two of its ranges (``_WarmMerger``).
 
     Records naming a layer the image does not have (a trace of another image)
     are skipped with one warning.
     """
     readers = [layer_reader(layer) for layer in layers]
     warmable = [_warm_source(layer) for layer in layers]
-    merger = _WarmMerger()
+    merger = _WarmMerger(merge_gap)
     order: list = []  # Pieces, and the merger's ranges where their first record comes
     skipped = 0
     for r in records:

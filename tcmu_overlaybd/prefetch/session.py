@@ -174,7 +174,7 @@ class PrefetchSession:
         self._thread.start()
         return self
 
-    def _plan(self, disk, options: dict):
+    def _plan(self, disk, options: dict, cfg):
         """The pieces to replay (None: nothing to replay)."""
         from .replay import list_pieces, trace_pieces
 
@@ -188,7 +188,7 @@ class PrefetchSession:
         spec: PrefetchFile = load_prefetch_file(data, name, force_list=bool(options.get("prefetch_list")))
         self.stats.source = f"{spec.kind} {name}"
         if spec.kind == "trace":
-            return trace_pieces(disk.data_layers, list(spec.records), name)
+            return trace_pieces(disk.data_layers, list(spec.records), name, cfg["prefetch.mergeGapKb"] << 10)
         return list_pieces(disk, list(spec.paths), name)
 
     def _run(self, disk, options: dict, cfg, background: bool) -> None:
@@ -201,7 +201,7 @@ class PrefetchSession:
 
         t0 = time.monotonic()
         try:
-            pieces = self._plan(disk, options)
+            pieces = self._plan(disk, options, cfg)
             if pieces is not None:
                 self.stats.state = "replaying"
                 Replayer(pieces, cfg["prefetch.concurrency"], self.stats, self._stop).start().join()
