@@ -19,11 +19,9 @@ valid Huffman codes) cannot be detected here; only data zlib rejects raises
 ``CorruptDataError``.  Whole blobs are checked against their digest where they are
 downloaded (``image.store.verify_digest``).
 
-Python's ``zlib`` module exposes neither ``inflate(Z_BLOCK)``/``data_type``
-(needed to find block boundaries) nor ``inflatePrime`` (needed to resume
-mid-byte), so both the writer and the reader drive ``libz.so.1`` through
-``ctypes``.  ctypes releases the GIL around each call, so handler threads
-inflate in parallel.
+The writer finds block boundaries with libz's ``inflate(Z_BLOCK)``; the reader resumes
+mid-byte at a checkpoint; both through ``ctypes`` (``format.inflate``: libz, and ISA-L's
+faster decoder for reads where it is installed).
 """
 
 from __future__ import annotations
@@ -42,6 +40,8 @@ from ..block.source import ByteSource, BytesSource, clamp_read, read_exact
 from ..cache.gzipcache import digest_in
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, StateError, UsageError
+from .inflate import (LIBZ, LIBZ_VERSION, Z_BLOCK, Z_BUF_ERROR, Z_FINISH, Z_OK, Z_STREAM_END, ZSTREAM_SIZE, ZStream, input_slack,
+                      raw_decoder)
 
 log = logging.getLogger(__name__)
 
@@ -140,63 +140,17 @@ class Checkpoint:
         return ENTRY.pack(self.de_pos, self.en_pos, self.win_pos, self.bits, self.win_len)
 
 
-# --- libz through ctypes ---------------------------------------------------------------
+# --- libz through ctypes (format.inflate) -----------------------------------------------
 
-Z_OK, Z_STREAM_END, Z_NEED_DICT, Z_BUF_ERROR = 0, 1, 2, -5
-Z_NO_FLUSH, Z_FINISH, Z_BLOCK = 0, 4, 5
 #: inflate(Z_BLOCK) sets these in data_type: stopped at a block boundary / end of header,
 #: and "currently in the last block"
 _DT_BOUNDARY, _DT_LAST_BLOCK = 128, 64
 
 
-class _ZStream(ctypes.Structure):
-    """``struct z_stream_s`` from zlib.h (ctypes computes the x86-64/arm64 padding)."""
-
-    _fields_ = [
-        ("next_in", ctypes.c_void_p),
-        ("avail_in", ctypes.c_uint),
-        ("total_in", ctypes.c_ulong),
-        ("next_out", ctypes.c_void_p),
-        ("avail_out", ctypes.c_uint),
-        ("total_out", ctypes.c_ulong),
-        ("msg", ctypes.c_char_p),
-        ("state", ctypes.c_void_p),
-        ("zalloc", ctypes.c_void_p),
-        ("zfree", ctypes.c_void_p),
-        ("opaque", ctypes.c_void_p),
-        ("data_type", ctypes.c_int),
-        ("adler", ctypes.c_ulong),
-        ("reserved", ctypes.c_ulong),
-    ]
-
-
-def _load_libz():
-    lib = ctypes.CDLL("libz.so.1")
-    p = ctypes.POINTER(_ZStream)
-    lib.zlibVersion.restype = ctypes.c_char_p
-    for fn, args in (
-        ("inflateInit2_", [p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
-        ("inflate", [p, ctypes.c_int]),
-        ("inflateEnd", [p]),
-        ("inflatePrime", [p, ctypes.c_int, ctypes.c_int]),
-        ("inflateSetDictionary", [p, ctypes.c_char_p, ctypes.c_uint]),
-        ("deflateInit_", [p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]),
-        ("deflate", [p, ctypes.c_int]),
-        ("deflateEnd", [p]),
-    ):
-        getattr(lib, fn).argtypes = args
-        getattr(lib, fn).restype = ctypes.c_int
-    return lib, lib.zlibVersion()
-
-
-_LIBZ, _LIBZ_VERSION = _load_libz()
-_ZSTREAM_SIZE = ctypes.sizeof(_ZStream)
-
-
 def _zlib_deflate_once(data: bytes, level: int) -> bytes:
     """``deflateInit(level)`` + one ``deflate(Z_FINISH)``, exactly as upstream compresses windows."""
-    strm = _ZStream()
-    if _LIBZ.deflateInit_(ctypes.byref(strm), level, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
+    strm = ZStream()
+    if LIBZ.deflateInit_(ctypes.byref(strm), level, LIBZ_VERSION, ZSTREAM_SIZE) != Z_OK:
         raise UsageError(f"invalid zlib compression level {level}")
     try:
         inbuf = ctypes.create_string_buffer(data, len(data))
@@ -206,11 +160,11 @@ def _zlib_deflate_once(data: bytes, level: int) -> bytes:
         strm.avail_in = len(data)
         strm.next_out = ctypes.addressof(out)
         strm.avail_out = cap
-        if _LIBZ.deflate(ctypes.byref(strm), Z_FINISH) != Z_STREAM_END:
+        if LIBZ.deflate(ctypes.byref(strm), Z_FINISH) != Z_STREAM_END:
             raise AssertionError("deflate(Z_FINISH) with a 2x buffer must finish")
         return out.raw[: cap - strm.avail_out]
     finally:
-        _LIBZ.deflateEnd(ctypes.byref(strm))
+        LIBZ.deflateEnd(ctypes.byref(strm))
 
 
 # --- reader ----------------------------------------------------------------------------
@@ -371,13 +325,13 @@ def _check_checkpoints(cps: list[Checkpoint], h: GzipIndexHeader, name: str) -> 
 
 
 class _RawInflater:
-    """A raw (``wbits=-15``) libz inflater positioned at uncompressed offset ``pos``.
+    """A raw deflate decoder (``inflate.raw_decoder``) positioned at uncompressed offset ``pos``.
 
     Input comes from ``gz`` in as few reads as the output asked for allows: each
     time the inflater runs dry it reads up to ``GzipIndex.input_end`` in one call
     (for a block-cached registry blob: one batch of parallel Range requests, not
     one round trip per chunk), at most ``MAX_INPUT`` bytes, at least ``MIN_INPUT``.
-    zlib reads the returned bytes in place (``next_in`` points into them), so the
+    The decoder reads the returned bytes in place (``next_in`` points into them), so the
     input is never copied; it is held until consumed (a parked inflater keeps the
     rest of its read, at most ``MAX_INPUT``).
     """
@@ -388,12 +342,8 @@ class _RawInflater:
     def __init__(self, gz: ByteSource, index: GzipIndex, cp: Checkpoint):
         self.gz = gz
         self.index = index
-        self.strm = _ZStream()
-        self._ref = ctypes.byref(self.strm)
-        if _LIBZ.inflateInit2_(self._ref, -15, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
-            raise MemoryError("inflateInit2 failed")
-        _LIBZ.inflateSetDictionary(self._ref, index.window(cp), WINSIZE)
-        #: compressed offset of the first byte not yet handed to zlib
+        self.dec = raw_decoder(index.window(cp))
+        #: compressed offset of the first byte not yet handed to the decoder
         self.in_pos = cp.en_pos
         #: bits of the byte before ``en_pos`` still to feed (``inflatePrime``, done with the first read)
         self._prime = cp.bits
@@ -409,10 +359,9 @@ class _RawInflater:
     def _feed(self, out_end: int) -> None:
         """Read the input for output through ``out_end`` (the current output position is
         ``pos`` plus what this call of ``inflate_into`` produced so far)."""
-        strm = self.strm
-        at = self.pos + (self._want - strm.avail_out)
+        at = self.pos + (self._want - self.dec.avail_out)
         start = self.in_pos - 1 if self._prime else self.in_pos
-        end = min(max(self.index.input_end(at, out_end), self.in_pos + self.MIN_INPUT),
+        end = min(max(self.index.input_end(at, out_end) + self.dec.INPUT_SLACK, self.in_pos + self.MIN_INPUT),
                   start + self.MAX_INPUT, self.gz.size)
         data = self.gz.read(start, end - start) if end > start else b""
         self.reads += 1
@@ -421,7 +370,7 @@ class _RawInflater:
         if self._prime:
             if not data:
                 raise CorruptDataError("truncated: no byte before a gzip checkpoint", blob=self.gz.name, offset=start)
-            _LIBZ.inflatePrime(self._ref, self._prime, data[0] >> (8 - self._prime))
+            self.dec.prime(self._prime, data[0] >> (8 - self._prime))
             self._prime = 0
             skip = 1
         if len(data) <= skip:
@@ -433,15 +382,14 @@ class _RawInflater:
         self.in_pos = start + len(data)
 
     def _point_at(self, data: bytes, skip: int) -> None:
-        """Hand ``data[skip:]`` to zlib in place (a bytes object's buffer never moves)."""
+        """Hand ``data[skip:]`` to the decoder in place (a bytes object's buffer never moves)."""
         self._input = data
-        self.strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + skip
-        self.strm.avail_in = len(data) - skip
+        self.dec.set_input(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value + skip, len(data) - skip)
 
     def trim(self) -> None:
-        """Keep only the input zlib has not consumed (before parking: a parked inflater
+        """Keep only the input the decoder has not consumed (before parking: a parked inflater
         holds at most what its next read will use, not its whole last read)."""
-        left = self.strm.avail_in
+        left = self.dec.avail_in
         if self._input is None or left >= len(self._input) // 2:
             return  # copying would cost more than the memory it frees
         if left:
@@ -452,23 +400,21 @@ class _RawInflater:
     def inflate_into(self, buf, start: int, length: int, out_end: int) -> int:
         """Inflate up to ``length`` bytes into ``buf[start:]``; returns bytes produced (short only
         at the end of the stream).  ``out_end``: where the caller's whole read ends (input planning)."""
-        strm = self.strm
-        strm.next_out = ctypes.addressof(buf) + start
-        strm.avail_out = self._want = length
-        while strm.avail_out and not self.ended:
-            if strm.avail_in == 0:
+        dec = self.dec
+        dec.set_output(ctypes.addressof(buf) + start, length)
+        self._want = length
+        while dec.avail_out and not self.ended:
+            if dec.avail_in == 0:
                 self._feed(out_end)
-            ret = _LIBZ.inflate(self._ref, Z_NO_FLUSH)
-            if ret == Z_STREAM_END:
-                self.ended = True
-            elif ret not in (Z_OK, Z_BUF_ERROR):
-                msg = strm.msg.decode(errors="replace") if strm.msg else f"zlib error {ret}"
+            try:
+                self.ended = dec.run()
+            except ValueError as e:
                 raise CorruptDataError(
-                    f"gzip data does not inflate: {msg}", blob=self.gz.name, offset=self.in_pos - strm.avail_in
-                )
-        produced = length - strm.avail_out
+                    f"gzip data does not inflate: {e}", blob=self.gz.name, offset=self.in_pos - dec.avail_in
+                ) from None
+        produced = length - dec.avail_out
         self.pos += produced
-        if strm.avail_in == 0:
+        if dec.avail_in == 0:
             self._input = None
         return produced
 
@@ -482,9 +428,8 @@ class _RawInflater:
             self.inflate_into(self._scratch, 0, n, out_end)
 
     def close(self) -> None:
-        if self._ref is not None:
-            _LIBZ.inflateEnd(self._ref)
-            self._ref = None
+        if getattr(self, "dec", None) is not None:  # (also from __del__ of a failed __init__)
+            self.dec.close()
         self._input = None
 
     def __del__(self):
@@ -560,7 +505,7 @@ class GzipIndexedSource:
             if got != length:
                 raise CorruptDataError(
                     f"gzip stream ends at uncompressed offset {inf.pos}, its index says {self.size}",
-                    blob=self.name, offset=inf.in_pos - inf.strm.avail_in,
+                    blob=self.name, offset=inf.in_pos - inf.dec.avail_in,
                 )
         except BaseException:
             inf.close()
@@ -584,7 +529,7 @@ class GzipIndexedSource:
             return self.gz, 0, 0
         cp = self.index.checkpoint_for(offset)
         start = cp.en_pos - 1 if cp.bits else cp.en_pos
-        end = min(max(self.index.input_end(cp.de_pos, offset + n), cp.en_pos + _RawInflater.MIN_INPUT),
+        end = min(max(self.index.input_end(cp.de_pos, offset + n) + input_slack(), cp.en_pos + _RawInflater.MIN_INPUT),
                   start + _RawInflater.MAX_INPUT, self.gz.size)
         return self.gz, start, max(0, end - start)
 
@@ -701,9 +646,9 @@ def build_gzip_index(
     reader = _SequentialInput(gz)
     filt = _CheckpointFilter(span, dict_algo, dict_level)
 
-    strm = _ZStream()
+    strm = ZStream()
     ref = ctypes.byref(strm)
-    if _LIBZ.inflateInit2_(ref, 47, _LIBZ_VERSION, _ZSTREAM_SIZE) != Z_OK:
+    if LIBZ.inflateInit2_(ref, 47, LIBZ_VERSION, ZSTREAM_SIZE) != Z_OK:
         raise MemoryError("inflateInit2 failed")
     inbuf = ctypes.create_string_buffer(WINSIZE)
     window = ctypes.create_string_buffer(WINSIZE)
@@ -723,7 +668,7 @@ def build_gzip_index(
                 if strm.avail_out == 0:
                     strm.avail_out = WINSIZE
                     strm.next_out = ctypes.addressof(window)
-                ret = _LIBZ.inflate(ref, Z_BLOCK)
+                ret = LIBZ.inflate(ref, Z_BLOCK)
                 if ret == Z_STREAM_END:
                     break
                 if ret not in (Z_OK, Z_BUF_ERROR):
@@ -736,7 +681,7 @@ def build_gzip_index(
                     break
         uncompressed = strm.total_out
     finally:
-        _LIBZ.inflateEnd(ref)
+        LIBZ.inflateEnd(ref)
     gzip_size = reader.total_size()
 
     windows = bytearray()
