@@ -127,8 +127,9 @@ class SimKernel:
         """Collect completions until every id in ``ids`` is done."""
         want, got = set(ids), {}
         while not want <= got.keys():
-            r, _, _ = select.select([self.fd], [], [], timeout)
-            if not r:
+            poller = select.poll()  # not select(): a test process may hold descriptors above 1024
+            poller.register(self.fd, select.POLLIN)
+            if not poller.poll(timeout * 1000):
                 raise TimeoutError(f"no completion for {sorted(want - got.keys())}")
             while True:
                 try:

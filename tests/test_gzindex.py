@@ -432,6 +432,7 @@ def test_cold_read_through_the_block_cache_is_one_round_trip(small, tmp_path):
     mid = (LAYER0_CHECKPOINTS[1][0] + LAYER0_CHECKPOINTS[2][0]) // 2
     assert src.read(mid, 4096) == tar[mid : mid + 4096]
     assert slow.round_trips() == 1 and len(slow.intervals) >= 2
+    blob.cache.close_fds()
 
 
 def test_sequential_refill_units_read_each_compressed_byte_about_once(small):

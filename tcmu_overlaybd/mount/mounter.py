@@ -158,9 +158,11 @@ def _read_ready(fd: int, timeout: float) -> str:
 
     out = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # select() fails on descriptors above 1024
+    poller.register(fd, select.POLLIN)
     while not out.endswith(b"\n"):  # one line per call: the writer waits for an answer after each
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             return f"error 8 handler not ready after {timeout:.0f}s"
         chunk = os.read(fd, 512)
         if not chunk:
