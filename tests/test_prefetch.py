@@ -32,7 +32,7 @@ from tcmu_overlaybd.image.options import OpenOptions
 from tcmu_overlaybd.image.resolve import open_image
 from tcmu_overlaybd.prefetch import record
 from tcmu_overlaybd.prefetch.background import BackgroundDownload
-from tcmu_overlaybd.prefetch.replay import WARM_PIECE_MAX, Piece, Replayer, list_pieces, trace_pieces
+from tcmu_overlaybd.prefetch.replay import IN_FLIGHT_MAX, WARM_PIECE_MAX, Piece, Replayer, list_pieces, trace_pieces
 from tcmu_overlaybd.prefetch.session import STOP_WAIT_S, PrefetchSession, PrefetchStats, configure
 
 from .helpers.layouts import native_layout, turbo_layout
@@ -371,6 +371,31 @@ def test_replay_runs_on_a_quarter_of_its_lanes_while_a_device_read_waits_then_on
     assert replay.join(10) and stats.ranges_done == 200
     # 2 of 8 lanes at ~20 ms per piece: about 50 pieces in 0.5 s, not 8 lanes' 200
     assert 10 <= while_waiting <= 110, while_waiting
+
+
+def test_replay_holds_at_most_its_in_flight_budget_of_piece_bytes():
+    """16 workers on merged 4 MiB pieces would hold 64 MiB of fetched bytes at once (the handler's
+    RSS); the replay keeps the bytes of pieces being read under ``IN_FLIGHT_MAX``, and a piece
+    larger than the budget still goes, alone."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def held(off, n):
+        with lock:
+            now[0] += n
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.01)
+        with lock:
+            now[0] -= n
+        return None
+
+    assert WARM_PIECE_MAX * 16 > IN_FLIGHT_MAX  # the budget, not the number of workers, is the bound
+    stats = PrefetchStats()
+    assert Replayer([Piece(held, i, WARM_PIECE_MAX) for i in range(40)], 16, stats, threading.Event()).start().join(30)
+    assert stats.ranges_done == 40
+    assert IN_FLIGHT_MAX // 2 <= peak[0] <= IN_FLIGHT_MAX  # several at once, never more than the budget
+    peak[0] = 0
+    assert Replayer([Piece(held, 0, 2 * IN_FLIGHT_MAX), Piece(held, 1, 1)], 16, stats, threading.Event()).start().join(30)
+    assert stats.ranges_done == 42 and peak[0] == 2 * IN_FLIGHT_MAX  # an oversized piece goes alone
 
 
 @registry_test

@@ -52,6 +52,10 @@ WARM_PIECE_MAX = 4 << 20
 MERGE_LOOKBACK = 64
 #: share of the workers that keep fetching while device reads wait for the registry
 PRIORITY_SHARE = 0.25
+#: bytes of pieces being read at once, at most (a piece's fetched bytes are held in memory until
+#: stored: 16 workers on merged 4 MiB pieces would otherwise hold 64 MiB, the handler's RSS);
+#: 16 MiB is still 64 round trips' worth of a 100 Mbit/s link at 20 ms
+IN_FLIGHT_MAX = 16 << 20
 #: paths of a directory walk, at most (a list of "/" must not walk a whole distro forever)
 WALK_MAX_FILES = 200_000
 
@@ -241,6 +245,8 @@ class Replayer:
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"obd-prefetch-{i}", daemon=True)
                          for i in range(max(1, min(concurrency, len(pieces))))]
         self._priority_lanes = max(1, int(concurrency * PRIORITY_SHARE))
+        self._budget = threading.Condition(self._lock)
+        self._in_flight = 0
         stats.ranges_total += len(pieces)
 
     def start(self) -> "Replayer":
@@ -255,11 +261,23 @@ class Replayer:
         return not any(t.is_alive() for t in self._threads)
 
     def _take(self) -> Piece | None:
+        """The next piece, once ``IN_FLIGHT_MAX`` has room for it (a larger piece waits until
+        nothing else is in flight); None when done or stopped."""
         with self._lock:
             if self._next >= len(self.pieces) or self.stop.is_set():
                 return None
             self._next += 1
-            return self.pieces[self._next - 1]
+            piece = self.pieces[self._next - 1]
+            need = min(piece.length, IN_FLIGHT_MAX)
+            while self._in_flight + need > IN_FLIGHT_MAX and not self.stop.is_set():
+                self._budget.wait(0.5)
+            self._in_flight += need
+            return piece
+
+    def _done(self, piece: Piece) -> None:
+        with self._lock:
+            self._in_flight -= min(piece.length, IN_FLIGHT_MAX)
+            self._budget.notify_all()
 
     def _work(self, lane: int) -> None:
         stats = self.stats
@@ -279,6 +297,8 @@ class Replayer:
                     if first:  # one line, not one per range: the device reads report their own errors
                         log.warning("prefetch: read of %d bytes at %d failed: %s", piece.length, piece.offset, e)
                     continue
+                finally:
+                    self._done(piece)
                 with self._lock:
                     stats.ranges_done += 1
                     stats.bytes_prefetched += piece.length
