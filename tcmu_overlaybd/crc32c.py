@@ -20,10 +20,10 @@ import sys
 def _extension():
     """The ``crc32c`` package's C extension, loaded without the package's ``__init__``.
 
-    That ``__init__`` asks ``importlib.metadata`` for the package's own version, which reads
-    the metadata of every installed distribution: 40 ms on the build host, over a second
-    under QEMU's TCG, in every obd process (the CLI, the supervisor and the handler of each
-    mount).  Falls back to the plain import wherever the extension is not beside it."""
+    That ``__init__`` imports ``importlib.metadata`` and asks it for the package's own version,
+    which scans the installed distributions: 40 ms on the build host (more under QEMU's TCG,
+    over 9p), in every obd process (the CLI, the supervisor and the handler of each mount).
+    Falls back to the plain import wherever the extension is not beside it."""
     name = "crc32c._crc32c"
     if name in sys.modules:
         return sys.modules[name]

@@ -40,8 +40,8 @@ from ..block.source import ByteSource, BytesSource, clamp_read, read_exact
 from ..cache.gzipcache import digest_in
 from ..crc32c import crc32c_raw
 from ..errors import CorruptDataError, StateError, UsageError
-from .inflate import (LIBZ, LIBZ_VERSION, Z_BLOCK, Z_BUF_ERROR, Z_FINISH, Z_OK, Z_STREAM_END, ZSTREAM_SIZE, ZStream, input_slack,
-                      raw_decoder)
+from .inflate import (LIBZ, LIBZ_VERSION, Z_BLOCK, Z_BUF_ERROR, Z_FINISH, Z_OK, Z_STREAM_END, ZSTREAM_SIZE,
+                      ZStream, input_slack, raw_decoder)
 
 log = logging.getLogger(__name__)
 

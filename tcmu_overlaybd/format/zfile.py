@@ -415,7 +415,6 @@ def _liblz4_compress():
     return fn
 
 
-
 class _Lz4BlockCompressor:
     """Raw LZ4 block compression (no size prefix), ``LZ4_compress_default``."""
 

@@ -269,7 +269,9 @@ class Replayer:
             self._next += 1
             piece = self.pieces[self._next - 1]
             need = min(piece.length, IN_FLIGHT_MAX)
-            while self._in_flight + need > IN_FLIGHT_MAX and not self.stop.is_set():
+            while self._in_flight + need > IN_FLIGHT_MAX:
+                if self.stop.is_set():
+                    return None
                 self._budget.wait(0.5)
             self._in_flight += need
             return piece
