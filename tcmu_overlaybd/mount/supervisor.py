@@ -122,9 +122,27 @@ def _probe(st: MountState, ready_fd: int, secrets: dict | None):
     return source
 
 
+#: glibc malloc arenas of a handler process.  glibc lets threads create up to 8 arenas per CPU,
+#: and each keeps the large buffers its threads freed (fetched ranges, inflated refill units): in
+#: the startup benchmark a FastOCI handler's peak RSS went from 148 MB with 1 CPU to 178 MB with 2
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # mallopt parameter, malloc.h
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap this (single-threaded, just forked) process's malloc arenas; a no-op without glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_handler(st: MountState, ready_fd: int, reset: bool, secrets: dict | None = None,
                 probe: bool = False) -> int:
     """Child process body: serve the device until it goes away or SIGTERM."""
+    _limit_malloc_arenas()
     try:
         if probe:  # the backstore is created only once the size is known
             source = _probe(st, ready_fd, secrets)
