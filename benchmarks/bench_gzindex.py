@@ -133,16 +133,12 @@ def bench_latency(blob_path: pathlib.Path, index: GzipIndex, workdir: pathlib.Pa
 
 def bench_decoders(blob_path: pathlib.Path, index: GzipIndex, plain_size: int, reads: int) -> dict:
     """Cold 1 MiB reads (fresh inflaters at their checkpoints) with each decoder available here."""
-    found = [inflate.ZlibDecoder]
-    if inflate._load_isal() is not None:
-        inflate.IsalDecoder.lib = inflate._load_isal()
-        found.append(inflate.IsalDecoder)
     unit = 1 << 20
     rnd = random.Random(11)
     offsets = [rnd.randrange(0, max(1, plain_size - unit)) for _ in range(max(8, reads // 8))]
     out, saved = {}, inflate._DECODER
     try:
-        for dec in found:
+        for dec in inflate.available_decoders():
             inflate._DECODER = dec
             src = GzipIndexedSource(FileSource(blob_path), index)
             t0 = time.process_time()
