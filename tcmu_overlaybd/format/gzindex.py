@@ -356,13 +356,20 @@ class _RawInflater:
         self.reads = 0
         self.read_bytes = 0
 
+    @classmethod
+    def input_stop(cls, index: GzipIndex, gz_size: int, start: int, in_pos: int, at: int, out_end: int,
+                   slack: int) -> int:
+        """Where the one read that feeds an inflater at uncompressed ``at`` (next input byte
+        ``in_pos``, read from ``start``) ends, for output through ``out_end``: what ``_feed``
+        reads, and so what ``GzipIndexedSource.warm_map`` fetches ahead of it."""
+        return min(max(index.input_end(at, out_end) + slack, in_pos + cls.MIN_INPUT), start + cls.MAX_INPUT, gz_size)
+
     def _feed(self, out_end: int) -> None:
         """Read the input for output through ``out_end`` (the current output position is
         ``pos`` plus what this call of ``inflate_into`` produced so far)."""
         at = self.pos + (self._want - self.dec.avail_out)
         start = self.in_pos - 1 if self._prime else self.in_pos
-        end = min(max(self.index.input_end(at, out_end) + self.dec.INPUT_SLACK, self.in_pos + self.MIN_INPUT),
-                  start + self.MAX_INPUT, self.gz.size)
+        end = self.input_stop(self.index, self.gz.size, start, self.in_pos, at, out_end, self.dec.INPUT_SLACK)
         data = self.gz.read(start, end - start) if end > start else b""
         self.reads += 1
         self.read_bytes += len(data)
@@ -529,8 +536,7 @@ class GzipIndexedSource:
             return self.gz, 0, 0
         cp = self.index.checkpoint_for(offset)
         start = cp.en_pos - 1 if cp.bits else cp.en_pos
-        end = min(max(self.index.input_end(cp.de_pos, offset + n) + input_slack(), cp.en_pos + _RawInflater.MIN_INPUT),
-                  start + _RawInflater.MAX_INPUT, self.gz.size)
+        end = _RawInflater.input_stop(self.index, self.gz.size, start, cp.en_pos, cp.de_pos, offset + n, input_slack())
         return self.gz, start, max(0, end - start)
 
     def inflate_stats(self) -> dict[str, int]:
