@@ -126,9 +126,9 @@ class SimKernel:
     def wait(self, ids, timeout: float = 5.0) -> dict[int, tuple[int, bytes, bytes]]:
         """Collect completions until every id in ``ids`` is done."""
         want, got = set(ids), {}
+        poller = select.poll()  # not select(): a test process may hold descriptors above 1024
+        poller.register(self.fd, select.POLLIN)
         while not want <= got.keys():
-            poller = select.poll()  # not select(): a test process may hold descriptors above 1024
-            poller.register(self.fd, select.POLLIN)
             if not poller.poll(timeout * 1000):
                 raise TimeoutError(f"no completion for {sorted(want - got.keys())}")
             while True:
